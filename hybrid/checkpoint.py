@@ -1,0 +1,86 @@
+"""Atomic, self-describing checkpoints: runs/<run>/ckpt/step_000500.pt.
+
+A checkpoint is a dict {model, optim, step, loader, config, rng, ...}; `config` holds whatever
+defines the artifact (teacher, per-layer mixer spec), so later scripts read it from there.
+Every file is written to `<path>.tmp` and renamed, so a crash never leaves a half-written file
+under the real name and never destroys the previous checkpoint.
+"""
+
+import glob
+import json
+import os
+import re
+
+import torch
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_path(run_dir: str, step: int, name: str = "step") -> str:
+    return os.path.join(run_dir, "ckpt", f"{name}_{step:06d}.pt")
+
+
+def list_checkpoints(run_dir: str, name: str = "step") -> list[str]:
+    """Checkpoints of a run, oldest first (by the step in the file name)."""
+    paths = glob.glob(os.path.join(run_dir, "ckpt", f"{name}_*.pt"))
+    pat = re.compile(rf"{re.escape(name)}_(\d+)\.pt$")
+    return sorted((p for p in paths if pat.search(p)), key=lambda p: int(pat.search(p).group(1)))
+
+
+def latest_checkpoint(run_dir: str, name: str = "step") -> str | None:
+    paths = list_checkpoints(run_dir, name)
+    return paths[-1] if paths else None
+
+
+def save_checkpoint(run_dir: str, step: int, state: dict, keep: int = 3, name: str = "step") -> str:
+    """Write state atomically as ckpt/<name>_<step>.pt and keep only the newest `keep` (0 = all)."""
+    path = checkpoint_path(run_dir, step, name)
+    atomic_torch_save(state, path)
+    if keep > 0:
+        for old in list_checkpoints(run_dir, name)[:-keep]:
+            os.remove(old)
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if os.path.isdir(path):  # a run dir: its latest checkpoint
+        found = latest_checkpoint(path) or latest_checkpoint(path, "final")
+        if found is None:
+            raise FileNotFoundError(f"no checkpoints under {path}/ckpt/; train first or pass a .pt file")
+        path = found
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    # weights_only=False: checkpoints hold numpy RNG state and python objects we wrote ourselves
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str = "model") -> None:
+    """load_state_dict(strict=True) with an error that names the first mismatched keys."""
+    own = set(module.state_dict().keys())
+    got = set(state_dict.keys())
+    missing, unexpected = sorted(own - got), sorted(got - own)
+    if missing or unexpected:
+        raise ValueError(f"{what} checkpoint does not match the module: "
+                         f"missing {len(missing)} keys (first: {missing[:5]}), "
+                         f"unexpected {len(unexpected)} keys (first: {unexpected[:5]}); "
+                         f"was it written for another teacher or layer spec?")
+    module.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,139 @@
+"""Process setup shared by the scripts: torchrun init, rank-0 printing, seeding, run logging.
+
+One code path for 1 process and N: `init_dist()` reads torchrun's environment when present
+(nccl on GPU, gloo on CPU, so a 2-process test runs on a laptop) and otherwise returns a
+single-process world.
+"""
+
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_dist() -> tuple[int, int, int, torch.device]:
+    """-> (rank, local_rank, world_size, device). Initialises the process group under torchrun."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return 0, 0, 1, device
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, local_rank, world_size, device
+
+
+def cleanup_dist() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_master() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def world() -> tuple[int, int]:
+    """-> (rank, world_size), (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def print0(*args, **kwargs) -> None:
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+
+def seed_all(seed: int) -> None:
+    """The same seed on every rank before building modules, so initial weights agree."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it (fast, no loss scaling), fp32 on CPU (bf16 matmuls are slow there)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def git_info() -> dict:
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    return {"commit": run("git", "rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(run("git", "status", "--porcelain", "--untracked-files=no"))}
+
+
+def env_info(device: torch.device, world_size: int, dtype: torch.dtype) -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None),
+            "python": platform.python_version(), "device": str(device), "world_size": world_size,
+            "dtype": str(dtype).replace("torch.", ""), **git_info()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def format_tokens(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+class RunLogger:
+    """Rank 0 echoes fixed-format lines to runs/<run>/log.txt and dicts to metrics.jsonl."""
+
+    def __init__(self, run_dir: str | None, enabled: bool = True):
+        self.run_dir, self.enabled = run_dir, enabled and run_dir is not None
+        if self.enabled:
+            os.makedirs(run_dir, exist_ok=True)
+        self.t0 = time.time()
+
+    def log(self, line: str | None = None, metrics: dict | None = None) -> None:
+        if line is not None:
+            print0(line)
+        if not self.enabled:
+            return
+        if line is not None:
+            with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
+                f.write(line + "\n")
+        if metrics is not None:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"time": round(time.time() - self.t0, 3), **metrics}) + "\n")
