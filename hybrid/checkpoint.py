@@ -46,6 +46,11 @@ def list_checkpoints(run_dir: str, name: str = "step") -> list[str]:
     return sorted((p for p in paths if pat.search(p)), key=lambda p: int(pat.search(p).group(1)))
 
 
+def final_path(run_dir: str) -> str:
+    """Where a finished run puts its final student (the artifact later stages read)."""
+    return os.path.join(run_dir, "ckpt", "final.pt")
+
+
 def latest_checkpoint(run_dir: str, name: str = "step") -> str | None:
     paths = list_checkpoints(run_dir, name)
     return paths[-1] if paths else None
@@ -62,8 +67,8 @@ def save_checkpoint(run_dir: str, step: int, state: dict, keep: int = 3, name: s
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if os.path.isdir(path):  # a run dir: its latest checkpoint
-        found = latest_checkpoint(path) or latest_checkpoint(path, "final")
+    if os.path.isdir(path):  # a run dir: its final student, else its latest checkpoint
+        found = final_path(path) if os.path.exists(final_path(path)) else latest_checkpoint(path)
         if found is None:
             raise FileNotFoundError(f"no checkpoints under {path}/ckpt/; train first or pass a .pt file")
         path = found

@@ -1,0 +1,384 @@
+"""Distill a softmax-attention teacher into a hybrid student.
+
+Stage 1 (attention alignment): each student mixer learns to reproduce its teacher layer on the
+teacher's own input latent (MSE). Two modes:
+  rotation  one layer at a time (layer-wise rotation): capture the teacher latent entering layer i,
+            train only student layer i for STEPS_PER_LAYER steps, validate, checkpoint, move on.
+            Latents come from a bounded cache that is pushed one teacher layer further per layer
+            (hybrid/capture.py), so the whole rotation costs one teacher forward over the cache.
+  all       every mixer at once on one teacher forward per batch, losses averaged (RADLADS stage 1).
+Stage 2 (full-model KL): temperature^2 * KL(teacher || student) on next-token logits, chunked
+over tokens so B*T*V logits never exist, all student parameters trainable (LR_MIXER for mixer
+parameters), optional CE term, optional untied embeddings. Any per-layer SPEC; softmax layers
+keep the teacher's weights, linear layers start from a stage-1 checkpoint (INIT).
+
+Launch:
+  python distill.py --stage=1 --smoke=True                       # CPU smoke, seconds
+  python distill.py --stage=1                                    # 1 GPU, rotation over all layers
+  python distill.py --stage=2 --init=runs/stage1 --spec="gdn;softmax=3,11,19,27"
+  torchrun --standalone --nproc_per_node=8 distill.py --stage=2 ...
+Reads models/<teacher>/ and data/<name>/*.bin (prepare.py); writes RUN_DIR/{config.json,
+log.txt, metrics.jsonl, ckpt/step_*.pt, ckpt/final_*.pt}.
+Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
+"""
+
+import contextlib
+import json
+import os
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
+from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, latest_checkpoint, load_checkpoint,
+                               load_state_strict, save_checkpoint)
+from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
+                           is_master, print0, rng_state, seed_all, set_rng_state)
+from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.losses import chunked_distill_loss, layer_mse
+from hybrid.shards import ShardLoader, check_tokenizer, val_batches
+from hybrid.student import seed_from, untie_embeddings
+from hybrid.surgery import build_student, mixer_parameters, parse_spec
+from hybrid.teacher import load_teacher, resolve_teacher
+from hybrid.train_loop import adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps
+
+# -----------------------------------------------------------------------------
+# What to distill
+STAGE = 1                       # 1: attention alignment (MSE per layer) | 2: full-model logit KL
+TEACHER = "embedded"            # HF id | local HF dir | .gguf | "embedded" (SmolLM2-135M-Instruct)
+DATA_DIR = "data/debian"        # shards from prepare.py
+SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
+INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
+RUN_DIR = "runs/distill"
+# Stage 1
+STAGE1_MODE = "rotation"        # "rotation": one layer at a time | "all": all layers at once
+LAYERS = "all"                  # stage-1 layers: "all" (every non-softmax layer) or "0,4,8"
+STEPS_PER_LAYER = 200           # rotation: optimizer steps per layer
+STAGE1_STEPS = 2000             # all-layers mode: optimizer steps
+TARGET = "layer"                # MSE on "layer" outputs or on "attn" outputs (RADLADS)
+TRAIN_MLP = False               # stage 1 trains the mixer only (False) or the whole decoder layer (True)
+LATENT_CACHE_TOKENS = 2**22     # rotation: tokens of teacher latents kept per rank (bf16: 2*C bytes each)
+# Stage 2
+STAGE2_STEPS = 2000             # optimizer steps
+TEMPERATURE = 1.0               # KL temperature (loss scaled by T^2)
+CE_WEIGHT = 0.0                 # weight of next-token cross-entropy added to the KL
+UNTIE_EMBEDDINGS = False        # give the student its own LM head during stage 2
+LR_MIXER = 1e-3                 # stage 2 LR for mixer parameters (stage 1 uses LR for them)
+KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
+# Optimization
+SEQ_LEN = 512                   # tokens per row
+MICRO_BATCH = 16                # rows per rank per micro-step
+TOTAL_BATCH_TOKENS = 2**15      # tokens per optimizer step, all ranks
+LR = 1e-3                       # stage 1 LR; stage 2 LR for non-mixer parameters is LR / 10
+MIN_LR_FRAC = 0.1               # cosine floor as a fraction of the LR
+WARMUP_STEPS = 20
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 1.0
+# Evaluation, logging, checkpoints
+EVAL_EVERY = 200                # optimizer steps (stage 2); stage 1 validates after each layer
+EVAL_BATCHES = 8                # val batches of MICRO_BATCH x SEQ_LEN per rank
+LOG_EVERY = 10
+SAVE_EVERY = 500                # stage 2 steps; stage 1 saves after every layer
+KEEP_CHECKPOINTS = 2
+RESUME = ""                     # "" | "auto" (latest in RUN_DIR) | a checkpoint path
+SEED = 1337
+COMPILE = False                 # torch.compile the student (GPU)
+SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
+# -----------------------------------------------------------------------------
+
+
+def smoke_settings(g: dict) -> None:
+    g.update(SEQ_LEN=64, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAYER=3, STAGE1_STEPS=3, STAGE2_STEPS=3,
+             EVAL_BATCHES=1, LOG_EVERY=1, EVAL_EVERY=2, SAVE_EVERY=2, WARMUP_STEPS=1, LATENT_CACHE_TOKENS=512)
+
+
+def read_spec(spec: str, n_layers: int) -> list[str]:
+    """SPEC may name a selection.json from select_layers.py (its "chosen_spec")."""
+    if spec.endswith(".json"):
+        with open(spec) as f:
+            spec = json.load(f)["chosen_spec"]
+    return parse_spec(spec, n_layers)
+
+
+def stage1_layers(spec: list[str]) -> list[int]:
+    linear = [i for i, m in enumerate(spec) if m != "softmax"]
+    if LAYERS == "all":
+        return linear
+    wanted = [int(x) for x in str(LAYERS).split(",")]
+    bad = [i for i in wanted if i not in linear]
+    if bad:
+        raise ValueError(f"--layers={LAYERS}: layers {bad} are softmax or out of range in the spec {spec}")
+    return wanted
+
+
+def layer_params(student, i: int) -> list:
+    block = student.model.layers[i]
+    return list(block.parameters()) if TRAIN_MLP else list(block.self_attn.parameters())
+
+
+def log_line(step, total, loss, lr, dt, tokens, extra=""):
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    return (f"step {step:05d}/{total:05d}{extra} | loss {loss:.6f} | lr {lr:.1e} | dt {dt * 1000:.0f}ms | "
+            f"tok/s {format_tokens(tokens / max(dt, 1e-9))} | mem {mem:.1f}GB")
+
+
+def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
+    layers, call = stage1_layers(ctx["spec"]), (layer_call if TARGET == "layer" else attention_call)
+    done = ckpt["layers_done"] if ckpt else []
+    B, T = MICRO_BATCH, SEQ_LEN
+    n_cache = max(1, min(STEPS_PER_LAYER * ctx["accum"], LATENT_CACHE_TOKENS // (B * T)))
+    if ckpt:  # the cache is rebuilt from the same batches: the loader state saved before filling it
+        loader.load_state_dict(ckpt["cache_loader"])
+    cache_loader_state = loader.state_dict()
+    t0 = time.time()
+    cache = LatentCache(teacher, [loader.next_batch()[0] for _ in range(n_cache)], ctx["device"])
+    vcache = LatentCache(teacher, [x for x, _ in val], ctx["device"])
+    print0(f"latent cache: {n_cache} batches x {B}x{T} tokens per rank ({n_cache * B * T * cache.latents[0].shape[-1] * cache.latents[0].element_size() / 2**20:.0f} MiB), "
+           f"{STEPS_PER_LAYER * ctx['accum']} micro-steps per layer ({STEPS_PER_LAYER * ctx['accum'] / n_cache:.1f} passes over the cache)")
+    step_tokens = B * T * ctx["accum"] * ctx["world_size"]
+    for n, i in enumerate(layers):
+        if i in done:
+            continue
+        cache.advance_to(i)
+        vcache.advance_to(i)
+        block = student.model.layers[i]
+        params = layer_params(student, i)
+        broadcast_parameters(params)
+        opt = adamw([{"params": params}], LR, WEIGHT_DECAY, ctx["device"])
+        t_layer = time.time()
+        for step in range(STEPS_PER_LAYER):
+            t1 = time.time()
+            lr = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=ctx["device"])
+            for micro in range(ctx["accum"]):
+                idx = (step * ctx["accum"] + micro) % len(cache)
+                target = cache.targets(idx, TARGET)
+                with ctx["autocast"]:
+                    out = call(block, cache.latents[idx], cache.pe, cache.pos)
+                loss = layer_mse(out, target) / ctx["accum"]
+                loss.backward()
+                loss_sum += loss.detach()
+            average_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
+                loss_v = all_mean(loss_sum).item()
+                ctx["log"].log(log_line(step, STEPS_PER_LAYER, loss_v, lr, time.time() - t1, step_tokens,
+                                        f" | layer {i}/{len(ctx['spec'])}"),
+                               {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": lr})
+        with torch.no_grad(), ctx["autocast"]:
+            vloss = sum(layer_mse(call(block, vcache.latents[j], vcache.pe, vcache.pos), vcache.targets(j, TARGET))
+                        for j in range(len(vcache))) / len(vcache)
+        vloss = all_mean(vloss).item()
+        done = done + [i]
+        ctx["log"].log(f"layer {i} done ({n + 1}/{len(layers)}) | val mse {vloss:.6f} | {time.time() - t_layer:.1f}s",
+                       {"stage": 1, "layer": i, "val_mse": vloss, "layer_seconds": time.time() - t_layer})
+        ctx["val_mse"][str(i)] = vloss
+        save(ctx, student, None, {"layers_done": done, "cache_loader": cache_loader_state}, step=len(done))
+    print0(f"stage 1 rotation: {len(layers)} layers in {time.time() - t0:.1f}s")
+
+
+def stage1_all(ctx, teacher, student, loader, val, ckpt):
+    layers = stage1_layers(ctx["spec"])
+    call = layer_call if TARGET == "layer" else attention_call
+    params = [p for i in layers for p in layer_params(student, i)]
+    broadcast_parameters(params)
+    opt = adamw([{"params": params}], LR, WEIGHT_DECAY, ctx["device"])
+    start = 0
+    if ckpt:
+        opt.load_state_dict(ckpt["optim"])
+        loader.load_state_dict(ckpt["loader"])
+        start = ckpt["step"]
+    step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+
+    def mean_loss(x):
+        caps = capture_all_layers(teacher, x.to(ctx["device"]), layers, TARGET)
+        pe, pos = rope_for(teacher, caps[layers[0]][0])
+        with ctx["autocast"]:
+            return sum(layer_mse(call(student.model.layers[i], caps[i][0], pe, pos), caps[i][1]) for i in layers) / len(layers)
+
+    for step in range(start, STAGE1_STEPS):
+        t1 = time.time()
+        lr = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=ctx["device"])
+        for _ in range(ctx["accum"]):
+            loss = mean_loss(loader.next_batch()[0]) / ctx["accum"]
+            loss.backward()
+            loss_sum += loss.detach()
+        average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
+            loss_v = all_mean(loss_sum).item()
+            ctx["log"].log(log_line(step, STAGE1_STEPS, loss_v, lr, time.time() - t1, step_tokens, " | all layers"),
+                           {"stage": 1, "step": step, "loss": loss_v, "lr": lr})
+        if (step + 1) % SAVE_EVERY == 0 or step == STAGE1_STEPS - 1:
+            save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+    with torch.no_grad():
+        vloss = all_mean(sum(mean_loss(x) for x, _ in val) / len(val)).item()
+    ctx["log"].log(f"stage 1 all layers | val mse {vloss:.6f} (mean over layers)", {"stage": 1, "val_mse": vloss})
+
+
+class KLStudent(torch.nn.Module):
+    """The student with the distillation loss inside forward, so DDP sees every parameter's use."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x, y, h_t, w_t):
+        h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
+        return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=TEMPERATURE,
+                                    ce_weight=CE_WEIGHT, chunk_tokens=KL_CHUNK_TOKENS)
+
+
+@torch.no_grad()
+def evaluate_kl(ctx, teacher, student, val) -> dict:
+    """Held-out KL(teacher || student) at temperature 1 and both perplexities, mean over ranks."""
+    student.eval()
+    kl = ce_s = ce_t = 0.0
+    for x, y in val:
+        x, y = x.to(ctx["device"]), y.to(ctx["device"])
+        h_t = teacher.model(input_ids=x).last_hidden_state
+        with ctx["autocast"]:
+            h_s = student.model(input_ids=x).last_hidden_state
+        _, parts = chunked_distill_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, targets=y, ce_weight=1.0,
+                                        chunk_tokens=KL_CHUNK_TOKENS)
+        _, tparts = chunked_distill_loss(h_t, teacher.lm_head.weight, h_t, teacher.lm_head.weight, targets=y,
+                                         ce_weight=1.0, chunk_tokens=KL_CHUNK_TOKENS)
+        kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]
+    student.train()
+    n = len(val)
+    kl, ce_s, ce_t = (all_mean(v / n).item() for v in (kl, ce_s, ce_t))
+    return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp())}
+
+
+def stage2(ctx, teacher, student, loader, val, ckpt):
+    mixer_ids = {id(p) for p in mixer_parameters(student)}
+    mixer = [p for p in student.parameters() if id(p) in mixer_ids]
+    other = [p for p in student.parameters() if id(p) not in mixer_ids]
+    groups = [{"params": mixer, "base_lr": LR_MIXER}, {"params": other, "base_lr": LR / 10}]
+    opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
+    model = KLStudent(torch.compile(student) if COMPILE else student)
+    if ctx["world_size"] > 1:
+        model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
+    start = 0
+    if ckpt:
+        opt.load_state_dict(ckpt["optim"])
+        loader.load_state_dict(ckpt["loader"])
+        start = ckpt["step"]
+    w_t = teacher.lm_head.weight
+    step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+    for step in range(start, STAGE2_STEPS):
+        t1 = time.time()
+        scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        loss_sum = torch.zeros((), device=ctx["device"])
+        for micro in range(ctx["accum"]):
+            x, y = (t.to(ctx["device"], non_blocking=True) for t in loader.next_batch())
+            with torch.no_grad():
+                h_t = teacher.model(input_ids=x).last_hidden_state
+            sync = micro == ctx["accum"] - 1 or ctx["world_size"] == 1
+            with (contextlib.nullcontext() if sync else model.no_sync()), ctx["autocast"]:
+                loss, _ = model(x, y, h_t, w_t)
+                (loss / ctx["accum"]).backward()
+            loss_sum += loss.detach() / ctx["accum"]
+        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
+            loss_v = all_mean(loss_sum).item()
+            ctx["log"].log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens),
+                           {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
+                            "tok_per_s": step_tokens / (time.time() - t1)})
+        if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
+            metrics = evaluate_kl(ctx, teacher, student, val)
+            ctx["log"].log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
+                           f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
+            ctx["final_metrics"] = metrics
+        if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
+            save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+
+
+def save(ctx, student, opt, extra: dict, step: int) -> None:
+    if is_master():
+        state = {"model": student.state_dict(), "optim": opt.state_dict() if opt else None, "step": step,
+                 "config": ctx["artifact"], "rng": rng_state(), **extra}
+        save_checkpoint(RUN_DIR, step, state, keep=KEEP_CHECKPOINTS)
+    barrier()
+
+
+def main():
+    if SMOKE:
+        smoke_settings(globals())
+    rank, local_rank, world_size, device = init_dist()
+    dtype = autocast_dtype(device)
+    seed_all(SEED)
+    cfg = config_dict(globals())
+    teacher_dir = resolve_teacher(TEACHER) if is_master() else None
+    barrier()
+    teacher_dir = teacher_dir or resolve_teacher(TEACHER)
+    teacher, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
+    loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank, world_size, vocab_size=teacher.config.vocab_size)
+    check_tokenizer(loader.manifest, tokenizer, DATA_DIR)
+    val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, rank, world_size)
+    n_layers = teacher.config.num_hidden_layers
+    spec = read_spec(SPEC, n_layers)
+    student = build_student(teacher, spec)
+    if STAGE == 2 and UNTIE_EMBEDDINGS:
+        untie_embeddings(student)
+    ckpt = None
+    resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
+    if resume:
+        ckpt = load_checkpoint(resume)
+        load_state_strict(student, ckpt["model"], f"student ({resume})")
+        set_rng_state(ckpt["rng"])
+        print0(f"resuming from {resume} (step {ckpt['step']})")
+    elif INIT:
+        init = load_checkpoint(INIT)
+        seeded = seed_from(student, init["model"], init["config"]["hybrid_spec"], spec)
+        print0(f"seeded layers {seeded} from {INIT}")
+    student.to(device).train()
+    teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
+    accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "untied": STAGE == 2 and UNTIE_EMBEDDINGS,
+                "stage": STAGE, "stage1_mode": STAGE1_MODE if STAGE == 1 else None, "resolved": cfg}
+    log = RunLogger(RUN_DIR, is_master())
+    info = env_info(device, world_size, dtype)
+    n_train = sum(p.numel() for p in mixer_parameters(student))
+    n_total = sum(p.numel() for p in student.parameters())
+    print0(dumps({**cfg, "env": info}))
+    print0(f"spec: {','.join(spec)} | accum {accum} | mixer params {n_train / 1e6:.2f}M of {n_total / 1e6:.1f}M | "
+           f"dtype {info['dtype']} ({'bf16 autocast on GPU' if dtype != torch.float32 else 'fp32 on CPU'})")
+    if is_master():
+        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**artifact, "env": info})
+    ctx = dict(device=device, world_size=world_size, accum=accum, autocast=autocast, spec=spec, log=log,
+               artifact=artifact, val_mse={}, final_metrics={})
+    t0 = time.time()
+    if STAGE == 1:
+        (stage1_rotation if STAGE1_MODE == "rotation" else stage1_all)(ctx, teacher, student, loader, val, ckpt)
+    elif STAGE == 2:
+        stage2(ctx, teacher, student, loader, val, ckpt)
+    else:
+        raise ValueError(f"--stage={STAGE}: expected 1 or 2")
+    if is_master():
+        summary = {"stage": STAGE, "seconds": time.time() - t0, "val_mse": ctx["val_mse"], **ctx["final_metrics"]}
+        atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
+        atomic_torch_save({"model": student.state_dict(), "config": artifact, "step": 0}, final_path(RUN_DIR))
+    barrier()
+    print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")
+    cleanup_dist()
+
+
+if __name__ == "__main__":
+    apply_overrides(globals())
+    main()

@@ -1,0 +1,116 @@
+"""Distillation losses: layer MSE and a memory-efficient logit KL.
+
+The logit KL never materialises B*T*V fp32 logits: `chunked_distill_loss` walks over chunks of
+tokens, builds student and teacher logits for one chunk from hidden states and LM-head weights,
+computes the loss and its gradient w.r.t. the student's hidden states and LM-head weight right
+there (the softmax gradient is closed-form), and keeps only those gradients. Peak extra memory
+is ~3 * CHUNK * V floats instead of ~3 * B*T * V, and there is one matmul pass instead of a
+forward plus a recomputing backward. `kl_reference` is the plain version it is tested against.
+
+    loss = temperature**2 * KL(p_t || p_s) + ce_weight * CE(student, targets)
+    p = softmax(logits / temperature); KL and CE are means over unmasked tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32 between two (B, T, C) activations."""
+    return F.mse_loss(student_out.float(), teacher_out.float())
+
+
+def kl_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """temperature^2 * KL(softmax(t/T) || softmax(s/T)), mean over tokens. logits (..., V), mask (...) bool."""
+    acc = torch.promote_types(student_logits.dtype, torch.float32)
+    log_ps = F.log_softmax(student_logits.to(acc) / temperature, dim=-1)
+    log_pt = F.log_softmax(teacher_logits.to(acc) / temperature, dim=-1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+    if mask is not None:
+        return temperature ** 2 * kl[mask].mean()
+    return temperature ** 2 * kl.mean()
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Loss and gradients in one pass over token chunks; backward only scales the stored grads."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, weights, temperature, ce_weight, chunk):
+        # h_s (N, C) student hidden, w_s (V, C) student LM head, h_t (N, Ct), w_t (V, Ct) teacher,
+        # targets (N,) long or None, weights (N,) float: 1/n_tokens on kept tokens, 0 on masked ones.
+        N = h_s.shape[0]
+        acc = torch.promote_types(h_s.dtype, torch.float32)  # fp32 for bf16 inputs, fp64 stays fp64
+        grad_h = torch.zeros_like(h_s, dtype=acc) if h_s.requires_grad else None
+        grad_w = torch.zeros_like(w_s, dtype=acc) if w_s.requires_grad else None
+        total_kl = h_s.new_zeros((), dtype=acc)
+        total_ce = h_s.new_zeros((), dtype=acc)
+        tau = temperature
+        mm = h_s.dtype  # matmuls in the input dtype (bf16 on GPU), softmax math in `acc`
+        w_mm, wt_mm = w_s.to(mm), w_t.to(h_t.dtype)
+        with torch.autocast(device_type=h_s.device.type, enabled=False):
+            for i in range(0, N, chunk):
+                hs, wt = h_s[i:i + chunk], weights[i:i + chunk, None]
+                zs = (hs @ w_mm.t()).to(acc)                      # (c, V) student logits
+                zt = (h_t[i:i + chunk] @ wt_mm.t()).to(acc)       # (c, V) teacher logits
+                log_ps = F.log_softmax(zs / tau, dim=-1)
+                log_pt = F.log_softmax(zt / tau, dim=-1)
+                pt = log_pt.exp()
+                total_kl += (wt * pt * (log_pt - log_ps)).sum() * tau ** 2
+                g = tau * (log_ps.exp() - pt)                     # d(tau^2 KL)/dz_s
+                if targets is not None and ce_weight:
+                    log_q = log_ps if tau == 1.0 else F.log_softmax(zs, dim=-1)
+                    tgt = targets[i:i + chunk]
+                    total_ce -= (wt[:, 0] * log_q.gather(1, tgt[:, None])[:, 0]).sum()
+                    q = log_q.exp()
+                    q[torch.arange(q.shape[0], device=q.device), tgt] -= 1.0  # dCE/dz = softmax - onehot
+                    g = g + ce_weight * q
+                g = (g * wt).to(mm)                               # (c, V) dL/dz_s
+                if grad_h is not None:
+                    grad_h[i:i + chunk] = g @ w_mm
+                if grad_w is not None:
+                    grad_w += (g.t() @ hs).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        return total_kl + ce_weight * total_ce, total_kl.detach(), total_ce.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss, _g_kl, _g_ce):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_loss).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def chunked_distill_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
+                         targets: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                         temperature: float = 1.0, ce_weight: float = 0.0,
+                         chunk_tokens: int = 4096) -> tuple[torch.Tensor, dict]:
+    """temperature^2 * KL(teacher || student) + ce_weight * CE from hidden states, chunked over tokens.
+
+    h_s (B, T, C) student final hidden states (after the final norm), w_s (V, C) student LM head;
+    h_t (B, T, Ct), w_t (V, Ct) the teacher's (no grad); targets (B, T) next-token ids, needed when
+    ce_weight > 0; mask (B, T) bool, True = token counts. Returns (loss, {"kl": ..., "ce": ...}),
+    the dict detached. The teacher's logits are computed in the chunk too, so neither side's full
+    logits ever exist.
+    """
+    if ce_weight and targets is None:
+        raise ValueError("ce_weight > 0 needs targets")
+    h_s2, h_t2 = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1]).detach()
+    N = h_s2.shape[0]
+    if mask is None:
+        weights = h_s2.new_full((N,), 1.0 / N, dtype=torch.promote_types(h_s.dtype, torch.float32))
+    else:
+        m = mask.reshape(-1).to(torch.promote_types(h_s.dtype, torch.float32))
+        weights = m / m.sum().clamp_min(1.0)
+    tgt = targets.reshape(-1) if targets is not None else None
+    loss, kl, ce = _ChunkedDistill.apply(h_s2, w_s, h_t2, w_t.detach(), tgt, weights, float(temperature),
+                                         float(ce_weight), int(chunk_tokens))
+    return loss, {"kl": kl, "ce": ce}
+
+
+def fla_kl_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """fla's fused KL(teacher || student) (CUDA only; temperature 1, no mask, no CE): the fast path
+    that `chunked_distill_loss` is checked against on the GPU."""
+    from fla.modules import FusedKLDivLoss  # lazy: fla needs triton and a GPU
+    return FusedKLDivLoss()(h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1]), w_s, w_t)

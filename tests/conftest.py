@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random teacher folder (model + word-level tokenizer) and shards for it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+VOCAB = 256
+
+
+def tiny_tokenizer(vocab: int = VOCAB):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", unk_token="t1")
+
+
+def make_teacher_dir(path: str, layers: int = 2, seed: int = 0) -> str:
+    """A tiny random Llama (GQA 4q/2kv heads, hidden 64) + tokenizer saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512, eos_token_id=0,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 4000, seed: int = 0) -> str:
+    """Shards of a repeated random 61-token cycle with some EOS noise: learnable in a few steps."""
+    from hybrid.shards import tokenizer_info, write_shard
+    rng = np.random.default_rng(seed)
+    pattern = rng.integers(1, VOCAB, size=61)
+    shards = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        tokens = np.tile(pattern, n // len(pattern) + 1)[:n]
+        tokens[rng.integers(0, n, size=n // 50)] = 0
+        name = f"{split}_000000.bin"
+        write_shard(os.path.join(data_dir, name), tokens, VOCAB)
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": ""})
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump({**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}, f)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    """-> {"model": teacher HF dir (4 layers), "data": shard dir}."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = make_teacher_dir(str(root / "model"), layers=4)
+    return {"model": model, "data": make_shards(str(root / "data"), tiny_tokenizer())}

@@ -1,0 +1,152 @@
+"""distill.py on a tiny random teacher: stage 1 (rotation and all-layers), stage 2 KL, resume, 2 processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import distill
+from hybrid import checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAYER=12, STAGE1_STEPS=12,
+                STAGE2_STEPS=12, LR=1e-2, LR_MIXER=1e-2, WARMUP_STEPS=2, EVAL_BATCHES=2, EVAL_EVERY=6, LOG_EVERY=1,
+                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, RESUME="", INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
+                TARGET="layer", TRAIN_MLP=False, UNTIE_EMBEDDINGS=False, CE_WEIGHT=0.0, TEMPERATURE=1.0, COMPILE=False,
+                SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337)
+
+
+def configure(monkeypatch, setup, run_dir, **kw):
+    for name, value in {**SETTINGS, "TEACHER": setup["model"], "DATA_DIR": setup["data"], "RUN_DIR": str(run_dir),
+                        **kw}.items():
+        assert hasattr(distill, name), name
+        monkeypatch.setattr(distill, name, value)
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def attn_keys(state: dict, layer: int) -> list[str]:
+    return [k for k in state if k.startswith(f"model.layers.{layer}.self_attn.")]
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_setup, tmp_path_factory):
+    run = tmp_path_factory.mktemp("stage1")
+    mp = pytest.MonkeyPatch()
+    configure(mp, tiny_setup, run)
+    distill.main()
+    mp.undo()
+    return str(run)
+
+
+def test_rotation_loss_falls_per_layer_and_touches_only_that_layer(stage1_run):
+    rows = [m for m in metrics(stage1_run) if "loss" in m]
+    for layer in range(4):
+        losses = [m["loss"] for m in rows if m["layer"] == layer]
+        assert len(losses) == SETTINGS["STEPS_PER_LAYER"]
+        assert losses[-1] < 0.7 * losses[0], (layer, losses)
+    ckpts = checkpoint.list_checkpoints(stage1_run)
+    assert len(ckpts) == 4  # one per layer
+    states = [torch.load(p, weights_only=False)["model"] for p in ckpts]
+    for i in range(1, 4):  # between the checkpoints after layers i-1 and i, only layer i's mixer moved
+        changed = {k for k in states[i] if not torch.equal(states[i][k], states[i - 1][k])}
+        assert changed and changed <= set(attn_keys(states[i], i)), changed
+    final = checkpoint.load_checkpoint(stage1_run)
+    assert final["config"]["hybrid_spec"] == ["gdn"] * 4
+    summary = json.load(open(os.path.join(stage1_run, "summary.json")))
+    assert set(summary["val_mse"]) == {"0", "1", "2", "3"}
+
+
+def test_all_layers_mode_trains_every_mixer(tiny_setup, tmp_path, monkeypatch):
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE1_MODE="all", STAGE1_STEPS=15)
+    distill.main()
+    losses = [m["loss"] for m in metrics(tmp_path) if "loss" in m]
+    assert losses[-1] < 0.7 * losses[0], losses
+    from hybrid.surgery import build_student
+    from hybrid.teacher import load_teacher
+    teacher, _ = load_teacher(tiny_setup["model"])
+    fresh = build_student(teacher, ["gdn"] * 4).state_dict()
+    trained = checkpoint.load_checkpoint(str(tmp_path))["model"]
+    for layer in range(4):
+        assert any(not torch.equal(fresh[k], trained[k]) for k in attn_keys(trained, layer)), layer
+    mlp = [k for k in trained if ".mlp." in k]
+    assert all(torch.equal(fresh[k], trained[k]) for k in mlp)  # TRAIN_MLP=False
+
+
+def test_stage2_kl_falls_and_keeps_softmax_teacher_weights(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=15,
+              EVAL_EVERY=15)
+    distill.main()
+    rows = metrics(tmp_path)
+    losses = [m["loss"] for m in rows if "loss" in m]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.8 * losses[0], losses
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["val_kl"] > 0 and summary["val_ppl"] > 1
+    final = checkpoint.load_checkpoint(str(tmp_path))
+    assert final["config"]["hybrid_spec"] == ["gdn", "softmax", "gdn", "gdn"]
+
+
+def test_stage2_untied_embeddings(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, STAGE2_STEPS=3, UNTIE_EMBEDDINGS=True,
+              CE_WEIGHT=0.5)
+    distill.main()
+    final = checkpoint.load_checkpoint(str(tmp_path))
+    assert final["config"]["untied"]
+    assert not torch.equal(final["model"]["lm_head.weight"], final["model"]["model.embed_tokens.weight"])
+    from hybrid.student import load_student
+    student, _, _ = load_student(str(tmp_path))
+    assert student.lm_head.weight.data_ptr() != student.model.embed_tokens.weight.data_ptr()
+
+
+class Killed(Exception):
+    pass
+
+
+def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    configure(monkeypatch, tiny_setup, full, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
+    distill.main()
+    configure(monkeypatch, tiny_setup, killed, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
+    real = distill.save_checkpoint
+
+    def save_then_die(run_dir, step, state, **kw):
+        real(run_dir, step, state, **kw)
+        if step == 3:
+            raise Killed
+    monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        distill.main()
+    monkeypatch.setattr(distill, "save_checkpoint", real)
+    monkeypatch.setattr(distill, "RESUME", "auto")
+    distill.main()
+    a = {m["step"]: m["loss"] for m in metrics(full) if "loss" in m}
+    b = {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
+    assert a == b  # bit-exact, every step
+
+
+def _cli(setup, run_dir, nproc, *extra):
+    args = [f"--{k.lower()}={v}" for k, v in {**SETTINGS, "TEACHER": setup["model"], "DATA_DIR": setup["data"],
+                                             "RUN_DIR": str(run_dir)}.items()] + list(extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "distill.py"]
+    out = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tiny_setup, stage1_run, tmp_path):
+    extra = ("--stage=2", f"--init={stage1_run}", "--stage2_steps=4", "--eval_every=100")
+    _cli(tiny_setup, tmp_path / "one", 1, *extra)
+    _cli(tiny_setup, tmp_path / "two", 2, *extra)
+    a = [m["loss"] for m in metrics(tmp_path / "one") if "loss" in m]
+    b = [m["loss"] for m in metrics(tmp_path / "two") if "loss" in m]
+    assert len(a) == len(b) == 4
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,86 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybrid.losses import chunked_distill_loss, kl_reference, layer_mse
+
+
+def _plain(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight):
+    zs, zt = h_s @ w_s.t(), h_t @ w_t.t()
+    loss = kl_reference(zs, zt, temperature, mask)
+    if ce_weight:
+        ce = F.cross_entropy(zs.reshape(-1, zs.shape[-1]), targets.reshape(-1), reduction="none")
+        ce = ce[mask.reshape(-1)].mean() if mask is not None else ce.mean()
+        loss = loss + ce_weight * ce
+    return loss
+
+
+@pytest.mark.parametrize("temperature,ce_weight,use_mask,chunk", [
+    (1.0, 0.0, False, 7), (2.0, 0.0, True, 5), (1.0, 0.5, True, 64), (1.5, 0.3, False, 3)])
+def test_chunked_equals_plain_values_and_grads(temperature, ce_weight, use_mask, chunk):
+    torch.manual_seed(0)
+    B, T, C, Ct, V = 2, 11, 8, 12, 37
+    h_s = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(B, T, Ct, dtype=torch.float64), torch.randn(V, Ct, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3 if use_mask else None
+    ref = _plain(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight)
+    g_ref = torch.autograd.grad(ref * 3.0, (h_s, w_s))  # a non-unit upstream grad
+    loss, parts = chunked_distill_loss(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight, chunk)
+    g = torch.autograd.grad(loss * 3.0, (h_s, w_s))
+    torch.testing.assert_close(loss, ref)
+    assert parts["kl"] <= loss + 1e-12 or ce_weight == 0
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_kl_zero_when_equal_and_positive_otherwise():
+    torch.manual_seed(1)
+    h, w = torch.randn(3, 5, 8), torch.randn(20, 8)
+    loss, _ = chunked_distill_loss(h, w, h, w)
+    assert abs(loss.item()) < 1e-6
+    loss2, _ = chunked_distill_loss(h, w, torch.randn(3, 5, 8), w)
+    assert loss2.item() > 1e-3
+
+
+def test_kl_falls_when_trained():
+    torch.manual_seed(2)
+    h_t, w_t = torch.randn(4, 16, 8), torch.randn(50, 8)
+    w_s = torch.nn.Parameter(torch.randn(50, 8))
+    opt = torch.optim.Adam([w_s], lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss, _ = chunked_distill_loss(h_t, w_s, h_t, w_t, chunk_tokens=16)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_ce_needs_targets():
+    with pytest.raises(ValueError, match="targets"):
+        chunked_distill_loss(torch.randn(1, 2, 4), torch.randn(5, 4), torch.randn(1, 2, 4), torch.randn(5, 4), ce_weight=1.0)
+
+
+def test_layer_mse():
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    torch.testing.assert_close(layer_mse(a, b), ((a - b) ** 2).mean())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fla fused KL needs CUDA")
+def test_fla_fused_kl_matches_chunked():
+    pytest.importorskip("fla")
+    from hybrid.losses import fla_kl_loss
+    torch.manual_seed(0)
+    h_s = torch.randn(2, 64, 32, device="cuda", requires_grad=True)
+    w_s = torch.randn(1000, 32, device="cuda", requires_grad=True)
+    h_t, w_t = torch.randn(2, 64, 32, device="cuda"), torch.randn(1000, 32, device="cuda")
+    ref, _ = chunked_distill_loss(h_s, w_s, h_t, w_t, chunk_tokens=32)
+    g_ref = torch.autograd.grad(ref, (h_s, w_s))
+    out = fla_kl_loss(h_s, w_s, h_t, w_t)
+    g = torch.autograd.grad(out, (h_s, w_s))
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
