@@ -36,7 +36,8 @@ from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path,
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, rng_state, seed_all, set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.losses import chunked_distill_loss, layer_mse
+from hybrid.kl import KLStudent, evaluate_kl, teacher_hidden
+from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import build_student, mixer_parameters, parse_spec
@@ -226,47 +227,13 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
     ctx["log"].log(f"stage 1 all layers | val mse {vloss:.6f} (mean over layers)", {"stage": 1, "val_mse": vloss})
 
 
-class KLStudent(torch.nn.Module):
-    """The student with the distillation loss inside forward, so DDP sees every parameter's use."""
-
-    def __init__(self, student):
-        super().__init__()
-        self.student = student
-
-    def forward(self, x, y, h_t, w_t):
-        h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
-        return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=TEMPERATURE,
-                                    ce_weight=CE_WEIGHT, chunk_tokens=KL_CHUNK_TOKENS)
-
-
-@torch.no_grad()
-def evaluate_kl(ctx, teacher, student, val) -> dict:
-    """Held-out KL(teacher || student) at temperature 1 and both perplexities, mean over ranks."""
-    student.eval()
-    kl = ce_s = ce_t = 0.0
-    for x, y in val:
-        x, y = x.to(ctx["device"]), y.to(ctx["device"])
-        h_t = teacher.model(input_ids=x).last_hidden_state
-        with ctx["autocast"]:
-            h_s = student.model(input_ids=x).last_hidden_state
-        _, parts = chunked_distill_loss(h_s, student.lm_head.weight, h_t, teacher.lm_head.weight, targets=y, ce_weight=1.0,
-                                        chunk_tokens=KL_CHUNK_TOKENS)
-        _, tparts = chunked_distill_loss(h_t, teacher.lm_head.weight, h_t, teacher.lm_head.weight, targets=y,
-                                         ce_weight=1.0, chunk_tokens=KL_CHUNK_TOKENS)
-        kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]
-    student.train()
-    n = len(val)
-    kl, ce_s, ce_t = (all_mean(v / n).item() for v in (kl, ce_s, ce_t))
-    return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp())}
-
-
 def stage2(ctx, teacher, student, loader, val, ckpt):
     mixer_ids = {id(p) for p in mixer_parameters(student)}
     mixer = [p for p in student.parameters() if id(p) in mixer_ids]
     other = [p for p in student.parameters() if id(p) not in mixer_ids]
     groups = [{"params": mixer, "base_lr": LR_MIXER}, {"params": other, "base_lr": LR / 10}]
     opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
-    model = KLStudent(torch.compile(student) if COMPILE else student)
+    model = KLStudent(torch.compile(student) if COMPILE else student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
     if ctx["world_size"] > 1:
         model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
     start = 0
@@ -284,8 +251,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         loss_sum = torch.zeros((), device=ctx["device"])
         for micro in range(ctx["accum"]):
             x, y = (t.to(ctx["device"], non_blocking=True) for t in loader.next_batch())
-            with torch.no_grad():
-                h_t = teacher.model(input_ids=x).last_hidden_state
+            h_t = teacher_hidden(teacher, x)
             sync = micro == ctx["accum"] - 1 or ctx["world_size"] == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), ctx["autocast"]:
                 loss, _ = model(x, y, h_t, w_t)
@@ -300,7 +266,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
                            {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
                             "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
-            metrics = evaluate_kl(ctx, teacher, student, val)
+            metrics = evaluate_kl(teacher, student, val, ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS)
             ctx["log"].log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
                            f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
             ctx["final_metrics"] = metrics

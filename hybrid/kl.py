@@ -1,0 +1,57 @@
+"""Full-model logit distillation pieces shared by distill.py (stage 2) and select_layers.py."""
+
+import torch
+from torch import nn
+
+from .losses import chunked_distill_loss
+from .train_loop import all_mean
+
+
+class KLStudent(nn.Module):
+    """The student with the distillation loss inside forward, so DDP sees every parameter's use.
+
+    forward(x (B, T) ids, y (B, T) next ids, h_t (B, T, C) teacher final hidden, w_t (V, C) teacher
+    LM head) -> (loss, {"kl", "ce"}).
+    """
+
+    def __init__(self, student: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 4096):
+        super().__init__()
+        self.student, self.temperature, self.ce_weight, self.chunk_tokens = student, temperature, ce_weight, chunk_tokens
+
+    def forward(self, x, y, h_t, w_t):
+        h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
+        return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=self.temperature,
+                                    ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens)
+
+
+@torch.no_grad()
+def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T, C) the teacher's final hidden states (after its final norm)."""
+    return teacher.model(input_ids=x).last_hidden_state
+
+
+@torch.no_grad()
+def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: torch.device, autocast,
+                chunk_tokens: int = 4096, reduce: bool = True) -> dict:
+    """Held-out KL(teacher || student) at temperature 1 and both perplexities over `batches` of
+    (x, y); averaged over ranks when reduce=True (set False when each rank scores its own model)."""
+    was_training = student.training
+    student.eval()
+    kl = ce_s = ce_t = 0.0
+    w_t = teacher.lm_head.weight
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        h_t = teacher_hidden(teacher, x)
+        with autocast:
+            h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
+        _, parts = chunked_distill_loss(h_s, student.lm_head.weight, h_t, w_t, targets=y, ce_weight=1.0,
+                                        chunk_tokens=chunk_tokens)
+        _, tparts = chunked_distill_loss(h_t, w_t, h_t, w_t, targets=y, ce_weight=1.0, chunk_tokens=chunk_tokens)
+        kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]
+    student.train(was_training)
+    n = len(batches)
+    vals = [(v / n) for v in (kl, ce_s, ce_t)]
+    if reduce:
+        vals = [all_mean(v) for v in vals]
+    kl, ce_s, ce_t = (float(v) for v in vals)
+    return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp())}
