@@ -63,7 +63,8 @@ def load_student(path: str, device: torch.device | str = "cpu", dtype: torch.dty
     if "teacher" not in cfg or "hybrid_spec" not in cfg:
         raise ValueError(f"{path}: checkpoint config lacks 'teacher'/'hybrid_spec'; not written by distill.py or train.py")
     teacher, _ = load_teacher(cfg["teacher"], dtype=dtype, device=device, models_dir=models_dir)
-    student = build_student(teacher, cfg["hybrid_spec"])
+    spec = cfg["hybrid_spec"] or ["softmax"] * teacher.config.num_hidden_layers  # train.py on a plain model: None
+    student = build_student(teacher, spec)
     if cfg.get("untied"):
         untie_embeddings(student)
     load_state_strict(student, ckpt["model"], f"student ({path})")
