@@ -114,8 +114,12 @@ def stage1_layers(spec: list[str]) -> list[int]:
 
 
 def layer_params(student, i: int) -> list:
+    """The parameters stage 1 trains for layer i (made trainable here: build_student leaves only mixers so)."""
     block = student.model.layers[i]
-    return list(block.parameters()) if TRAIN_MLP else list(block.self_attn.parameters())
+    params = list(block.parameters()) if TRAIN_MLP else list(block.self_attn.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def log_line(step, total, loss, lr, dt, tokens, extra=""):
@@ -228,6 +232,7 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
 
 
 def stage2(ctx, teacher, student, loader, val, ckpt):
+    student.requires_grad_(True)  # every student parameter trains in stage 2
     mixer_ids = {id(p) for p in mixer_parameters(student)}
     mixer = [p for p in student.parameters() if id(p) in mixer_ids]
     other = [p for p in student.parameters() if id(p) not in mixer_ids]

@@ -1,0 +1,240 @@
+"""Student token mixers that replace a teacher's `self_attn`, each initialised from it.
+
+    mixer = build_mixer("gdn", teacher_layer.self_attn, teacher.config, layer_idx=3)
+    y, _ = mixer(hidden_states, position_embeddings=(cos, sin))      # drop-in for HF self_attn
+    y, state = mixer.mix(x, position_embeddings, state, pad_mask)     # tensor API, stateful decode
+
+Every mixer copies the teacher's q/k/v/o projections (biases included) and its per-head q/k
+RMSNorms (Qwen3), keeps k/v narrow under GQA and expands them per head block at run time
+(q head h reads kv head h // (H // Hkv), like HF's repeat_kv), and adds its own gates. Equations,
+init choices and the state/cache protocol: docs/mixers.md.
+
+This file imports only torch, mixer_base.py and the op_* kernels: export.py copies those files
+beside the exported modeling file, so none of them may import the rest of the package.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .mixer_base import HeadRMSNorm, TeacherInitMixer, apply_rope, causal_conv, gated_rms_norm, up32, zero_pads
+from .op_gdn import gdn
+from .op_gla import gla
+from .op_rwkv7 import rwkv7
+
+
+class GatedDeltaNetMixer(TeacherInitMixer):
+    """GatedDeltaNet: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(D),
+    q/k = L2norm(SiLU(.)), beta = sigmoid(W_b x), g = -exp(A_log) softplus(W_a x + dt_bias),
+    y = o_proj(RMSNorm(o) * SiLU(W_g x)). Optional short causal conv on q/k/v, identity at init."""
+
+    mixer_name = "gdn"
+
+    def __init__(self, teacher_attn: nn.Module, config, layer_idx: int, conv_size: int = 4):
+        super().__init__(teacher_attn, config, layer_idx)
+        H, D, C = self.n_heads, self.head_dim, self.hidden_size
+        self.conv_size = conv_size
+        if conv_size > 1:
+            self.conv_weight = nn.Parameter(torch.zeros((H + 2 * self.n_kv_heads) * D, conv_size))
+            with torch.no_grad():
+                self.conv_weight[:, -1] = 1.0  # identity: the teacher's q/k/v pass through unchanged
+        self.b_proj = nn.Linear(C, H, bias=False)
+        self.a_proj = nn.Linear(C, H, bias=False)
+        self.g_proj = nn.Linear(C, H * D, bias=False)
+        self.o_norm = HeadRMSNorm(D, self.eps)
+        # Mamba-2 init: A ~ U(1, 16), dt ~ logU(1e-3, 1e-1) through softplus -> decays from ~0.999 to ~0.2
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
+            pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
+        """x (B, T, C) -> y (B, T, C), state {"S": (B, H, D, D) fp32, "conv": (B, W-1, Cqkv)}."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        x = zero_pads(x, pad_mask)
+        q, k, v = self.project(x)
+        m = None if pad_mask is None else pad_mask.to(x.dtype)[..., None, None]  # (B, T, 1, 1)
+        new_state = {}
+        if self.conv_size > 1:
+            qkv = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1)  # (B, T, (H + 2 Hkv) D)
+            if m is not None:
+                qkv = qkv * m[..., 0]  # pads contribute nothing to later tokens' conv windows
+            qkv, new_state["conv"] = causal_conv(qkv, self.conv_weight, None if state is None else state["conv"])
+            q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+        q = F.normalize(F.silu(q), dim=-1)
+        k = F.normalize(F.silu(k), dim=-1)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        beta = torch.sigmoid(up32(self.b_proj(x)))  # (B, T, H)
+        g = -up32(self.A_log).exp() * F.softplus(up32(self.a_proj(x)) + up32(self.dt_bias))
+        if m is not None:  # beta = 0, g = 0, k = 0 at pads: the state passes through unchanged
+            beta, g, k = beta * m[..., 0], g * m[..., 0], k * m
+        # dtypes as fla's own GatedDeltaNet layer hands them to its kernel: beta in q's dtype, g in fp32
+        o, S = gdn(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state["S"],
+                   output_final_state=output_state, impl=self.impl)
+        o = gated_rms_norm(o, self.g_proj(x).view(B, T, H, D), self.o_norm)
+        new_state["S"] = S
+        return self.o_proj(o.reshape(B, T, H * D)), (new_state if output_state else None)
+
+
+class GLAMixer(TeacherInitMixer):
+    """Gated linear attention: S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t / sqrt(D),
+    log alpha_t = logsigmoid(W_up W_down x + b) / 16 (low-rank forget gate with fla's normaliser),
+    y = o_proj(RMSNorm(o) * SiLU(W_g x)). q/k as the teacher's (no feature map, as fla's default)."""
+
+    mixer_name = "gla"
+
+    def __init__(self, teacher_attn: nn.Module, config, layer_idx: int, gate_rank: int = 16,
+                 gate_normalizer: float = 16.0):
+        super().__init__(teacher_attn, config, layer_idx)
+        H, D, C = self.n_heads, self.head_dim, self.hidden_size
+        self.gate_normalizer = gate_normalizer
+        self.gk_down = nn.Linear(C, gate_rank, bias=False)
+        self.gk_up = nn.Linear(gate_rank, H * D, bias=True)
+        nn.init.xavier_uniform_(self.gk_down.weight, gain=2 ** -2.5)
+        nn.init.xavier_uniform_(self.gk_up.weight, gain=2 ** -2.5)
+        nn.init.zeros_(self.gk_up.bias)  # alpha ~ exp(logsigmoid(0) / 16) ~ 0.958 per token at init
+        self.g_proj = nn.Linear(C, H * D, bias=False)
+        self.o_norm = HeadRMSNorm(D, self.eps)
+
+    def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
+            pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
+        """x (B, T, C) -> y (B, T, C), state {"S": (B, H, D, D) fp32}."""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        x = zero_pads(x, pad_mask)
+        q, k, v = self.project(x)
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        gk = F.logsigmoid(up32(self.gk_up(self.gk_down(x)))).view(B, T, H, D) / self.gate_normalizer
+        if pad_mask is not None:  # k = 0 and no decay at pads
+            m = pad_mask.to(x.dtype)[..., None, None]
+            k, gk = k * m, gk * m
+        o, S = gla(q, k, v, gk, initial_state=None if state is None else state["S"],
+                   output_final_state=output_state, impl=self.impl)
+        o = gated_rms_norm(o, self.g_proj(x).view(B, T, H, D), self.o_norm)
+        return self.o_proj(o.reshape(B, T, H * D)), ({"S": S} if output_state else None)
+
+
+
+
+def _lora_rank(C: int, exponent: float, multiplier: float) -> int:
+    """RWKV-7's LoRA sizes: a multiple of 32 growing like C**exponent."""
+    return max(1, round(C ** exponent * multiplier / 32)) * 32
+
+
+class RWKV7Mixer(TeacherInitMixer):
+    """RAD-RWKV7 (RADLADS, arXiv 2505.03005): RWKV-7's DPLR state update with the teacher's r/k/v/o,
+    RoPE on r/k, no token shift, no bonus, no group norm (output scaled by D**-0.5 instead):
+        S_t = (diag(w_t) - kk_t (kk_t * a_t)^T) S_{t-1} + k~_t v_t^T,   o_t = S_t^T r_t / sqrt(D)
+        w_t = exp(-e^-0.5 sigmoid(w0 + tanh(x W1) W2)),  a_t = sigmoid(a0 + x A1 A2)
+        kk_t = L2norm(k_t * k_k),  k~_t = k_t (1 + (a_t - 1) k_a),  y = o_proj(o * (sigmoid(x G1) G2))."""
+
+    mixer_name = "rwkv7"
+
+    def __init__(self, teacher_attn: nn.Module, config, layer_idx: int):
+        super().__init__(teacher_attn, config, layer_idx)
+        H, D, C = self.n_heads, self.head_dim, self.hidden_size
+        n_layers = int(getattr(config, "num_hidden_layers", 1) or 1)
+        r_decay, r_gate = _lora_rank(C, 0.5, 1.8), _lora_rank(C, 0.8, 0.6)
+        depth = layer_idx / max(n_layers - 1, 1)  # 0 (first layer) .. 1 (last)
+        n = torch.arange(H * D, dtype=torch.float32) / max(H * D - 1, 1)
+        # per-channel decay speeds from RWKV-7: w from ~0.999 (slow channels) to ~0.9 (fast), + 0.5 as RADLADS
+        self.w0 = nn.Parameter((-7.0 + 5.0 * n ** (0.85 + depth ** 0.5) + 0.5).view(H, D))
+        self.w1 = nn.Parameter(torch.zeros(C, r_decay))
+        self.w2 = nn.Parameter(nn.init.orthogonal_(torch.empty(r_decay, H * D), gain=0.1))
+        self.a0 = nn.Parameter(torch.zeros(H, D))  # in-context learning rate a = 0.5 at init
+        self.a1 = nn.Parameter(torch.zeros(C, r_decay))
+        self.a2 = nn.Parameter(nn.init.orthogonal_(torch.empty(r_decay, H * D), gain=0.1))
+        self.g1 = nn.Parameter(torch.zeros(C, r_gate))
+        # RADLADS' gate init: g = sigmoid(0) G2 ~ +-0.03, so the layer starts near "attention removed".
+        # A gate of 1 was measured far worse: without group norm the un-normalised state read-out is
+        # several times the teacher's output (SmolLM2-135M, one layer swapped: KL 8.5 vs 0.06).
+        self.g2 = nn.Parameter(nn.init.orthogonal_(torch.empty(r_gate, H * D), gain=0.1))
+        self.k_k = nn.Parameter(torch.full((H, D), 0.85))
+        self.k_a = nn.Parameter(torch.ones(H, D))
+
+    def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
+            pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
+        """x (B, T, C), position_embeddings (cos, sin) (B or 1, T, D) -> y (B, T, C), state {"S": (B, H, D, D) fp32}."""
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        x = zero_pads(x, pad_mask)
+        r, k, v = self.project(x)
+        r = apply_rope(r, position_embeddings, f"rwkv7 mixer (layer {self.layer_idx})")
+        k = apply_rope(k, position_embeddings, f"rwkv7 mixer (layer {self.layer_idx})")
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        xf = up32(x)
+        w0, w1, w2, a0, a1, a2, g1, g2 = (up32(p) for p in (self.w0, self.w1, self.w2, self.a0, self.a1, self.a2,
+                                                            self.g1, self.g2))
+        w = -math.exp(-0.5) * torch.sigmoid(w0 + (torch.tanh(xf @ w1) @ w2).view(B, T, H, D))  # log decay
+        a = torch.sigmoid(a0 + ((xf @ a1) @ a2).view(B, T, H, D))  # in-context learning rate
+        gate = (torch.sigmoid(xf @ g1) @ g2).view(B, T, H, D)
+        kk = F.normalize(up32(k) * up32(self.k_k), dim=-1)
+        k = (up32(k) * (1 + (a - 1) * up32(self.k_a))).to(v.dtype)
+        if pad_mask is not None:  # k = 0, w = 0 (no decay), a = 0 (b = 0): identity transition at pads
+            m = pad_mask.to(xf.dtype)[..., None, None]
+            k, w, a = k * m.to(k.dtype), w * m, a * m
+        o, S = rwkv7(r, w.to(v.dtype), k, v, (-kk).to(v.dtype), (kk * a).to(v.dtype), scale=D ** -0.5,
+                     initial_state=None if state is None else state["S"], output_final_state=output_state,
+                     impl=self.impl)
+        o = o * gate.to(o.dtype)
+        return self.o_proj(o.reshape(B, T, H * D)), ({"S": S} if output_state else None)
+
+
+class SlidingWindowMixer(TeacherInitMixer):
+    """Softmax attention over the last `window` tokens with the teacher's q/k/v/o, q/k norms, RoPE
+    and scaling. Decoding keeps only the last window - 1 keys/values (post-RoPE)."""
+
+    mixer_name = "swa"
+
+    def __init__(self, teacher_attn: nn.Module, config, layer_idx: int, window: int = 512):
+        super().__init__(teacher_attn, config, layer_idx)
+        if window < 1:
+            raise ValueError(f"swa mixer: window={window}; expected >= 1")
+        self.window = window
+
+    def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
+            pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
+        """x (B, T, C) -> y (B, T, C), state {"k", "v": (B, L, Hkv, D), "valid": (B, L) bool}, L < window."""
+        B, T, _ = x.shape
+        x = zero_pads(x, pad_mask)
+        q, k, v = self.project(x)
+        q = apply_rope(q, position_embeddings, f"swa mixer (layer {self.layer_idx})")
+        k = apply_rope(k, position_embeddings, f"swa mixer (layer {self.layer_idx})")
+        valid = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
+        if state is not None:
+            k, v = torch.cat([state["k"].to(k.dtype), k], 1), torch.cat([state["v"].to(v.dtype), v], 1)
+            valid = torch.cat([state["valid"], valid], 1)
+        L = k.shape[1] - T  # cached tokens before this call
+        qpos = torch.arange(T, device=x.device)[:, None] + L
+        kpos = torch.arange(L + T, device=x.device)[None, :]
+        band = (kpos <= qpos) & (kpos > qpos - self.window)  # (T, L + T)
+        # pad keys are masked; every query keeps itself so a pad query row is never empty (no NaN)
+        allowed = (band & valid[:, None, :]) | (kpos == qpos)  # (B, T, L + T)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), self.expand_kv(k).transpose(1, 2), self.expand_kv(v).transpose(1, 2),
+            attn_mask=allowed[:, None], scale=self.scaling)  # (B, H, T, D)
+        y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        if not output_state:
+            return y, None
+        keep = max(self.window - 1, 0)
+        return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:], "valid": valid[:, valid.shape[1] - keep:]}
+
+
+MIXERS: dict[str, type[nn.Module]] = {
+    "gdn": GatedDeltaNetMixer, "gla": GLAMixer, "rwkv7": RWKV7Mixer, "swa": SlidingWindowMixer}
+
+
+def build_mixer(name: str, teacher_attn: nn.Module, config, layer_idx: int, **options) -> nn.Module:
+    """A `name` mixer initialised from `teacher_attn` (an HF attention with q/k/v/o_proj), on the
+    teacher's device and dtype. options go to the mixer (gdn: conv_size; gla: gate_rank,
+    gate_normalizer; swa: window)."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown mixer {name!r}; expected one of {sorted(MIXERS)} (or 'softmax', "
+                         "the teacher's own attention, which surgery keeps)")
+    weight = teacher_attn.q_proj.weight if isinstance(getattr(teacher_attn, "q_proj", None), nn.Linear) else None
+    mixer = MIXERS[name](teacher_attn, config, layer_idx, **options)
+    return mixer if weight is None else mixer.to(device=weight.device, dtype=weight.dtype)

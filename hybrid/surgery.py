@@ -1,0 +1,141 @@
+"""HF surgery: find the decoder layers, swap `self_attn` for student mixers, track the hybrid spec.
+
+    spec = parse_spec("gdn;softmax=3,7", n_layers=len(decoder_layers(teacher)))
+    student = build_student(teacher, spec)        # deep copy; mixers initialised from the teacher
+    opt = AdamW([{"params": mixer_parameters(student), "lr": 1e-3}, ...])
+
+A hybrid spec is one name per layer: a key of mixers.MIXERS ("gdn", "gla", "rwkv7", "swa") or
+"softmax" (the teacher's own attention module, kept as is). The spec of a model is read from its
+modules (`model_spec`) and mirrored in `model.config.hybrid_spec` after every change, so it is
+saved with the config (checkpoints, exports). Works on any HF decoder whose layers are
+`model.model.layers[i]` with `self_attn.{q,k,v,o}_proj`; nothing here imports transformers.
+"""
+
+import copy
+
+from torch import nn
+
+from .mixers import MIXERS, build_mixer
+
+SOFTMAX = "softmax"
+SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm) style decoders"
+LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """model.model.layers, checked: every layer has a self_attn with q/k/v/o projections."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    ok = isinstance(layers, nn.ModuleList) and len(layers) > 0 and all(
+        all(hasattr(getattr(layer, "self_attn", None), p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        for layer in layers)
+    if not ok:
+        raise ValueError(f"{type(model).__name__}: no decoder layers at {LOOKED_FOR}; "
+                         f"supported: {SUPPORTED}. Load a causal-LM model (AutoModelForCausalLM) of such a family.")
+    return layers
+
+
+def _check_names(names: list[str], where: str) -> list[str]:
+    allowed = sorted(MIXERS) + [SOFTMAX]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise ValueError(f"hybrid spec {where!r}: unknown mixer name(s) {bad}; expected one of {allowed}")
+    return names
+
+
+def parse_spec(spec: str | list[str], n_layers: int) -> list[str]:
+    """One mixer name per layer from
+      "gdn"                      every layer gdn
+      "gdn,softmax,gdn,gdn"      one name per layer (exactly n_layers of them)
+      "gdn;softmax=3,7;swa=0"    a default, then name=layer indices exceptions
+      ["gdn", "softmax", ...]    a list, already one per layer."""
+    if isinstance(spec, (list, tuple)):
+        names = [str(s).strip() for s in spec]
+        if len(names) != n_layers:
+            raise ValueError(f"hybrid spec {names}: {len(names)} names for {n_layers} layers; give one per layer")
+        return _check_names(names, str(spec))
+    text = str(spec).replace(" ", "")
+    parts = text.split(";")
+    if len(parts) == 1 and "=" not in text:
+        names = text.split(",")
+        if len(names) == 1:
+            return _check_names(names * n_layers, text)
+        if len(names) != n_layers:
+            raise ValueError(f"hybrid spec {text!r}: {len(names)} names for {n_layers} layers; give one per "
+                             "layer, a single name, or 'default;name=i,j' (e.g. 'gdn;softmax=3,7')")
+        return _check_names(names, text)
+    default, exceptions = parts[0], parts[1:]
+    if "=" in default or not default:
+        raise ValueError(f"hybrid spec {text!r}: expected a default name first, e.g. 'gdn;softmax=3,7'")
+    names = [default] * n_layers
+    for part in exceptions:
+        name, _, idx = part.partition("=")
+        try:
+            indices = [int(i) for i in idx.split(",") if i]
+        except ValueError:
+            raise ValueError(f"hybrid spec {text!r}: bad layer list in {part!r}; expected e.g. 'softmax=3,7'") from None
+        if not name or not indices:
+            raise ValueError(f"hybrid spec {text!r}: bad exception {part!r}; expected name=i,j e.g. 'softmax=3,7'")
+        for i in indices:
+            if not 0 <= i < n_layers:
+                raise ValueError(f"hybrid spec {text!r}: layer {i} out of range for {n_layers} layers (0..{n_layers - 1})")
+            names[i] = name
+    return _check_names(names, text)
+
+
+def model_spec(model: nn.Module) -> list[str]:
+    """The per-layer spec of a model, read from its modules ("softmax" for a non-mixer self_attn)."""
+    return [getattr(layer.self_attn, "mixer_name", SOFTMAX) for layer in decoder_layers(model)]
+
+
+def _record_spec(model: nn.Module) -> None:
+    if getattr(model, "config", None) is not None:
+        model.config.hybrid_spec = model_spec(model)
+
+
+def swap_attention(model: nn.Module, idx: int, module: nn.Module) -> nn.Module:
+    """Put `module` in layer idx as self_attn; returns the module it replaces."""
+    layers = decoder_layers(model)
+    if not 0 <= idx < len(layers):
+        raise ValueError(f"swap_attention: layer {idx} out of range for {len(layers)} layers")
+    old = layers[idx].self_attn
+    layers[idx].self_attn = module
+    _record_spec(model)
+    return old
+
+
+def restore_attention(student: nn.Module, teacher: nn.Module, idx: int) -> nn.Module:
+    """Put a copy of the teacher's attention back in the student's layer idx (grads follow the
+    student's other teacher-copied weights); returns the replaced module."""
+    attn = copy.deepcopy(decoder_layers(teacher)[idx].self_attn)
+    ref = next(decoder_layers(student)[idx].parameters(), None)
+    if ref is not None:
+        attn = attn.to(device=ref.device, dtype=ref.dtype)
+    return swap_attention(student, idx, attn)
+
+
+def build_student(teacher: nn.Module, spec: str | list[str], **options) -> nn.Module:
+    """A deep copy of the teacher with layer i's self_attn replaced by build_mixer(spec[i], ...)
+    ("softmax" keeps the copied teacher attention). The teacher is not modified. Trainable set on
+    return: exactly the mixer parameters (requires_grad True); everything else is frozen, which is
+    what stage 1 wants; stage 2 calls student.requires_grad_(True). options go to every mixer of
+    a kind that accepts them, e.g. window=1024 for swa (see mixers.build_mixer)."""
+    layers = decoder_layers(teacher)
+    names = parse_spec(spec, len(layers))
+    student = copy.deepcopy(teacher)
+    student.requires_grad_(False)
+    for i, name in enumerate(names):
+        if name == SOFTMAX:
+            continue
+        attn = decoder_layers(student)[i].self_attn
+        kind = MIXERS[name]
+        accepted = kind.__init__.__code__.co_varnames[:kind.__init__.__code__.co_argcount]
+        mixer = build_mixer(name, attn, student.config, i, **{k: v for k, v in options.items() if k in accepted})
+        swap_attention(student, i, mixer.requires_grad_(True))
+    _record_spec(student)
+    return student
+
+
+def mixer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the non-softmax mixers (their own LR group), teacher-copied q/k/v/o included."""
+    return [p for layer in decoder_layers(model) if hasattr(layer.self_attn, "mixer_name")
+            for p in layer.self_attn.parameters()]
