@@ -91,6 +91,9 @@ def test_stage2_kl_falls_and_keeps_softmax_teacher_weights(tiny_setup, stage1_ru
     assert summary["val_kl"] > 0 and summary["val_ppl"] > 1
     final = checkpoint.load_checkpoint(str(tmp_path))
     assert final["config"]["hybrid_spec"] == ["gdn", "softmax", "gdn", "gdn"]
+    init = checkpoint.load_checkpoint(stage1_run)["model"]
+    for key in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert not torch.equal(final["model"][key], init[key]), key  # all parameters train in stage 2
 
 
 def test_stage2_untied_embeddings(tiny_setup, stage1_run, tmp_path, monkeypatch):
