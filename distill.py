@@ -85,6 +85,7 @@ KEEP_CHECKPOINTS = 2
 RESUME = ""                     # "" | "auto" (latest in RUN_DIR) | a checkpoint path
 SEED = 1337
 COMPILE = False                 # torch.compile the student (GPU)
+PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
 
@@ -238,7 +239,9 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
     other = [p for p in student.parameters() if id(p) not in mixer_ids]
     groups = [{"params": mixer, "base_lr": LR_MIXER}, {"params": other, "base_lr": LR / 10}]
     opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
-    model = KLStudent(torch.compile(student) if COMPILE else student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
+    if COMPILE:
+        student.model.compile()  # in place: state-dict keys stay free of _orig_mod.
+    model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
     if ctx["world_size"] > 1:
         model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
     start = 0
@@ -248,7 +251,16 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         start = ckpt["step"]
     w_t = teacher.lm_head.weight
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+    prof = None
     for step in range(start, STAGE2_STEPS):
+        if PROFILE and step == start + 3:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                          ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+            prof.__enter__()
+        if prof is not None and step == start + 8:
+            prof.__exit__(None, None, None)
+            write_profile(prof, ctx)
+            prof = None
         t1 = time.time()
         scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
         for group in opt.param_groups:
@@ -277,6 +289,16 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
             ctx["final_metrics"] = metrics
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
             save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+
+
+def write_profile(prof, ctx) -> None:
+    """The top ops of the profiled steps, by device time (GPU) or CPU time, to stdout and RUN_DIR/profile.txt."""
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    print0(table)
+    if is_master():
+        with open(os.path.join(RUN_DIR, "profile.txt"), "w") as f:
+            f.write(table)
 
 
 def save(ctx, student, opt, extra: dict, step: int) -> None:
