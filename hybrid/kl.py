@@ -44,7 +44,7 @@ def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: t
         h_t = teacher_hidden(teacher, x)
         with autocast:
             h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
-        _, parts = chunked_distill_loss(h_s, student.lm_head.weight, h_t, w_t, targets=y, ce_weight=1.0,
+        _, parts = chunked_distill_loss(h_s, student.lm_head.weight.detach(), h_t, w_t, targets=y, ce_weight=1.0,
                                         chunk_tokens=chunk_tokens)
         _, tparts = chunked_distill_loss(h_t, w_t, h_t, w_t, targets=y, ce_weight=1.0, chunk_tokens=chunk_tokens)
         kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]

@@ -1,0 +1,396 @@
+"""Choose which layers of a hybrid stay softmax: KL-guided layer selection (GA-S2) with baselines.
+
+GA-S2 ("Distilling to Hybrid Attention Models via KL-Guided Layer Selection", ICLR 2026): from a
+stage-1 checkpoint (every layer a linear mixer, `distill.py --stage=1`), for each candidate layer l
+build the student with only l restored to the teacher's softmax attention (hybrid.student.seed_from,
+as `distill.py --stage=2 --init` does), run CANDIDATE_TOKENS of stage-2 KL distillation on the same
+data order for every candidate, and score l by the held-out KL(teacher || student): lower = l is
+worth more as softmax. Rank, keep the top K. Measured against it on the same machinery:
+  zero_shot  held-out KL of the same candidates with no training
+  early      GA-S2 stopped at EARLY_FRAC of its budget (same LR schedule; free when ga_s2 runs)
+  halving    successive halving: all candidates on a small budget, the better half on twice that,
+             ... (restarts from stage 1 each round), total <= HALVING_FRAC of GA-S2's tokens
+  uniform    every L/K-th layer
+  mse        stage-1 replaceability: per-layer MSE of the stage-1 mixer on held-out teacher latents,
+             normalised by the mean square of the teacher's attention output there
+  ablation   held-out KL with only layer l linear (everything else softmax): higher = keep l
+  greedy     from all-softmax, repeatedly make linear the layer whose loss hurts held-out KL least
+             (zero-shot, O(L^2) evaluations); the layers left last are kept
+Every method reports tokens spent and the Jaccard of its top-K with GA-S2's, for each K in KS, and
+the zero-shot KL of the hybrid its top-K gives (`set_kl`).
+
+Candidates go round-robin over the ranks of one torchrun job (each rank trains whole candidates, no
+DDP); each finished job is saved to RUN_DIR/candidates/<job>.json and skipped when rerun.
+
+Launch:
+  python select_layers.py --init=runs/s1 --smoke=True            # CPU smoke
+  python select_layers.py --init=runs/s1/ckpt/final.pt           # 1 GPU
+  torchrun --standalone --nproc_per_node=8 select_layers.py --init=runs/s1 --run_dir=runs/select
+Reads the stage-1 checkpoint, models/<teacher>/ and DATA_DIR shards; writes RUN_DIR/{config.json,
+log.txt, metrics.jsonl, candidates/*.json, selection.json, selection.png}. Then:
+  python distill.py --stage=2 --init=runs/s1 --spec=runs/select/selection.json
+Log line: ga_s2 layer 07 | step 00064/00128 | loss 0.123456 | lr 1.0e-03 | dt 212ms | tok/s 154.20k
+"""
+
+import functools
+import json
+import os
+import time
+
+import torch
+
+from hybrid.checkpoint import atomic_write_json, load_checkpoint
+from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
+                           is_master, print0, seed_all)
+from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.kl import KLStudent, teacher_hidden
+from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, plot_selection, rank_layers,
+                              run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers, val_kl,
+                              with_softmax)
+from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
+from hybrid.student import seed_from, untie_embeddings
+from hybrid.surgery import SOFTMAX, build_student, mixer_parameters
+from hybrid.teacher import load_teacher, resolve_teacher
+from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps
+
+# -----------------------------------------------------------------------------
+# Inputs and outputs
+INIT = "runs/stage1"            # stage-1 checkpoint (.pt) or its run dir (ckpt/final.pt)
+TEACHER = ""                    # "" = the teacher named in the checkpoint's config
+DATA_DIR = "data/debian"        # shards from prepare.py (train: candidate runs, val: scores)
+RUN_DIR = "runs/select"
+# What to measure
+METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation"  # comma list, any subset
+PRIMARY = "ga_s2"               # the method chosen_spec follows and the others are compared with
+CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer) or "0,4,8"
+KS = [4, 8]                     # numbers of softmax layers to report a choice (and Jaccard) for
+FRACTION = 0.25                 # softmax fraction of all layers for chosen_spec (30 layers -> 8)
+CANDIDATE_TOKENS = 2**22        # stage-2 tokens per GA-S2 candidate
+EARLY_FRAC = 0.25               # early stopping: score after this fraction of CANDIDATE_TOKENS
+HALVING_FRAC = 0.33             # successive halving: total tokens <= this fraction of GA-S2's
+SET_TOKENS = 0                  # > 0: also train each method's top-K hybrid for this many tokens and score it
+# Stage-2 optimisation of each candidate (as distill.py --stage=2, one process per candidate)
+SEQ_LEN = 512                   # tokens per row
+MICRO_BATCH = 16                # rows per micro-step
+TOTAL_BATCH_TOKENS = 2**15      # tokens per optimizer step of one candidate
+LR_MIXER = 1e-3                 # LR of mixer parameters
+LR = 1e-3                       # everything else trains at LR / 10, as in distill.py
+MIN_LR_FRAC = 0.1               # cosine floor as a fraction of the LR
+WARMUP_STEPS = 10               # capped at a quarter of a run's steps
+WEIGHT_DECAY = 0.0
+GRAD_CLIP = 1.0
+TEMPERATURE = 1.0               # training KL temperature (scores are always at temperature 1)
+KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL
+# Evaluation and logging
+EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN for every score
+LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
+SEED = 1337
+SMOKE = False                   # tiny budget on CPU
+# -----------------------------------------------------------------------------
+ALL_METHODS = ("ga_s2", "zero_shot", "halving", "early", "uniform", "mse", "greedy", "ablation")
+# settings a stored job result depends on: a mismatch on rerun is an error, not a silent reuse
+RESULT_KEY = ("INIT", "TEACHER", "DATA_DIR", "CANDIDATE_TOKENS", "SEQ_LEN", "MICRO_BATCH", "TOTAL_BATCH_TOKENS",
+              "LR_MIXER", "LR", "MIN_LR_FRAC", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TEMPERATURE",
+              "EVAL_BATCHES", "SEED", "EARLY_FRAC", "HALVING_FRAC")
+
+
+def smoke_settings(g: dict) -> None:
+    g.update(SEQ_LEN=64, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, CANDIDATE_TOKENS=128 * 8, EVAL_BATCHES=2, LOG_EVERY=4,
+             CANDIDATES="0,1,2,3", KS=[1, 2], WARMUP_STEPS=1)
+
+
+def log_line(label, step, total, loss, lr, dt, tokens):
+    return (f"{label} | step {step:05d}/{total:05d} | loss {loss:.6f} | lr {lr:.1e} | dt {dt * 1000:.0f}ms | "
+            f"tok/s {format_tokens(tokens / max(dt, 1e-9))}")
+
+
+def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: list[int], label: str) -> dict:
+    """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
+    over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
+    seed_all(SEED)  # every candidate starts from the same RNG state
+    student = build_student(ctx["teacher_ref"], spec)
+    if ctx["untied"]:
+        untie_embeddings(student)
+    seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
+    student.requires_grad_(True).to(ctx["device"]).train()
+    mixer_ids = {id(p) for p in mixer_parameters(student)}
+    groups = [{"params": [p for p in student.parameters() if id(p) in mixer_ids], "base_lr": LR_MIXER},
+              {"params": [p for p in student.parameters() if id(p) not in mixer_ids], "base_lr": LR / 10}]
+    opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
+    model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
+    loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN)  # rank 0 of 1: one data order for all
+    teacher, w_t, accum = ctx["teacher"], ctx["teacher"].lm_head.weight, ctx["accum"]
+    warmup = min(WARMUP_STEPS, schedule_steps // 4)
+    evals, losses = [], []
+    for step in range(steps):
+        t1 = time.time()
+        scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        loss_sum = torch.zeros((), device=ctx["device"])
+        for _ in range(accum):
+            x, y = (t.to(ctx["device"], non_blocking=True) for t in loader.next_batch())
+            h_t = teacher_hidden(teacher, x)
+            with ctx["autocast"]:
+                loss, _ = model(x, y, h_t, w_t)
+            (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % LOG_EVERY == 0 or step == steps - 1:
+            losses.append((step, loss_sum.item()))
+            print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, time.time() - t1,
+                           TOTAL_BATCH_TOKENS), flush=True)
+        if step + 1 in eval_at:
+            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS,
+                          **val_kl(student, ctx["val"], ctx["h_val"], w_t, ctx["device"], ctx["autocast"],
+                                   KL_CHUNK_TOKENS)})
+    return {"spec": spec, "steps": steps, "schedule_steps": schedule_steps, "train_tokens": steps * TOTAL_BATCH_TOKENS,
+            "eval_tokens": len(evals) * ctx["eval_tokens"], "losses": losses, "evals": evals}
+
+
+def eval_spec(ctx, spec: list[str]) -> dict:
+    """Zero-shot held-out KL of a spec (stage-1 mixers and teacher attention, no training)."""
+    student = ctx["switcher"].set(spec)
+    return {"spec": spec, "train_tokens": 0, "eval_tokens": ctx["eval_tokens"],
+            **val_kl(student, ctx["val"], ctx["h_val"], ctx["teacher"].lm_head.weight, ctx["device"],
+                     ctx["autocast"], KL_CHUNK_TOKENS)}
+
+
+def eval_jobs(ctx, specs: list[list[str]]) -> list[dict]:
+    """Zero-shot KL of each spec, spread over ranks; named by spec so every method shares them."""
+    jobs = [(f"kl_{spec_id(s)}", functools.partial(eval_spec, ctx, s)) for s in specs]
+    out = run_jobs(jobs, ctx["cand_dir"], ctx["key"])
+    return [out[name] for name, _ in jobs]
+
+
+def method_result(ctx, scores, spread, higher_is_better, jobs, extra=None, tops=None) -> dict:
+    """The per-method block of selection.json (schema in docs/selection.md)."""
+    ranking = rank_layers(scores, higher_is_better) if scores is not None else None
+    tops = tops or {str(k): top_k(ranking, k) for k in ctx["ks"]}
+    return {"scores": {str(l): v for l, v in scores.items()} if scores is not None else None,
+            "spread": {str(l): v for l, v in spread.items()} if spread is not None else None,
+            "direction": None if scores is None else ("higher" if higher_is_better else "lower"),
+            "ranking": ranking, "ranks": {str(l): r + 1 for r, l in enumerate(ranking)} if ranking else None,
+            "top": tops, "train_tokens": sum(j["train_tokens"] for j in jobs),
+            "eval_tokens": sum(j["eval_tokens"] for j in jobs), "job_seconds": float(sum(j["seconds"] for j in jobs)),
+            "n_jobs": len(jobs), "extra": extra or {}}
+
+
+def run_ga_s2(ctx, methods):
+    """GA-S2 and early stopping from the same candidate runs (or early alone, truncated runs)."""
+    full, early, base = ctx["steps_full"], ctx["early_step"], ctx["stage1_spec"]
+    name = "ga_s2" if "ga_s2" in methods else "early"
+    steps, evals = (full, sorted({early, full})) if name == "ga_s2" else (early, [early])
+    jobs = [(f"{name}_layer_{l:02d}", functools.partial(train_spec, ctx, with_softmax(base, [l]), steps, full, evals,
+                                                          f"{name} layer {l:02d}")) for l in ctx["candidates"]]
+    res = run_jobs(jobs, ctx["cand_dir"], ctx["key"])
+    out = {}
+    for m, at in (("ga_s2", full), ("early", early)):
+        if m not in methods:
+            continue
+        picked = {l: next(e for e in res[n]["evals"] if e["step"] == at) for l, (n, _) in zip(ctx["candidates"], jobs)}
+        # early reads GA-S2's runs: its seconds are those runs' seconds scaled to its steps (an estimate)
+        jobs_m = [{**res[n], "train_tokens": at * TOTAL_BATCH_TOKENS, "eval_tokens": ctx["eval_tokens"],
+                   "seconds": res[n]["seconds"] * at / res[n]["steps"]} for n, _ in jobs]
+        out[m] = method_result(ctx, {l: e["kl"] for l, e in picked.items()}, {l: e["std"] for l, e in picked.items()},
+                               False, jobs_m, {"steps": at, "tokens_per_candidate": at * TOTAL_BATCH_TOKENS})
+    return out
+
+
+def run_halving(ctx):
+    schedule = halving_schedule(len(ctx["candidates"]), ctx["steps_full"], HALVING_FRAC)
+    survivors, rounds, all_jobs = list(ctx["candidates"]), [], []
+    for r, (n, steps) in enumerate(schedule):
+        jobs = [(f"halving_r{r}_layer_{l:02d}", functools.partial(
+            train_spec, ctx, with_softmax(ctx["stage1_spec"], [l]), steps, steps, [steps], f"halving r{r} layer {l:02d}"))
+            for l in survivors[:n]]
+        res = run_jobs(jobs, ctx["cand_dir"], ctx["key"])
+        rounds.append({l: res[name]["evals"][-1]["kl"] for l, (name, _) in zip(survivors, jobs)})
+        all_jobs += list(res.values())
+        survivors = rank_layers(rounds[-1], higher_is_better=False)
+        print0(f"halving round {r}: {n} candidates x {steps} steps -> best {survivors[:4]}")
+    first = {l: j["evals"][-1]["std"] for l, j in zip(ctx["candidates"], all_jobs)}
+    ranking = halving_ranking(rounds)
+    result = method_result(ctx, rounds[0], first, False, all_jobs,
+                           {"rounds": [{"steps": s, "scores": {str(l): v for l, v in sc.items()}}
+                                       for (_, s), sc in zip(schedule, rounds)],
+                            "note": "scores/spread are round 0 (every candidate, same budget); ranking uses all rounds"},
+                           {str(k): top_k(ranking, k) for k in ctx["ks"]})
+    result["ranking"], result["ranks"] = ranking, {str(l): r + 1 for r, l in enumerate(ranking)}
+    return result
+
+
+def run_greedy(ctx, ablation_jobs):
+    """From all-softmax, make linear one layer at a time, the one whose loss hurts KL least."""
+    linear, remaining, path, jobs = [], list(ctx["candidates"]), [], list(ablation_jobs)
+    while len(remaining) > 1:
+        specs = [with_softmax(ctx["stage1_spec"], [i for i in remaining if i != l] + ctx["already_softmax"])
+                 for l in remaining]
+        res = eval_jobs(ctx, specs) if linear else ablation_jobs  # the first step is the ablation
+        jobs += res if linear else []
+        kls = {l: r["kl"] for l, r in zip(remaining, res)}
+        drop = rank_layers(kls, higher_is_better=False)[0]
+        linear.append(drop)
+        remaining.remove(drop)
+        path.append(kls[drop])
+    order = linear + remaining  # removal order: the last one left is the most valuable as softmax
+    return method_result(ctx, {l: float(i) for i, l in enumerate(order)}, None, True, jobs,
+                         {"removal_order": order, "kl_after_removal": path,
+                          "note": "score = removal step (higher = kept longer)"})
+
+
+def run_mse(ctx):
+    t0 = time.time()
+    student = ctx["switcher"].set(ctx["stage1_spec"])
+    m = stage1_mse(ctx["teacher"], student, ctx["val"], ctx["candidates"], ctx["target"], ctx["device"], ctx["autocast"])
+    job = {"train_tokens": 0, "eval_tokens": ctx["eval_tokens"], "seconds": time.time() - t0}
+    extra = {"raw_mse": {str(l): v["mse"] for l, v in m.items()}, "target": ctx["target"],
+             "normalised_by": "mean square of the teacher's attention output at the layer"}
+    summary = os.path.join(ctx["init_run_dir"], "summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            extra["stage1_summary_val_mse"] = json.load(f).get("val_mse")
+    return method_result(ctx, {l: v["nmse"] for l, v in m.items()}, None, True, [job], extra)
+
+
+def main():
+    if SMOKE:
+        smoke_settings(globals())
+    rank, local_rank, world_size, device = init_dist()
+    dtype = autocast_dtype(device)
+    seed_all(SEED)
+    cfg = config_dict(globals())
+    methods = [m.strip() for m in METHODS.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ALL_METHODS]
+    if bad or PRIMARY not in methods:
+        raise ValueError(f"--methods={METHODS}: unknown {bad} or PRIMARY={PRIMARY!r} missing; choose from {ALL_METHODS}")
+    ckpt = load_checkpoint(INIT)
+    ccfg = ckpt.get("config", {})
+    if "hybrid_spec" not in ccfg or "teacher" not in ccfg:
+        raise ValueError(f"{INIT}: checkpoint config lacks 'hybrid_spec'/'teacher'; pass a stage-1 checkpoint "
+                         "written by `python distill.py --stage=1`")
+    stage1_spec = list(ccfg["hybrid_spec"])
+    teacher_dir = resolve_teacher(TEACHER or ccfg["teacher"]) if is_master() else None
+    barrier()  # rank 0 converts/downloads a teacher spec once; the others then find it
+    teacher_dir = teacher_dir or resolve_teacher(TEACHER or ccfg["teacher"])
+    teacher_ref, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
+    check_tokenizer(load_manifest(DATA_DIR), tokenizer, DATA_DIR)
+    n_layers = teacher_ref.config.num_hidden_layers
+    linear = [i for i, m in enumerate(stage1_spec) if m != SOFTMAX]
+    candidates = linear if CANDIDATES == "all" else sorted({int(x) for x in str(CANDIDATES).split(",") if x})
+    if not set(candidates) <= set(linear):
+        raise ValueError(f"--candidates={CANDIDATES}: layers {sorted(set(candidates) - set(linear))} are softmax or "
+                         f"out of range in the stage-1 spec of {INIT} ({n_layers} layers, linear: {linear})")
+    ks = [k for k in KS if k <= len(candidates)]
+    k_frac = min(len(candidates), max(1, round(FRACTION * n_layers)))
+    if len(ks) != len(KS) or not candidates:
+        raise ValueError(f"--ks={KS}: every K must be <= the {len(candidates)} candidate (non-softmax) layers of {INIT}")
+    # the reference teacher stays fp32 on CPU (students are built from it); the scoring one moves to device
+    teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
+        load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
+    teacher.to(device=device, dtype=dtype)
+    base = build_student(teacher_ref, stage1_spec)
+    if ccfg.get("untied"):
+        untie_embeddings(base)
+    base.load_state_dict(ckpt["model"], strict=True)
+    switcher = SpecSwitcher(base.to(device).eval(), teacher_ref, stage1_spec)
+    val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
+    steps_full = CANDIDATE_TOKENS // TOTAL_BATCH_TOKENS
+    if steps_full < 1:
+        raise ValueError(f"CANDIDATE_TOKENS={CANDIDATE_TOKENS} < TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS}")
+    init_run_dir = INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT)))
+    ctx = dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+               teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec,
+               untied=bool(ccfg.get("untied")), candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
+               already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX], switcher=switcher,
+               val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
+               accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
+               early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),
+               key={k: cfg[k] for k in RESULT_KEY}, init_run_dir=init_run_dir,
+               target=ccfg.get("resolved", {}).get("TARGET", "layer"))
+    log = RunLogger(RUN_DIR, is_master())
+    info = env_info(device, world_size, dtype)
+    print0(dumps({**cfg, "env": info}))
+    print0(f"{len(candidates)} candidates of {n_layers} layers over {world_size} rank(s) | GA-S2 {steps_full} steps x "
+           f"{TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, accum {ctx['accum']}) | "
+           f"val {len(val)} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} (fraction {FRACTION} -> {k_frac})")
+    if is_master():
+        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**cfg, "env": info, "stage1_spec": stage1_spec})
+    t_all, results, wall, logged = time.time(), {}, {}, set()
+    for m in methods:  # ga_s2 and early share their runs; greedy starts from the ablation evaluations
+        t0 = time.time()
+        if m in results:
+            continue
+        if m in ("ga_s2", "early"):
+            results.update(run_ga_s2(ctx, methods))
+        elif m == "zero_shot":
+            res = eval_jobs(ctx, [with_softmax(stage1_spec, [l]) for l in candidates])
+            results[m] = method_result(ctx, {l: r["kl"] for l, r in zip(candidates, res)},
+                                       {l: r["std"] for l, r in zip(candidates, res)}, False, res)
+        elif m == "halving":
+            results[m] = run_halving(ctx)
+        elif m == "uniform":
+            results[m] = method_result(ctx, None, None, False, [], tops={str(k): uniform_layers(candidates, k)
+                                                                         for k in ctx["ks"]})
+        elif m == "mse":
+            results[m] = run_mse(ctx)
+        elif m in ("ablation", "greedy"):
+            res = eval_jobs(ctx, [with_softmax(stage1_spec, [c for c in candidates if c != l] + ctx["already_softmax"])
+                                  for l in candidates])  # only l linear (non-candidates keep their stage-1 mixer)
+            if "ablation" in methods:
+                results["ablation"] = method_result(ctx, {l: r["kl"] for l, r in zip(candidates, res)},
+                                                    {l: r["std"] for l, r in zip(candidates, res)}, True, res)
+            if "greedy" in methods:
+                results["greedy"] = run_greedy(ctx, res)
+        for done in results:
+            wall.setdefault(done, time.time() - t0)
+        for name in (x for x in results if x not in logged):
+            r = results[name]
+            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | {wall[name]:.1f}s | "
+                    f"top-{k_frac} {r['top'][str(k_frac)]} | ranking {r['ranking']}",
+                    {"method": name, "seconds": wall[name], "train_tokens": r["train_tokens"], "scores": r["scores"],
+                     "ranking": r["ranking"], "top": r["top"]})
+            logged.add(name)
+    # the zero-shot KL of each method's chosen hybrid (one evaluation per distinct set)
+    sets = {(m, k): with_softmax(stage1_spec, r["top"][k]) for m, r in results.items() for k in r["top"]}
+    for (m, k), r in zip(sets, eval_jobs(ctx, list(sets.values()))):
+        results[m].setdefault("set_kl", {})[k] = r["kl"]
+    if SET_TOKENS > 0:
+        steps = max(1, SET_TOKENS // TOTAL_BATCH_TOKENS)
+        jobs = [(f"set{steps}_{spec_id(s)}", functools.partial(train_spec, ctx, s, steps, steps, [steps],
+                                                                 f"set {m} k{k}")) for (m, k), s in sets.items()]
+        res = run_jobs(list(dict(jobs).items()), ctx["cand_dir"], ctx["key"])
+        for ((m, k), _), (name, _) in zip(sets.items(), jobs):
+            results[m].setdefault("set_trained_kl", {})[k] = res[name]["evals"][-1]["kl"]
+    primary = results[PRIMARY]
+    for m, r in results.items():
+        r["jaccard"] = {k: jaccard(r["top"][k], primary["top"][k]) for k in r["top"]}
+        r["wall_seconds"] = wall[m]
+        r["token_ratio"] = r["train_tokens"] / max(1, primary["train_tokens"])
+    chosen = primary["top"][str(k_frac)]
+    selection = {"schema_version": 1, "init": INIT, "teacher": teacher_dir, "n_layers": n_layers,
+                 "stage1_spec": stage1_spec, "candidates": candidates, "primary": PRIMARY, "ks": ks,
+                 "fraction": FRACTION, "k_fraction": k_frac, "chosen": chosen,
+                 "chosen_spec": with_softmax(stage1_spec, chosen), "methods": results, "settings": cfg,
+                 "world_size": world_size, "wall_seconds": time.time() - t_all, "env": info}
+    if is_master():
+        atomic_write_json(os.path.join(RUN_DIR, "selection.json"), selection)
+        plot_selection(os.path.join(RUN_DIR, "selection.png"), results, n_layers,
+                       {m: r["top"][str(k_frac)] for m, r in results.items()})
+        print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'seconds':>8} " +
+               " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
+        for m, r in results.items():
+            print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} " +
+                   " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
+                   f"  {r['top'][str(k_frac)]}")
+        print0(f"chosen ({PRIMARY}, {k_frac} softmax): {chosen} -> {os.path.join(RUN_DIR, 'selection.json')}")
+    barrier()
+    cleanup_dist()
+    return selection
+
+
+if __name__ == "__main__":
+    apply_overrides(globals())
+    main()
