@@ -1,0 +1,211 @@
+"""Gated DeltaNet (GDN) kernel: recurrent reference, chunked torch form, fla fast path.
+
+The recurrence, per head, with the state S in [K, V] layout (fla's `chunk_gated_delta_rule`):
+
+    S'_t = exp(g_t) * S_{t-1}                  # decay first (g is a log decay, <= 0)
+    u_t  = beta_t * (v_t - S'_t^T k_t)          # delta rule: correct what the state recalls for k_t
+    S_t  = S'_t + k_t u_t^T
+    o_t  = scale * S_t^T q_t                    # scale defaults to K**-0.5
+
+i.e. S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T. The caller does the q/k
+L2 norm, the beta sigmoid and the decay parametrisation. v may have more heads than q/k (HV a
+multiple of H, fla's grouped value attention): value head h reads q/k head h // (HV // H).
+
+Layout (B, T, H, D) everywhere; states (B, HV, K, V) in float32 (float64 for float64 inputs, so
+the tests can compare in double precision); outputs in v's dtype. The torch paths compute in
+float32 for bf16/fp16 inputs.
+
+This file imports only torch (fla lazily, for CUDA tensors) and nothing from the rest of the
+package: export.py copies it beside the exported modeling file.
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "recurrent", "chunked", "fla")
+_warned_no_fla = False
+_warned_no_bwd = False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(q, k, v, g, beta, initial_state) -> None:
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"gdn: expected q, k (B, T, H, K) and v (B, T, HV, V); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H:
+        raise ValueError(f"gdn: v has {HV} heads, not a multiple of the {H} q/k heads")
+    if g.shape != (B, T, HV) or beta.shape != (B, T, HV):
+        raise ValueError(f"gdn: expected g and beta of shape {(B, T, HV)} (one scalar per value head); "
+                         f"got g {tuple(g.shape)}, beta {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, HV, K, V):
+        raise ValueError(f"gdn: expected initial_state of shape {(B, HV, K, V)} ([B, HV, K, V] like fla); "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _expand_qk(q: torch.Tensor, k: torch.Tensor, HV: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, H, K) -> (B, T, HV, K): value head h uses q/k head h // (HV // H)."""
+    G = HV // q.shape[2]
+    if G == 1:
+        return q, k
+    return q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
+
+
+def gdn_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                  scale: float | None = None, initial_state: torch.Tensor | None = None,
+                  output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token loop, the ground truth.
+
+    q, k: (B, T, H, K); v: (B, T, HV, V); g, beta: (B, T, HV); initial_state: (B, HV, K, V).
+    Returns o (B, T, HV, V) in v's dtype and the final state (B, HV, K, V) or None.
+    """
+    _check(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    dt, out_dtype = _compute_dtype(v), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    q, k = _expand_qk(q, k, HV)
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dt)
+    out = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        u = beta[:, t, :, None] * (v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S))  # (B, HV, V)
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(out, dim=1) if T else v.new_zeros(B, 0, HV, V, dtype=dt)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                scale: float | None = None, initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form (WY representation), the CPU default. Same arguments as gdn_recurrent.
+
+    Inside a chunk of C tokens with cumulative log decay G_i = g_1 + ... + g_i and chunk-start
+    state S_0, the corrected values u solve the unit lower-triangular system
+        (I + A) u = beta * v - beta * exp(G) * k S_0,   A_ij = beta_i exp(G_i - G_j) k_i.k_j  (j < i)
+    then o_i = scale * (exp(G_i) q_i^T S_0 + sum_{j<=i} exp(G_i - G_j) (q_i.k_j) u_j) and
+    S_C = exp(G_C) S_0 + sum_j exp(G_C - G_j) k_j u_j^T. Everything but the S_0 hand-off between
+    chunks runs for all chunks at once. T need not be a multiple of C: the tail is padded with
+    beta = 0, g = 0, k = 0, which leaves the state untouched.
+    """
+    _check(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    dt, out_dtype = _compute_dtype(v), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    C = int(chunk_size)
+    n = max(1, -(-T // C))
+    pad = n * C - T
+    q, k = _expand_qk(q, k, HV)
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, HV, ...) -> (B, HV, n, C, ...)
+        x = x.to(dt)
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x
+        x = x.transpose(1, 2)
+        return x.reshape(B, HV, n, C, *x.shape[3:])
+
+    q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
+    G = g.cumsum(-1)  # (B, HV, n, C)
+    incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = incl.tril(-1)
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~incl, float("-inf")).exp()  # (B, HV, n, C, C)
+    A = (k @ k.transpose(-1, -2)) * decay.masked_fill(~strict, 0.0) * beta[..., :, None]
+    eye = torch.eye(C, dtype=dt, device=q.device)
+    W = torch.linalg.solve_triangular(eye + A, (beta * G.exp())[..., None] * k, upper=False, unitriangular=True)
+    U0 = torch.linalg.solve_triangular(eye + A, beta[..., None] * v, upper=False, unitriangular=True)
+    Aqk = (q @ k.transpose(-1, -2)) * decay  # (B, HV, n, C, C)
+    qG = q * G.exp()[..., None]
+    k_to_end = k * (G[..., -1:] - G).exp()[..., None]  # decay from token j to the chunk end
+    g_end = G[..., -1].exp()  # (B, HV, n)
+
+    S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dt)
+    out = []
+    for i in range(n):
+        u = U0[:, :, i] - W[:, :, i] @ S  # (B, HV, C, V)
+        out.append(qG[:, :, i] @ S + Aqk[:, :, i] @ u)
+        S = S * g_end[:, :, i, None, None] + k_to_end[:, :, i].transpose(-1, -2) @ u
+    o = torch.stack(out, dim=2).reshape(B, HV, n * C, V)[:, :, :T].transpose(1, 2)  # (B, T, HV, V)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _fla():
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+def fla_gdn_backward_supported() -> bool:
+    """False where fla 0.6 refuses GDN's backward: Hopper GPUs with 3.4 <= Triton < 3.7.1 and no
+    tilelang (fla's chunk_bwd_dqkwg raises "produces incorrect results ... see #640"). Seen on the
+    H100 with torch 2.11 / Triton 3.6; the forward is unaffected. Call only with fla importable."""
+    import importlib.util
+
+    import fla.utils as fu
+    hopper_bug = (getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
+                  and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
+    return not hopper_bug or importlib.util.find_spec("tilelang") is not None
+
+
+def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+        scale: float | None = None, initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatcher; same arguments and numbers whichever path runs.
+
+    impl="auto": fla's chunk kernel for CUDA/ROCm tensors (its fused recurrent kernel for a single
+    decode step without autograd, since that kernel has no backward; the torch chunked form
+    where grads are needed but fla refuses GDN's backward, see fla_gdn_backward_supported); on
+    CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
+    force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
+    """
+    global _warned_no_fla, _warned_no_bwd
+    if impl not in IMPLS:
+        raise ValueError(f"gdn: impl={impl!r}; expected one of {IMPLS}")
+    if impl == "recurrent":
+        return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if impl == "chunked":
+        return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
+    use_fla = impl == "fla" or q.is_cuda
+    if use_fla:
+        if not q.is_cuda:
+            raise ValueError("gdn: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
+                             "use impl='auto' or 'chunked'")
+        try:
+            chunk_fn, recurrent_fn = _fla()
+        except ImportError as e:
+            if impl == "fla":
+                raise ImportError("gdn: impl='fla' needs flash-linear-attention; "
+                                  "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
+            if not _warned_no_fla:
+                warnings.warn(f"fla not importable ({e}); using the torch chunked GDN on GPU (slow)")
+                _warned_no_fla = True
+            use_fla = False
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    if use_fla and needs_grad and not fla_gdn_backward_supported():
+        fix = "upgrade Triton to >= 3.7.1 or pip install tilelang"
+        if impl == "fla":
+            raise RuntimeError(f"gdn: fla refuses GDN's backward on Hopper with Triton < 3.7.1 (fla #640); {fix}, "
+                               "or use impl='auto' (torch chunked when grads are needed)")
+        if not _warned_no_bwd:
+            warnings.warn(f"fla's GDN backward is disabled on Hopper with Triton < 3.7.1 (fla #640); using the torch "
+                          f"chunked GDN where grads are needed (slow; {fix})")
+            _warned_no_bwd = True
+        use_fla = False
+    if not use_fla:
+        if q.shape[1] == 1:
+            return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
+        return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
+    _check(q, k, v, g, beta, initial_state)
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    if q.shape[1] == 1 and not needs_grad:
+        return recurrent_fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0,
+                            output_final_state=output_final_state)
+    return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)

@@ -1,0 +1,180 @@
+"""Gated linear attention (GLA) kernel: recurrent reference, chunked torch form, fla fast path.
+
+The recurrence, per head, with the state S in [K, V] layout (fla's `chunk_gla`):
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T     # g: a per-key-channel log decay, <= 0
+    o_t = scale * S_t^T q_t                      # scale defaults to K**-0.5
+
+Layout (B, T, H, D) everywhere; states (B, H, K, V) in float32 (float64 for float64 inputs);
+outputs in v's dtype; the torch paths compute in float32 for bf16/fp16 inputs.
+
+This file imports only torch (fla lazily, for CUDA tensors) and nothing from the rest of the
+package: export.py copies it beside the exported modeling file.
+"""
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "recurrent", "chunked", "fla")
+_warned_no_fla = False
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(q, k, v, g, initial_state) -> None:
+    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"gla: expected q, k, g (B, T, H, K) and v (B, T, H, V); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, g {tuple(g.shape)}, v {tuple(v.shape)}")
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"gla: expected initial_state of shape {(B, H, K, V)} ([B, H, K, V] like fla); "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                  scale: float | None = None, initial_state: torch.Tensor | None = None,
+                  output_final_state: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token loop, the ground truth.
+
+    q, k, g: (B, T, H, K); v: (B, T, H, V); initial_state: (B, H, K, V).
+    Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) or None.
+    """
+    _check(q, k, v, g, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    dt, out_dtype = _compute_dtype(v), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    q, k, v, g = (x.to(dt) for x in (q, k, v, g))
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+    out = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None] + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    o = torch.stack(out, dim=1) if T else v.new_zeros(B, 0, H, V, dtype=dt)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _pair_scores(x: torch.Tensor, y: torch.Tensor, Gx: torch.Tensor, Gy: torch.Tensor,
+                 strict: bool) -> torch.Tensor:
+    """sum_d x_id y_jd exp(Gx_id - Gy_jd) for j <= i (j < i if strict), 0 elsewhere.
+
+    x, y, Gx, Gy: (B, H, n, C, K) -> (B, H, n, C, C); Gx_i - Gy_j <= 0 on every kept pair. Rows go
+    in blocks of 16: pairs inside a block use the exact pairwise decay (a (16, 16, K) tensor), pairs
+    with earlier keys j < s factor through the decay at key s-1 as a matmul,
+    (x_i exp(Gx_i - Gy_{s-1})) . (y_j exp(Gy_{s-1} - Gy_j)), where both exponents are <= 0: no
+    overflow, unlike the textbook x exp(G) . y exp(-G).
+    """
+    C = x.shape[3]
+    idx = torch.arange(C, device=x.device)
+    blocks = []
+    for s in range(0, C, 16):
+        e = min(s + 16, C)
+        keep = idx[s:e, None] > idx[None, s:e] if strict else idx[s:e, None] >= idx[None, s:e]
+        diff = Gx[:, :, :, s:e, None, :] - Gy[:, :, :, None, s:e, :]  # (B, H, n, e-s, e-s, K)
+        decay = diff.masked_fill(~keep[..., None], float("-inf")).exp()
+        parts = [(x[:, :, :, s:e, None, :] * y[:, :, :, None, s:e, :] * decay).sum(-1)]
+        if s > 0:
+            ref = Gy[:, :, :, s - 1:s]  # (B, H, n, 1, K)
+            xs = x[:, :, :, s:e] * (Gx[:, :, :, s:e] - ref).exp()  # (B, H, n, e-s, K)
+            ys = y[:, :, :, :s] * (ref - Gy[:, :, :, :s]).exp()  # (B, H, n, s, K)
+            left = xs @ ys.transpose(-1, -2)
+            parts.insert(0, left)
+        blocks.append(F.pad(torch.cat(parts, dim=-1), (0, C - e)))
+    return torch.cat(blocks, dim=3)
+
+
+def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                scale: float | None = None, initial_state: torch.Tensor | None = None,
+                output_final_state: bool = False, chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked parallel form, the CPU default. Same arguments as gla_recurrent.
+
+    With cumulative log decays G_i = g_1 + ... + g_i inside a chunk and chunk-start state S_0:
+        o_i = scale * ((q_i * exp(G_i))^T S_0 + sum_{j<=i} [sum_d q_id k_jd exp(G_id - G_jd)] v_j)
+        S_C = diag(exp(G_C)) S_0 + sum_j (k_j * exp(G_C - G_j)) v_j^T
+    The intra-chunk scores never use the overflowing q*exp(G) . k*exp(-G) factorisation: see
+    _pair_scores (exact decays inside 16-token blocks, a safe matmul across blocks). T need not
+    be a multiple of C: the tail is padded with g = 0, k = 0, which leaves the state untouched.
+    """
+    _check(q, k, v, g, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    dt, out_dtype = _compute_dtype(v), v.dtype
+    scale = K ** -0.5 if scale is None else scale
+    C = int(chunk_size)
+    n = max(1, -(-T // C))
+    pad = n * C - T
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, H, n, C, D)
+        x = x.to(dt)
+        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
+        return x.transpose(1, 2).reshape(B, H, n, C, x.shape[-1])
+
+    q, k, v, g = chunks(q) * scale, chunks(k), chunks(v), chunks(g)
+    G = g.cumsum(3)  # (B, H, n, C, K)
+    Aqk = _pair_scores(q, k, G, G, strict=False)  # (B, H, n, C, C), lower triangular
+    qG = q * G.exp()
+    k_to_end = k * (G[:, :, :, -1:] - G).exp()  # decay from token j to the chunk end
+    g_end = G[:, :, :, -1].exp()  # (B, H, n, K)
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
+    out = []
+    for i in range(n):
+        out.append(qG[:, :, i] @ S + Aqk[:, :, i] @ v[:, :, i])
+        S = S * g_end[:, :, i, :, None] + k_to_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    o = torch.stack(out, dim=2).reshape(B, H, n * C, V)[:, :, :T].transpose(1, 2)  # (B, T, H, V)
+    return o.to(out_dtype), (S if output_final_state else None)
+
+
+def _fla():
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    return chunk_gla, fused_recurrent_gla
+
+
+def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+        scale: float | None = None, initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dispatcher; same arguments and numbers whichever path runs.
+
+    impl="auto": fla's chunk kernel for CUDA/ROCm tensors (its fused recurrent kernel for a single
+    decode step without autograd); on CPU the recurrent loop for T == 1 and the chunked form
+    otherwise. "recurrent" | "chunked" force a torch path, "fla" forces fla.
+    """
+    global _warned_no_fla
+    if impl not in IMPLS:
+        raise ValueError(f"gla: impl={impl!r}; expected one of {IMPLS}")
+    if impl == "recurrent":
+        return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
+    if impl == "chunked":
+        return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
+    use_fla = impl == "fla" or q.is_cuda
+    if use_fla:
+        if not q.is_cuda:
+            raise ValueError("gla: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
+                             "use impl='auto' or 'chunked'")
+        try:
+            chunk_fn, recurrent_fn = _fla()
+        except ImportError as e:
+            if impl == "fla":
+                raise ImportError("gla: impl='fla' needs flash-linear-attention; "
+                                  "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
+            if not _warned_no_fla:
+                warnings.warn(f"fla not importable ({e}); using the torch chunked GLA on GPU (slow)")
+                _warned_no_fla = True
+            use_fla = False
+    if not use_fla:
+        if q.shape[1] == 1:
+            return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
+        return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
+    _check(q, k, v, g, initial_state)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
+    h0 = None if initial_state is None else initial_state.float().contiguous()  # chunk_gla asserts fp32
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if q.shape[1] == 1 and not needs_grad:
+        return recurrent_fn(q, k, v, gk=g, scale=scale, initial_state=h0, output_final_state=output_final_state)
+    return chunk_fn(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)
