@@ -31,13 +31,26 @@ def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def top1_matches(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
+                 chunk_tokens: int = 4096) -> torch.Tensor:
+    """Count of tokens where the student's argmax next token equals the teacher's, chunked over tokens."""
+    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
+    hits = torch.zeros((), dtype=torch.long, device=h_s.device)
+    for i in range(0, h_s.shape[0], chunk_tokens):
+        a = (h_s[i:i + chunk_tokens] @ w_s.to(h_s.dtype).t()).argmax(-1)
+        b = (h_t[i:i + chunk_tokens] @ w_t.to(h_t.dtype).t()).argmax(-1)
+        hits += (a == b).sum()
+    return hits
+
+
+@torch.no_grad()
 def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: torch.device, autocast,
                 chunk_tokens: int = 4096, reduce: bool = True) -> dict:
     """Held-out KL(teacher || student) at temperature 1 and both perplexities over `batches` of
     (x, y); averaged over ranks when reduce=True (set False when each rank scores its own model)."""
     was_training = student.training
     student.eval()
-    kl = ce_s = ce_t = 0.0
+    kl = ce_s = ce_t = hits = 0.0
     w_t = teacher.lm_head.weight
     for x, y in batches:
         x, y = x.to(device), y.to(device)
@@ -48,10 +61,12 @@ def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: t
                                         chunk_tokens=chunk_tokens)
         _, tparts = chunked_distill_loss(h_t, w_t, h_t, w_t, targets=y, ce_weight=1.0, chunk_tokens=chunk_tokens)
         kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]
+        hits = hits + top1_matches(h_s, student.lm_head.weight, h_t, w_t, chunk_tokens).float() / x.numel()
     student.train(was_training)
     n = len(batches)
-    vals = [(v / n) for v in (kl, ce_s, ce_t)]
+    vals = [(v / n) for v in (kl, ce_s, ce_t, hits)]
     if reduce:
         vals = [all_mean(v) for v in vals]
-    kl, ce_s, ce_t = (float(v) for v in vals)
-    return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp())}
+    kl, ce_s, ce_t, top1 = (float(v) for v in vals)
+    return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp()),
+            "top1_agreement": top1}

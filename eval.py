@@ -1,0 +1,192 @@
+"""Evaluate hybrids against their teacher: held-out KL / perplexity / top-1 agreement, and
+in-context recall (RULER-style needles, variable tracking, MQAR) at several lengths.
+
+Every model sees identical samples: the recall suite is generated once from the teacher's
+tokenizer with fixed seeds, the haystack taken from the val shards (the embedded corpus by
+default), and frozen to OUT_DIR/recall_suite.jsonl (reused when it exists; pass SUITE to share
+one between runs). Scores are RULER's (fraction of expected strings found in the greedy output;
+MQAR: next-token accuracy at the value positions); retention = student / teacher.
+
+Launch:
+  python eval.py --models=teacher,runs/hybrid/export                 # 1 GPU (or CPU, slowly)
+  python eval.py --models=gdn=runs/a/export,ga_s2=runs/c/ckpt/final.pt --out_dir=runs/eval
+  python eval.py --models=<export> --smoke=True                      # CPU smoke: short lengths, few samples
+MODELS: comma list of `teacher`, export folders (export.py) or distill checkpoints (.pt / run dir),
+each optionally `name=path`. Writes OUT_DIR/{eval.json, eval.md, recall.png, recall_suite.jsonl}.
+Line: ga_s2          | kl 0.1234 | ppl 12.34 (teacher 11.90) | top1 0.812 | recall 0.654
+"""
+
+import os
+import time
+
+import torch
+
+from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
+from hybrid.common import format_tokens, print0, seed_all
+from hybrid.config import apply_overrides
+from hybrid.kl import evaluate_kl
+from hybrid.recall_score import read_suite, retention, run_recall
+from hybrid.recall_tasks import TASKS, build_suite, write_suite
+from hybrid.shards import read_tokens, load_manifest, val_batches
+
+# -----------------------------------------------------------------------------
+MODELS = "teacher"              # comma list: teacher | export dir | checkpoint, each optionally name=path
+TEACHER = "embedded"            # the reference every model is compared with
+DATA_DIR = "data/debian"        # val shards: intrinsic metrics and the recall haystack
+OUT_DIR = "runs/eval"
+# Intrinsic
+SEQ_LEN = 2048                  # tokens per row
+MICRO_BATCH = 4                 # rows per batch
+EVAL_BATCHES = 16               # val batches (SEQ_LEN * MICRO_BATCH tokens each)
+# Recall
+RECALL = True
+RECALL_TASKS = ",".join(TASKS)  # any subset of passkey,niah_single,niah_uuid,niah_multikey,niah_multivalue,vt,mqar
+RECALL_LENGTHS = [1024, 2048, 4096, 8192]  # prompt tokens (capped by the teacher's max context)
+RECALL_SAMPLES = 20             # samples per task and length
+RECALL_BATCH = 8                # prompts per generate() call (left-padded)
+SUITE = ""                      # frozen suite jsonl; "" = OUT_DIR/recall_suite.jsonl (built once)
+CHAT = False                    # wrap prompts in the chat template (plain text compares teacher and student fairly)
+DTYPE = "bfloat16"              # model dtype on GPU (CPU always float32)
+SEED = 1337
+SMOKE = False                   # CPU smoke: 256/512-token recall, 2 samples, 2 val batches of 256
+# -----------------------------------------------------------------------------
+
+
+def parse_models(spec: str) -> list[tuple[str, str]]:
+    out = []
+    for item in [s for s in spec.split(",") if s]:
+        name, _, path = item.rpartition("=")
+        path = path.strip()
+        name = name or ("teacher" if path == "teacher" else os.path.basename(os.path.normpath(path)) or path)
+        out.append((name, path))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models={spec}: duplicate names {names}; name them as name=path")
+    return out
+
+
+def load_model(path: str, teacher, dtype: torch.dtype, device: torch.device):
+    """teacher | an export folder | a distill checkpoint -> a causal LM with .model and .lm_head."""
+    if path == "teacher":
+        return teacher
+    if os.path.isfile(os.path.join(path, "config.json")):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
+    if os.path.isfile(path) or os.path.isdir(os.path.join(path, "ckpt")):
+        from hybrid.student import load_student
+        student, _, _ = load_student(path)
+        return student.to(device=device, dtype=dtype).eval()
+    raise FileNotFoundError(f"model {path!r}: not 'teacher', an export folder (config.json) or a distill checkpoint "
+                            f"(.pt or a run dir with ckpt/); run export.py or distill.py first")
+
+
+def recall_suite(tokenizer, max_context: int) -> str:
+    path = SUITE or os.path.join(OUT_DIR, "recall_suite.jsonl")
+    if os.path.exists(path):
+        print0(f"recall suite: reusing {path}")
+        return path
+    val = [s["file"] for s in load_manifest(DATA_DIR)["shards"] if s["split"] == "val"]
+    hay = torch.cat([torch.from_numpy(read_tokens(os.path.join(DATA_DIR, f)).astype("int64")) for f in val]).numpy()
+    tasks = [t for t in RECALL_TASKS.split(",") if t]
+    records = build_suite(tokenizer, hay, lengths=RECALL_LENGTHS, n_samples=RECALL_SAMPLES, tasks=tasks, seed=SEED,
+                          max_context=max_context, chat=CHAT)
+    write_suite(path, records)
+    print0(f"recall suite: {len(records)} samples ({', '.join(tasks)}) at {sorted({r['length'] for r in records})} "
+           f"tokens -> {path}")
+    return path
+
+
+def markdown(results: dict) -> str:
+    names = list(results)
+    lines = ["| model | KL(teacher‖model) | ppl | top-1 agreement | recall (mean) |", "| --- | --- | --- | --- | --- |"]
+    for n in names:
+        r = results[n]
+        rec = r.get("recall", {}).get("overall", float("nan"))
+        lines.append(f"| {n} | {r['val_kl']:.4f} | {r['val_ppl']:.2f} | {r['top1_agreement']:.3f} | {rec:.3f} |")
+    if any("recall" in results[n] for n in names):
+        teacher = results.get("teacher", {}).get("recall")
+        lengths = sorted({int(L) for n in names for t in results[n].get("recall", {}).get("scores", {}).values() for L in t})
+        lines += ["", "Recall by length (mean over tasks; retention vs the teacher in brackets):", "",
+                  "| model | " + " | ".join(str(L) for L in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
+        for n in names:
+            rec = results[n].get("recall")
+            if not rec:
+                continue
+            ret = retention(rec, teacher) if teacher and n != "teacher" else {}
+            cells = []
+            for L in lengths:
+                vals = [t[str(L)] for t in rec["scores"].values() if str(L) in t]
+                rv = [r[str(L)] for r in ret.values() if r.get(str(L)) is not None]
+                cell = f"{sum(vals) / len(vals):.3f}" if vals else "-"
+                cells.append(cell + (f" ({sum(rv) / len(rv):.2f})" if rv else ""))
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines += ["", "Recall by task (mean over lengths):", "", "| model | " + " | ".join(TASKS) + " |",
+                  "| --- |" + " --- |" * len(TASKS)]
+        for n in names:
+            tm = results[n].get("recall", {}).get("task_mean", {})
+            lines.append(f"| {n} | " + " | ".join(f"{tm[t]:.3f}" if t in tm else "-" for t in TASKS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        scores = r.get("recall", {}).get("scores")
+        if not scores:
+            continue
+        lengths = sorted({int(L) for t in scores.values() for L in t})
+        means = [sum(t[str(L)] for t in scores.values() if str(L) in t) / sum(str(L) in t for t in scores.values())
+                 for L in lengths]
+        ax.plot(lengths, means, marker="o", label=name)
+    ax.set(xscale="log", xlabel="prompt tokens", ylabel="recall score (mean over tasks)", ylim=(0, 1.02))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+
+
+def main():
+    global SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES
+    if SMOKE:
+        SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES = 256, 1, 2, [256, 512], 2
+    from hybrid.teacher import load_teacher
+    seed_all(SEED)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPE) if device.type == "cuda" else torch.float32
+    teacher, tokenizer = load_teacher(TEACHER, dtype=dtype, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)
+    max_context = getattr(teacher.config, "max_position_embeddings", None)
+    suite = recall_suite(tokenizer, max_context) if RECALL else None
+    results = {}
+    for name, path in parse_models(MODELS):
+        t0 = time.time()
+        model = load_model(path, teacher, dtype, device)
+        r = {"path": path, **evaluate_kl(teacher, model, val, device, autocast, reduce=False)}
+        if suite:
+            r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,
+                                     log=lambda line, n=name: print0(f"{n:14s} | {line}"))
+        r["seconds"] = time.time() - t0
+        results[name] = r
+        print0(f"{name:14s} | kl {r['val_kl']:.4f} | ppl {r['val_ppl']:.2f} (teacher {r['teacher_ppl']:.2f}) | "
+               f"top1 {r['top1_agreement']:.3f} | recall {r.get('recall', {}).get('overall', float('nan')):.3f} | "
+               f"{r['seconds']:.0f}s")
+        if model is not teacher:
+            del model
+    os.makedirs(OUT_DIR, exist_ok=True)
+    meta = {"teacher": TEACHER, "data_dir": DATA_DIR, "val_tokens": len(val) * MICRO_BATCH * SEQ_LEN, "suite": suite,
+            "recall_lengths": RECALL_LENGTHS, "recall_samples": RECALL_SAMPLES, "dtype": str(dtype)}
+    atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
+    table = markdown(results)
+    atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
+    if suite:
+        plot(results, os.path.join(OUT_DIR, "recall.png"))
+    print0(f"val tokens {format_tokens(meta['val_tokens'])}\n" + table)
+
+
+if __name__ == "__main__":
+    apply_overrides(globals())
+    main()
