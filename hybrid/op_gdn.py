@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 IMPLS = ("auto", "recurrent", "chunked", "fla")
 _warned_no_fla = False
-_warned_no_bwd = False
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -141,16 +140,26 @@ def _fla():
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
-def fla_gdn_backward_supported() -> bool:
-    """False where fla 0.6 refuses GDN's backward: Hopper GPUs with 3.4 <= Triton < 3.7.1 and no
-    tilelang (fla's chunk_bwd_dqkwg raises "produces incorrect results ... see #640"). Seen on the
-    H100 with torch 2.11 / Triton 3.6; the forward is unaffected. Call only with fla importable."""
-    import importlib.util
-
+def _fla_hopper_bug() -> bool:
+    """fla #640: on Hopper with 3.4 <= Triton < 3.7.1, fla's gated chunk_bwd_dqkwg miscompiles at
+    block width 64 (wrong dk/dg) and fla 0.6 refuses the whole GDN backward there. The issue's
+    bisection shows widths 32 and 128 are correct. Seen on the H100 with torch 2.11 / Triton 3.6."""
     import fla.utils as fu
-    hopper_bug = (getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
-                  and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
-    return not hopper_bug or importlib.util.find_spec("tilelang") is not None
+    return bool(getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
+                and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
+
+
+def _pad_k(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Work around fla #640 for K = 64 heads (SmolLM2, Llama, Qwen): zero-pad q/k to K = 128 so fla
+    picks block width 128 (correct); the extra zero dims add nothing to q.k, to the state rows that
+    are read, or to the output, and their grads are sliced off. fla's blanket guard, which it checks
+    in the backward, is lifted once: every gated call that reaches it from here is padded. Costs
+    ~1.3x the kernel time, far cheaper than the torch fallback (15-60x)."""
+    import fla.ops.common.chunk_o as chunk_o
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    K = q.shape[-1]
+    pad = (0, 128 - K)
+    return torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), K
 
 
 def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -159,12 +168,11 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     """Dispatcher; same arguments and numbers whichever path runs.
 
     impl="auto": fla's chunk kernel for CUDA/ROCm tensors (its fused recurrent kernel for a single
-    decode step without autograd, since that kernel has no backward; the torch chunked form
-    where grads are needed but fla refuses GDN's backward, see fla_gdn_backward_supported); on
-    CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
+    decode step without autograd, since that kernel has no backward; K = 64 heads padded to 128
+    for training on Hopper with Triton < 3.7.1, see _pad_k); on CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
     force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
     """
-    global _warned_no_fla, _warned_no_bwd
+    global _warned_no_fla
     if impl not in IMPLS:
         raise ValueError(f"gdn: impl={impl!r}; expected one of {IMPLS}")
     if impl == "recurrent":
@@ -188,16 +196,6 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
             use_fla = False
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
-    if use_fla and needs_grad and not fla_gdn_backward_supported():
-        fix = "upgrade Triton to >= 3.7.1 or pip install tilelang"
-        if impl == "fla":
-            raise RuntimeError(f"gdn: fla refuses GDN's backward on Hopper with Triton < 3.7.1 (fla #640); {fix}, "
-                               "or use impl='auto' (torch chunked when grads are needed)")
-        if not _warned_no_bwd:
-            warnings.warn(f"fla's GDN backward is disabled on Hopper with Triton < 3.7.1 (fla #640); using the torch "
-                          f"chunked GDN where grads are needed (slow; {fix})")
-            _warned_no_bwd = True
-        use_fla = False
     if not use_fla:
         if q.shape[1] == 1:
             return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
@@ -208,4 +206,12 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     if q.shape[1] == 1 and not needs_grad:
         return recurrent_fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0,
                             output_final_state=output_final_state)
+    K = q.shape[-1]
+    if needs_grad and _fla_hopper_bug() and 32 < K < 128:
+        scale = K ** -0.5 if scale is None else scale
+        q, k, K = _pad_k(q, k)
+        if h0 is not None:  # the state's padded rows are zero and stay zero (k is zero there)
+            h0 = torch.nn.functional.pad(h0, (0, 0, 0, 128 - K))
+        o, S = chunk_fn(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)
+        return o, (S[:, :, :K] if S is not None else None)
     return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)
