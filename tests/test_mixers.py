@@ -256,3 +256,14 @@ def test_bf16_teacher_gives_bf16_mixer(name):
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
     if name != "swa":
         assert state["S"].dtype == torch.float32  # recurrent states stay fp32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_causal_conv_cuda_matches_cpu():
+    from hybrid.mixer_base import causal_conv
+    x, w, st = torch.randn(2, 37, 24), torch.randn(24, 4), torch.randn(2, 3, 24)
+    y_cpu, s_cpu = causal_conv(x, w, st)
+    y_gpu, s_gpu = causal_conv(x.cuda(), w.cuda(), st.cuda())
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu)
