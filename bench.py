@@ -88,7 +88,7 @@ def state_bytes(model, B: int, ctx: int) -> int:
 
 def bench_model(name, model, ctx, B, bw, device) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(100, 1000, (B, ctx), device=device)
+    ids = torch.randint(0, min(model.config.vocab_size, 10000), (B, ctx), device=device)
     try:
         timed_generate(model, ids, 2)  # warm-up (kernels, autotune, allocator)
         ttft = statistics.median(timed_generate(model, ids, 1) for _ in range(REPEATS))
@@ -97,7 +97,7 @@ def bench_model(name, model, ctx, B, bw, device) -> dict:
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"model": name, "context": ctx, "batch": B, "oom": True}
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")  # not tracked on CPU
     step = (total - ttft) / max(1, NEW_TOKENS - 1)
     roof = (weights + state_bytes(model, B, ctx)) / bw
     return {"model": name, "context": ctx, "batch": B, "ttft_s": ttft, "prefill_tok_s": B * ctx / ttft,

@@ -46,7 +46,7 @@ select)
   pack
   S="--teacher=$T --data_dir=$D --init=$R/s1_all --seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 --stage2_steps=120 --eval_every=120 --eval_batches=16"
   $PY distill.py --stage=2 $S --spec=$R/select/selection.json --run_dir=$R/s2_gas2 $X 2>&1 | tail -4 | tee $R/s2_gas2.out
-  U=$($PY -c "import json; s=json.load(open('$R/select/selection.json')); print(','.join(map(str, s['methods']['uniform']['top']['8'])))")
+  U=$($PY -c "import json; s=json.load(open('$R/select/selection.json')); print(','.join(map(str, s['methods']['uniform']['top'][str(s['k_fraction'])])))")
   $PY distill.py --stage=2 $S --spec="gdn;softmax=$U" \
       --run_dir=$R/s2_uniform $X 2>&1 | tail -4 | tee $R/s2_uniform.out
   ;;
