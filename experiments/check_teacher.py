@@ -25,7 +25,8 @@ def main():
     ids = torch.tensor([tok.encode(PROMPT, add_special_tokens=False)], device=device)
     with torch.no_grad():
         g32 = g.to(device)(ids).logits
-        g.to(torch.bfloat16).to(torch.float32)
+        for p in g.parameters():  # parameters only: rounding the RoPE inv_freq buffer would change the model
+            p.data = p.data.to(torch.bfloat16).to(torch.float32)
         gb = g(ids).logits
         mb = m.to(device)(ids).logits
     print(f"models/ vs GGUF rounded to bf16: max |dlogit| = {(mb - gb).abs().max().item():.3e} (exact: {torch.equal(mb, gb)})")

@@ -25,7 +25,36 @@ import inspect
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import DummyLayer, DynamicCache
+from transformers.cache_utils import DynamicCache
+
+try:
+    from transformers.cache_utils import DummyLayer
+except ImportError:  # transformers < 5.2x: a placeholder with the same contract (holds nothing)
+    class DummyLayer:
+        is_initialized, is_compileable, is_croppable, keys, values = True, True, True, None, None
+
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            raise NotImplementedError("mixer layers keep their state in HybridCache.mixer_states, not in KV")
+
+        def offload(self): ...
+        def prefetch(self): ...
+        def reset(self): ...
+        def reorder_cache(self, beam_idx): ...
+        def crop(self, max_length): ...
+        def batch_repeat_interleave(self, repeats): ...
+        def batch_select_indices(self, indices): ...
+
+        def get_seq_length(self, *args, **kwargs):
+            return 0
+
+        def get_max_cache_shape(self, *args, **kwargs):
+            return -1
+
+        def get_mask_sizes(self, cache_position, *args, **kwargs):
+            return cache_position.shape[0], 0
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -95,6 +124,14 @@ class HybridCache(DynamicCache):
         self.has_kv = SOFTMAX in spec
         self.mixer_states: dict[int, dict | None] = {}
         self.n_tokens = 0
+
+    @property
+    def is_compileable(self) -> bool:
+        """False: generate() auto-compiles the forward (CUDA graphs) for a cache whose layers are all
+        compileable, which an all-linear spec's placeholders are; the mixer states in a plain dict
+        are then overwritten between graph replays (seen on the H100: "To prevent overwriting,
+        clone the tensor outside of torch.compile()")."""
+        return False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return super().get_seq_length(layer_idx) if self.has_kv else self.n_tokens

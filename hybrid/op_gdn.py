@@ -202,7 +202,8 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
     _check(q, k, v, g, beta, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()
-    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    # one dtype for q/k/v: under autocast F.normalize returns fp32 q/k beside bf16 v, which fla's dots reject
+    q, k, v, g, beta = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, g, beta))
     if q.shape[1] == 1 and not needs_grad:
         return recurrent_fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0,
                             output_final_state=output_final_state)

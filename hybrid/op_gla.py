@@ -174,7 +174,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
     h0 = None if initial_state is None else initial_state.float().contiguous()  # chunk_gla asserts fp32
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    q, k, v, g = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, g))  # one dtype for fla's dots
     if q.shape[1] == 1 and not needs_grad:
         return recurrent_fn(q, k, v, gk=g, scale=scale, initial_state=h0, output_final_state=output_final_state)
     return chunk_fn(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)

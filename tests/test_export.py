@@ -197,6 +197,8 @@ def test_all_linear_qwen3_teacher(tmp_path, monkeypatch):
         steps += [model(x[:, t:t + 1], past_key_values=cache).logits for t in range(6, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=1e-4)
     assert cache.get_seq_length() == 10
+    # generate() must not auto-compile (CUDA graphs) around mixer states kept in a plain dict
+    assert not cache.is_compileable and all(layer.is_compileable for layer in cache.layers)
 
 
 def test_mistaken_loads_give_clear_errors(exported, tmp_path, monkeypatch):

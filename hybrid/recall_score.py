@@ -1,0 +1,181 @@
+"""In-context recall suite, part 2: run a model on a frozen suite and score it.
+
+Generation tasks: greedy decoding (model.generate, no sampling), scored as RULER's
+string_match_all: the fraction of expected strings found (case-insensitive) in the generated
+text, averaged over samples. MQAR: one forward pass, no decoding; the fraction of queries whose
+argmax next token at position p - 1 equals the value token at p. Scores are in [0, 1].
+"""
+
+import json
+import math
+import os
+
+import torch
+
+from .recall_tasks import tokenizer_fingerprint
+
+
+def read_suite(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"recall suite {path} does not exist; build it with build_suite + write_suite "
+                                f"(eval.py does this on first use)")
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e}); delete the file and rebuild the suite") from None
+            need = ("task", "length", "index") + (("input_ids", "answer_positions") if r.get("task") == "mqar"
+                                                  else ("prompt", "answers", "max_new_tokens"))
+            missing = [k for k in need if k not in r]
+            if missing:
+                raise ValueError(f"{path}:{n}: record lacks {missing}; delete the file and rebuild the suite")
+            records.append(r)
+    return records
+
+
+def score_generation(answers: list[str], generated: str) -> float:
+    """Fraction of `answers` that occur in `generated` (case-insensitive substring match)."""
+    text = generated.lower()
+    return sum(a.lower() in text for a in answers) / len(answers)
+
+
+def score_mqar(predictions, input_ids, answer_positions: list[int]) -> float:
+    """predictions[t] = the model's next-token prediction after reading input_ids[:t + 1]. (T,) each.
+
+    The value at position p is predicted at p - 1: accuracy of predictions[p - 1] == input_ids[p].
+    """
+    pred = torch.as_tensor(predictions).reshape(-1)
+    ids = torch.as_tensor(input_ids).reshape(-1)
+    pos = torch.as_tensor(answer_positions, dtype=torch.long)
+    if pred.numel() != ids.numel() or pos.min() < 1 or pos.max() >= ids.numel():
+        raise ValueError(f"mqar: {pred.numel()} predictions for {ids.numel()} tokens with answer positions "
+                         f"in [{int(pos.min())}, {int(pos.max())}]; expected one prediction per token, positions >= 1")
+    return (pred[pos - 1] == ids[pos]).float().mean().item()
+
+
+@torch.no_grad()
+def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
+    """The argmax of the logits at positions[b] (the prediction of token p + 1) for each row of input_ids (B, T).
+
+    -> B tensors of len(positions[b]).
+
+    Asks the model for logits at the union of the positions only (`logits_to_keep` as a 1-D index
+    tensor, so B * T * V logits are never built); a model that ignores it returns (B, T, V).
+    """
+    B, T = input_ids.shape
+    keep = sorted({p for row in positions for p in row})
+    out = model(input_ids=input_ids, logits_to_keep=torch.tensor(keep, device=input_ids.device), use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.shape[1] == len(keep):
+        index = {p: i for i, p in enumerate(keep)}
+    elif logits.shape[1] == T:
+        index = {p: p for p in keep}
+    else:
+        raise ValueError(f"mqar: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
+                         f"{len(keep)} kept positions; expected (B, {len(keep)}, V) or (B, {T}, V)")
+    return [logits[b, [index[p] for p in row]].argmax(-1).cpu() for b, row in enumerate(positions)]
+
+
+@torch.no_grad()
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, device) -> list[str]:
+    """Greedy decoding of a batch of prompts, left-padded with an attention mask -> the new text only."""
+    encoded = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    T = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(encoded), T), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, T - len(e):] = torch.tensor(e)
+        mask[b, T - len(e):] = 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)
+    return tokenizer.batch_decode(out[:, T:].cpu(), skip_special_tokens=True)
+
+
+def run_recall(model, tokenizer, tasks_jsonl, device="cpu", batch_size: int = 1, log=None) -> dict:
+    """Score `model` on a frozen suite (a jsonl path or the records) -> results dict:
+
+    {"scores": {task: {length: mean}}, "task_mean": {task: mean over lengths}, "overall": mean of
+    task means, "n": {task: {length: count}}, "samples": [{task, length, index, score, output}]}.
+    Lengths are strings (JSON keys). `log(line)` gets one line per (task, length) when given.
+    """
+    records = read_suite(tasks_jsonl) if isinstance(tasks_jsonl, str) else list(tasks_jsonl)
+    sha = tokenizer_fingerprint(tokenizer)
+    other = {r.get("tokenizer_sha") for r in records} - {sha, None}
+    if other:
+        where = tasks_jsonl if isinstance(tasks_jsonl, str) else "(records)"
+        raise ValueError(f"recall suite {where} was built with another tokenizer (fingerprint {sorted(other)}, "
+                         f"this one {sha}); rebuild the suite with this model's tokenizer")
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["task"], r["length"]), []).append(r)
+    was_training = model.training
+    model.eval()
+    samples = []
+    for (task, length), group in groups.items():
+        scores = []
+        for i in range(0, len(group), batch_size):
+            batch = group[i:i + batch_size]
+            if task == "mqar":
+                ids = torch.tensor([r["input_ids"] for r in batch], dtype=torch.long, device=device)
+                positions = [r["answer_positions"] for r in batch]
+                preds = mqar_predictions(model, ids, [[p - 1 for p in pos] for pos in positions])  # p - 1 predicts p
+                outputs = [p.tolist() for p in preds]
+                scores += [(p == ids[b, pos].cpu()).float().mean().item()
+                           for b, (p, pos) in enumerate(zip(preds, positions))]
+            else:
+                outputs = generate_batch(model, tokenizer, [r["prompt"] for r in batch],
+                                         max(r["max_new_tokens"] for r in batch), device)
+                scores += [score_generation(r["answers"], text) for r, text in zip(batch, outputs)]
+            samples += [{"task": task, "length": length, "index": r["index"], "score": sc, "output": out}
+                        for r, sc, out in zip(batch, scores[-len(batch):], outputs)]
+        if log is not None:
+            log(f"recall {task:16s} len {length:6d} | n {len(scores):3d} | score {sum(scores) / len(scores):.3f}")
+    model.train(was_training)
+    return summarize(samples)
+
+
+def summarize(samples: list[dict]) -> dict:
+    """Per-sample scores -> the results dict of run_recall."""
+    groups: dict = {}
+    for s in samples:
+        groups.setdefault(s["task"], {}).setdefault(str(s["length"]), []).append(s["score"])
+    scores = {t: {L: sum(v) / len(v) for L, v in by_len.items()} for t, by_len in groups.items()}
+    task_mean = {t: sum(v.values()) / len(v) for t, v in scores.items()}
+    return {"scores": scores, "task_mean": task_mean,
+            "overall": sum(task_mean.values()) / len(task_mean) if task_mean else float("nan"),
+            "n": {t: {L: len(v) for L, v in by_len.items()} for t, by_len in groups.items()}, "samples": samples}
+
+
+def retention(student_scores: dict, teacher_scores: dict) -> dict:
+    """Student / teacher score per task and length (results dicts or their "scores"); None where the teacher scored 0."""
+    s = student_scores.get("scores", student_scores)
+    t = teacher_scores.get("scores", teacher_scores)
+    out = {}
+    for task, by_len in t.items():
+        for L, ts in by_len.items():
+            ss = s.get(task, {}).get(L)
+            if ss is not None:
+                out.setdefault(task, {})[L] = ss / ts if ts > 0 and not math.isnan(ts) else None
+    return out
+
+
+def format_scores(results: dict, teacher: dict | None = None) -> str:
+    """A plain-text table: one row per task, one column per length (and retention vs the teacher)."""
+    scores = results.get("scores", results)
+    lengths = sorted({int(L) for by_len in scores.values() for L in by_len})
+    ret = retention(results, teacher) if teacher is not None else {}
+    lines = [f"{'task':16s}" + "".join(f"{L:>14d}" for L in lengths)]
+    for task, by_len in scores.items():
+        cells = []
+        for L in lengths:
+            v = by_len.get(str(L))
+            r = ret.get(task, {}).get(str(L))
+            cell = "-" if v is None else f"{v:.3f}" + (f" ({r:.2f})" if r is not None else "")
+            cells.append(f"{cell:>14s}")
+        lines.append(f"{task:16s}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,238 @@
+"""Recall suite: deterministic generation, prompt invariants, scorers, run_recall end to end (CPU, offline)."""
+
+import copy
+import random
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hybrid.recall_score import (format_scores, mqar_predictions, read_suite, retention, run_recall, score_generation,
+                                 score_mqar, summarize)
+from hybrid.recall_tasks import TASKS, build_suite, write_suite
+
+LENGTHS = (256, 512)
+HAY_WORDS = ("the a river stone walks over under bright quiet house table runs near far old new green small "
+             "large city road music light dark water fire wind tree leaf north south east west and of to "
+             "in on with from slow fast warm cold").split()
+EXTRA_WORDS = ("apple banana cherry grape lemon mango olive peach plum melon kiwi lime berry onion garlic "
+               "pepper carrot potato tomato radish celery spinach squash turnip ginger fennel basil thyme "
+               "sage mint dill clove cumin anise nutmeg saffron vanilla cocoa coffee honey sugar flour bread "
+               "butter cheese cream yogurt pasta rice beans lentil barley wheat oats corn millet quinoa "
+               "walnut almond cashew hazel pecan acorn sesame poppy mustard radar laser sonar piano flute "
+               "harp drum banjo cello oboe tuba organ lute zither bugle").split()
+
+TEMPLATE_WORDS = ("Some special magic numbers uuids are hidden in the following text. Memorize them; I will ask you "
+                  "about them afterwards. What is the number uuid for mentioned above? A pass key somewhere long "
+                  "below. Find it and remember it. Memorize and track chains of variable assignments all "
+                  "variables assigned value Answer: they Now same pairs again, another order each word followed "
+                  "by its")
+
+
+def _sentences(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        words = [rng.choice(HAY_WORDS) for _ in range(rng.randint(5, 12))]
+        out.append(" ".join(words).capitalize() + rng.choice([".", ".", "!", "?"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def haystack() -> list[str]:
+    rng = random.Random(0)
+    return [" ".join(_sentences(rng, 60)) + "\nSection ends here." for _ in range(12)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(haystack):
+    """A byte-level BPE (like SmolLM2's) trained offline; EXTRA_WORDS never occur in the haystack."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = haystack + [" ".join(EXTRA_WORDS * 20), " ".join(HAY_WORDS * 20), "VAR = 0123456789 :,.-"] + [TEMPLATE_WORDS] * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def suite(tokenizer, haystack):
+    return build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=3, seed=1)
+
+
+def test_suite_is_deterministic(tokenizer, haystack, suite, tmp_path):
+    write_suite(str(tmp_path / "a.jsonl"), suite)
+    write_suite(str(tmp_path / "b.jsonl"), build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=3, seed=1))
+    a, b = (tmp_path / "a.jsonl").read_bytes(), (tmp_path / "b.jsonl").read_bytes()
+    assert a == b
+    other = build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=3, seed=2)
+    assert [r.get("prompt") for r in other] != [r.get("prompt") for r in suite]
+    assert read_suite(str(tmp_path / "a.jsonl")) == suite
+    assert {(r["task"], r["length"]) for r in suite} == {(t, L) for t in TASKS for L in LENGTHS}
+
+
+def test_prompt_lengths_within_tolerance(tokenizer, suite):
+    for r in suite:
+        n = len(r["input_ids"]) if r["task"] == "mqar" else len(tokenizer.encode(r["prompt"], add_special_tokens=False))
+        assert n == r["n_tokens"]
+        assert abs(n - r["length"]) <= max(8, 0.02 * r["length"]), (r["task"], n, r["length"])
+
+
+def test_answers_present_exactly_once(suite):
+    gen = [r for r in suite if r["task"] != "mqar"]
+    for r in gen:
+        if r["task"] == "vt":  # each answer variable is assigned exactly once; the last one is never referenced
+            for name in r["answers"]:
+                assert r["prompt"].count(f"VAR {name} =") == 1
+            assert r["prompt"].count(r["answers"][-1]) == 1
+        else:
+            for a in r["answers"]:
+                assert r["prompt"].count(a) == 1, (r["task"], a)
+        assert r["prompt"].rstrip().endswith(("is", "are", "are:", "they are:"))
+    multi = [r for r in gen if r["task"] == "niah_multikey"]
+    for r in multi:  # distractors present, with values other than the answer
+        needles = dict(re.findall(r"special magic numbers for ([a-z]+-[a-z]+) is: (\d+)\.", r["prompt"]))
+        asked = re.search(r"magic number for ([a-z]+-[a-z]+) mentioned", r["prompt"]).group(1)
+        assert len(needles) == 4 and len(set(needles.values())) == 4 and needles[asked] == r["answers"][0]
+    assert all(len(r["answers"]) == 4 for r in gen if r["task"] == "niah_multivalue")
+    depths = [r["depth"] for r in gen if r["task"] == "passkey" and r["length"] == 256]
+    assert depths == [0.0, 0.5, 1.0]
+
+
+def test_needle_depth_follows_request(tokenizer, suite):
+    for r in suite:
+        if r["task"] != "passkey":
+            continue
+        i = r["prompt"].index("The pass key is")
+        start, end = r["prompt"].index("\n\n") + 2, r["prompt"].rindex("\n\n")
+        frac = (i - start) / (end - start)
+        assert abs(frac - r["depth"]) < 0.15, (frac, r["depth"])
+
+
+def test_mqar_records(tokenizer, suite):
+    for r in (r for r in suite if r["task"] == "mqar"):
+        ids, pos = r["input_ids"], r["answer_positions"]
+        assert len(ids) == r["length"] and len(set(pos)) == len(pos)
+        for p in pos:  # the key before each queried value occurs once before, followed by the same value
+            key, value = ids[p - 1], ids[p]
+            first = ids.index(key)
+            assert first < p - 1 and ids[first + 1] == value
+            assert ids.count(key) == 2 and ids.count(value) == 2 and key != value
+
+
+def test_generation_scorer():
+    assert score_generation(["12345"], "The pass key is 12345.") == 1.0
+    assert score_generation(["12345"], "") == 0.0
+    assert score_generation(["a1", "b2", "c3", "d4"], "b2 and D4") == 0.5
+
+
+def test_mqar_scorer_checks_positions(suite):
+    for r in (r for r in suite if r["task"] == "mqar"):
+        ids = torch.tensor(r["input_ids"])
+        oracle = torch.cat([ids[1:], ids[:1]])  # predictions[t] = the next token
+        assert score_mqar(oracle, ids, r["answer_positions"]) == 1.0
+        assert score_mqar(ids, ids, r["answer_positions"]) == 0.0  # shifted by one: predicts the current token
+        assert score_mqar(torch.cat([ids[2:], ids[:2]]), ids, r["answer_positions"]) <= 0.05
+    with pytest.raises(ValueError, match="positions"):
+        score_mqar(torch.zeros(4), torch.zeros(4), [0])
+
+
+class OracleLM(torch.nn.Module):
+    """Predicts input_ids[t + shift] at position t; `generate` appends a fixed text per prompt."""
+
+    def __init__(self, vocab_size: int, shift: int = 1, replies: dict | None = None, keep_logits: bool = True):
+        super().__init__()
+        self.vocab_size, self.shift, self.replies, self.keep_logits = vocab_size, shift, replies or {}, keep_logits
+
+    def forward(self, input_ids, logits_to_keep=0, **kwargs):
+        target = torch.roll(input_ids, -self.shift, dims=1)
+        logits = torch.nn.functional.one_hot(target, self.vocab_size).float()
+        if self.keep_logits and isinstance(logits_to_keep, torch.Tensor):
+            logits = logits[:, logits_to_keep]
+        return type("Out", (), {"logits": logits})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for b in range(input_ids.shape[0]):
+            prompt = input_ids[b][attention_mask[b].bool()].tolist()
+            reply = self.replies.get(tuple(prompt), [])[:max_new_tokens]
+            rows.append(torch.tensor(reply + [0] * (max_new_tokens - len(reply))))
+        return torch.cat([input_ids, torch.stack(rows)], dim=1)
+
+
+def test_run_recall_oracle_and_null(tokenizer, suite):
+    replies = {tuple(tokenizer.encode(r["prompt"], add_special_tokens=False)):
+               tokenizer.encode(" " + ", ".join(r["answers"]), add_special_tokens=False) for r in suite if "prompt" in r}
+    V = len(tokenizer)
+    for keep in (True, False):
+        res = run_recall(OracleLM(V, 1, replies, keep), tokenizer, suite, batch_size=2)
+        assert res["overall"] == 1.0, list(res["scores"].items())
+    null = run_recall(OracleLM(V, 0, {}), tokenizer, suite, batch_size=3)  # echoes nothing; the prompt holds the answer
+    assert null["overall"] == 0.0, null["scores"]
+    assert retention(null, res) == {t: {str(L): 0.0 for L in LENGTHS} for t in TASKS}
+    assert "niah_single" in format_scores(null, res)
+
+
+def test_run_recall_tiny_llama(tokenizer, suite, tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config).eval()
+    small = [r for r in suite if r["length"] == 256 and r["index"] < 2]
+    path = str(tmp_path / "suite.jsonl")
+    write_suite(path, small)
+    lines = []
+    res = run_recall(model, tokenizer, path, batch_size=2, log=lines.append)
+    assert set(res["scores"]) == set(TASKS) and len(lines) == len(TASKS)
+    assert all(0.0 <= v <= 1.0 for by_len in res["scores"].values() for v in by_len.values())
+    assert len(res["samples"]) == len(small)
+    # MQAR through logits_to_keep equals the full-logits argmax
+    r = next(r for r in small if r["task"] == "mqar")
+    ids = torch.tensor([r["input_ids"]])
+    full = model(input_ids=ids).logits[0].argmax(-1)
+    before = [p - 1 for p in r["answer_positions"]]
+    got = mqar_predictions(model, ids, [before])[0]
+    assert torch.equal(got, full[before])
+    # batched (left-padded) generation equals one prompt at a time
+    pair = [small[0], {**small[0], "index": 1, "prompt": small[0]["prompt"][60:]}]  # prompts of different lengths
+    one = run_recall(model, tokenizer, pair, batch_size=1)
+    two = run_recall(model, tokenizer, pair, batch_size=2)
+    assert [s["output"] for s in one["samples"]] == [s["output"] for s in two["samples"]]
+
+
+def test_chat_mode(tokenizer, haystack):
+    with pytest.raises(ValueError, match="chat_template"):
+        build_suite(tokenizer, haystack, lengths=(256,), n_samples=1, tasks=("passkey",), chat=True)
+    chat_tok = copy.deepcopy(tokenizer)
+    chat_tok.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
+    for r in build_suite(chat_tok, haystack, lengths=(256,), n_samples=2, tasks=("passkey", "niah_single"), chat=True):
+        assert r["prompt"].startswith("<user>") and "</user><bot>" in r["prompt"]
+        assert abs(len(chat_tok.encode(r["prompt"], add_special_tokens=False)) - 256) <= 8
+
+
+def test_bad_inputs(tokenizer, haystack, tmp_path):
+    with pytest.raises(ValueError, match="unknown recall tasks"):
+        build_suite(tokenizer, haystack, tasks=("needle",))
+    with pytest.raises(ValueError, match="max_context"):
+        build_suite(tokenizer, haystack, lengths=(1024,), max_context=512)
+    with pytest.raises(ValueError, match="pass more text"):
+        build_suite(tokenizer, haystack[:1], lengths=(8192,))
+    with pytest.raises(FileNotFoundError, match="build_suite"):
+        read_suite(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"task": "passkey"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        read_suite(str(tmp_path / "bad.jsonl"))
+    records = [{"task": "passkey", "length": 8, "index": 0, "prompt": "x", "answers": ["1"], "max_new_tokens": 1,
+                "tokenizer_sha": "0000"}]
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_recall(OracleLM(len(tokenizer)), tokenizer, records)
+
+
+def test_summarize_means():
+    samples = [{"task": "a", "length": 8, "score": s} for s in (1.0, 0.0)] + [{"task": "b", "length": 8, "score": 1.0}]
+    res = summarize(samples)
+    assert res["scores"] == {"a": {"8": 0.5}, "b": {"8": 1.0}} and res["overall"] == 0.75
