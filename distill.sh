@@ -18,7 +18,7 @@ NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
 launch() { $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
-  PREP=(--max_tokens=400000)
+  PREP=()
   S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=20 --eval_batches=2 --log_every=5)
   SEL=(--smoke=True)
   S2=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --stage2_steps=40 --eval_every=20 --eval_batches=2 --log_every=5)
@@ -36,5 +36,5 @@ launch select_layers.py --init="$RUN/stage1" --data_dir="data/$DATA" --run_dir="
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="data/$DATA" --init="$RUN/stage1" \
   --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" "$@"
 $PY export.py --checkpoint="$RUN/stage2" --out_dir="$RUN/export"
-$PY eval.py --models="$RUN/export" --data_dir="data/$DATA" --out_dir="$RUN/eval" "${EVAL[@]}"
+$PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="data/$DATA" --out_dir="$RUN/eval" "${EVAL[@]}"
 echo "distill.sh: done. Hybrid model: $RUN/export (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); report: $RUN/eval"
