@@ -17,7 +17,6 @@ Writes OUT_DIR/bench.json, bench.md, bench.png.
 Line: ctx  8192 | B 32 | teacher decode 1.23k tok/s | hybrid decode 5.67k tok/s | x4.61
 """
 
-import json
 import os
 import statistics
 import time

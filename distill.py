@@ -22,7 +22,6 @@ log.txt, metrics.jsonl, ckpt/step_*.pt, ckpt/final_*.pt}.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
 """
 
-import contextlib
 import json
 import os
 import time
@@ -36,7 +35,7 @@ from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path,
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, rng_state, seed_all, set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.kl import KLStudent, evaluate_kl, teacher_hidden
+from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.student import seed_from, untie_embeddings
@@ -234,11 +233,7 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
 
 def stage2(ctx, teacher, student, loader, val, ckpt):
     student.requires_grad_(True)  # every student parameter trains in stage 2
-    mixer_ids = {id(p) for p in mixer_parameters(student)}
-    mixer = [p for p in student.parameters() if id(p) in mixer_ids]
-    other = [p for p in student.parameters() if id(p) not in mixer_ids]
-    groups = [{"params": mixer, "base_lr": LR_MIXER}, {"params": other, "base_lr": LR / 10}]
-    opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
+    opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     if COMPILE:
         student.model.compile()  # in place: state-dict keys stay free of _orig_mod.
     model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
@@ -249,7 +244,6 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         opt.load_state_dict(ckpt["optim"])
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
-    w_t = teacher.lm_head.weight
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
     prof = None
     for step in range(start, STAGE2_STEPS):
@@ -265,15 +259,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-        loss_sum = torch.zeros((), device=ctx["device"])
-        for micro in range(ctx["accum"]):
-            x, y = (t.to(ctx["device"], non_blocking=True) for t in loader.next_batch())
-            h_t = teacher_hidden(teacher, x)
-            sync = micro == ctx["accum"] - 1 or ctx["world_size"] == 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), ctx["autocast"]:
-                loss, _ = model(x, y, h_t, w_t)
-                (loss / ctx["accum"]).backward()
-            loss_sum += loss.detach() / ctx["accum"]
+        loss_sum = accumulate_kl(model, teacher, loader, ctx["accum"], ctx["device"], ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)

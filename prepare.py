@@ -29,7 +29,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 
 import numpy as np

@@ -43,13 +43,13 @@ from hybrid.checkpoint import atomic_write_json, load_checkpoint
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.kl import KLStudent, teacher_hidden
+from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, plot_selection, rank_layers,
                               run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers, val_kl,
                               with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
 from hybrid.student import seed_from, untie_embeddings
-from hybrid.surgery import SOFTMAX, build_student, mixer_parameters
+from hybrid.surgery import SOFTMAX, build_student
 from hybrid.teacher import load_teacher, resolve_teacher
 from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps
 
@@ -113,10 +113,7 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
         untie_embeddings(student)
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
     student.requires_grad_(True).to(ctx["device"]).train()
-    mixer_ids = {id(p) for p in mixer_parameters(student)}
-    groups = [{"params": [p for p in student.parameters() if id(p) in mixer_ids], "base_lr": LR_MIXER},
-              {"params": [p for p in student.parameters() if id(p) not in mixer_ids], "base_lr": LR / 10}]
-    opt = adamw([g for g in groups if g["params"]], LR_MIXER, WEIGHT_DECAY, ctx["device"])
+    opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN)  # rank 0 of 1: one data order for all
     teacher, w_t, accum = ctx["teacher"], ctx["teacher"].lm_head.weight, ctx["accum"]
@@ -127,14 +124,7 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
-        loss_sum = torch.zeros((), device=ctx["device"])
-        for _ in range(accum):
-            x, y = (t.to(ctx["device"], non_blocking=True) for t in loader.next_batch())
-            h_t = teacher_hidden(teacher, x)
-            with ctx["autocast"]:
-                loss, _ = model(x, y, h_t, w_t)
-            (loss / accum).backward()
-            loss_sum += loss.detach() / accum
+        loss_sum = accumulate_kl(model, teacher, loader, accum, ctx["device"], ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,9 +1,12 @@
 """Full-model logit distillation pieces shared by distill.py (stage 2) and select_layers.py."""
 
+import contextlib
+
 import torch
 from torch import nn
 
 from .losses import chunked_distill_loss
+from .surgery import mixer_parameters
 from .train_loop import all_mean
 
 
@@ -22,6 +25,32 @@ class KLStudent(nn.Module):
         h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
         return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=self.temperature,
                                     ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens)
+
+
+def stage2_param_groups(student: nn.Module, lr_mixer: float, lr_other: float) -> list[dict]:
+    """AdamW groups for stage 2: mixer parameters at lr_mixer, everything else at lr_other; each
+    group keeps its `base_lr` for the schedule to scale."""
+    mixer_ids = {id(p) for p in mixer_parameters(student)}
+    groups = [{"params": [p for p in student.parameters() if id(p) in mixer_ids], "base_lr": lr_mixer},
+              {"params": [p for p in student.parameters() if id(p) not in mixer_ids], "base_lr": lr_other}]
+    return [g for g in groups if g["params"]]
+
+
+def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device,
+                  autocast) -> torch.Tensor:
+    """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP:
+    then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached."""
+    w_t = teacher.lm_head.weight
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(accum):
+        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        h_t = teacher_hidden(teacher, x)
+        last = micro == accum - 1
+        with (model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()), autocast:
+            loss, _ = model(x, y, h_t, w_t)
+            (loss / accum).backward()
+        loss_sum += loss.detach() / accum
+    return loss_sum
 
 
 @torch.no_grad()

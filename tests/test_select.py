@@ -231,7 +231,10 @@ def test_two_processes_match_one(planted, tmp_path):
     assert ranks == {0, 1}  # both ranks did candidates
     for m in ("ga_s2", "zero_shot", "greedy", "ablation"):
         a, b = one["methods"][m], two["methods"][m]
-        assert a["ranking"] == b["ranking"], m
+        # float noise (another reduction order with 2 processes) may only swap near-tied layers
+        swaps = [(x, y) for x, y in zip(a["ranking"], b["ranking"]) if x != y]
+        assert all(a["scores"][str(x)] == pytest.approx(a["scores"][str(y)], rel=1e-4, abs=1e-6) for x, y in swaps), \
+            (m, a["ranking"], b["ranking"], a["scores"])
         for layer in a["scores"]:
             assert a["scores"][layer] == pytest.approx(b["scores"][layer], rel=1e-5, abs=1e-7), (m, layer)
     assert one["chosen_spec"] == two["chosen_spec"]
