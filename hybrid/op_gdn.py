@@ -136,7 +136,10 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 
 
 def _fla():
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError:
+        raise
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
@@ -144,7 +147,10 @@ def _fla_hopper_bug() -> bool:
     """fla #640: on Hopper with 3.4 <= Triton < 3.7.1, fla's gated chunk_bwd_dqkwg miscompiles at
     block width 64 (wrong dk/dg) and fla 0.6 refuses the whole GDN backward there. The issue's
     bisection shows widths 32 and 128 are correct. Seen on the H100 with torch 2.11 / Triton 3.6."""
-    import fla.utils as fu
+    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
+        import fla.utils as fu
+    except ImportError:
+        raise
     return bool(getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
                 and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
 
@@ -155,7 +161,10 @@ def _pad_k(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     are read, or to the output, and their grads are sliced off. fla's blanket guard, which it checks
     in the backward, is lifted once: every gated call that reaches it from here is padded. Costs
     ~1.3x the kernel time, far cheaper than the torch fallback (15-60x)."""
-    import fla.ops.common.chunk_o as chunk_o
+    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
+        import fla.ops.common.chunk_o as chunk_o
+    except ImportError:
+        raise
     chunk_o.TRITON_ABOVE_3_7_1 = True
     K = q.shape[-1]
     pad = (0, 128 - K)

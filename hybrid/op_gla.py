@@ -131,7 +131,10 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 
 
 def _fla():
-    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
+        from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    except ImportError:
+        raise
     return chunk_gla, fused_recurrent_gla
 
 

@@ -152,7 +152,10 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 def _fla():
-    from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
+        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
+    except ImportError:
+        raise
     return chunk_rwkv7, fused_recurrent_rwkv7
 
 

@@ -230,3 +230,13 @@ def test_mistaken_loads_give_clear_errors(exported, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="model.new_cache"):
         from transformers import DynamicCache
         exported["model"](torch.ones(1, 3, dtype=torch.long), past_key_values=DynamicCache())
+
+
+def test_export_files_demand_no_optional_packages(exported):
+    """transformers refuses a Hub model whose files import packages the user lacks; fla must stay optional."""
+    from transformers.dynamic_module_utils import get_imports
+    out = exported["out"]
+    files = [f for f in os.listdir(out) if f.endswith(".py")]
+    assert "op_gdn.py" in files and "mixers.py" in files
+    for f in files:
+        assert set(get_imports(os.path.join(out, f))) <= {"torch", "transformers", "math", "warnings", "inspect"}, f

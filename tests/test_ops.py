@@ -217,3 +217,25 @@ def test_fla_gdn_fp32_gates_with_bf16_qkv():
     o2, S2, g2 = run_with_grads(gdn_chunked, {n: t.double() for n, t in x.items()})
     errs = {"o": rel_err(o1, o2), "state": rel_err(S1, S2), **{f"d{n}": rel_err(g1[n], g2[n]) for n in x}}
     assert all(v < 1e-2 for v in errs.values()), errs
+
+
+def test_gdn_zero_padded_head_dim_is_exact():
+    """The premise of the Hopper workaround for fla #640 (op_gdn._pad_k): zero-padding q/k from K to
+    128 changes neither the output, nor the state rows that exist, nor the grads of the real dims."""
+    x = make_inputs("gdn", B=2, T=37, H=3, K=64, V=32, seed=5)
+    x["initial_state"] = torch.randn(2, 3, 64, 32, dtype=torch.float64)
+    o, S, g = run_with_grads(gdn_chunked, x)
+    pad = {**x, "q": torch.nn.functional.pad(x["q"], (0, 64)), "k": torch.nn.functional.pad(x["k"], (0, 64)),
+           "initial_state": torch.nn.functional.pad(x["initial_state"], (0, 0, 0, 64))}
+    pad = {n: t.detach().requires_grad_(True) for n, t in pad.items()}
+    o2, S2 = gdn_chunked(**pad, scale=64 ** -0.5, output_final_state=True)
+    gen = torch.Generator().manual_seed(1)  # the same output/state projections as run_with_grads
+    do, dS = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (o, S))
+    ((o2.float() * do.float()).sum() + (S2[:, :, :64].float() * dS.float()).sum()).backward()
+    torch.testing.assert_close(o2, o)
+    torch.testing.assert_close(S2[:, :, :64], S)
+    assert S2[:, :, 64:].abs().max() == 0
+    torch.testing.assert_close(pad["q"].grad[..., :64], g["q"])
+    torch.testing.assert_close(pad["k"].grad[..., :64], g["k"])
+    for n in ("v", "g", "beta"):
+        torch.testing.assert_close(pad[n].grad, g[n])
