@@ -1,6 +1,6 @@
 """Check that the normalised teacher in models/ is the GGUF teacher: same logits.
 
-python experiments/check_teacher.py --gguf=/path/SmolLM2-135M-Instruct.Q4_1.gguf --teacher=models/SmolLM2-135M-Instruct.Q4_1
+python -m experiments.check_teacher --gguf=/path/SmolLM2-135M-Instruct.Q4_1.gguf --teacher=models/SmolLM2-135M-Instruct.Q4_1
 models/ holds bf16 safetensors, so the GGUF load (dequantised fp32) is rounded to bf16 for the exact
 comparison; the max difference to the unrounded fp32 load is printed too.
 """

@@ -20,7 +20,7 @@ trap pack EXIT
 case "$1" in
 teacher)
   $PY -c "from hybrid.teacher import resolve_teacher; print(resolve_teacher('$2'))"
-  $PY experiments/check_teacher.py --gguf="$2" --teacher="$T" | tee "$R/check_teacher.txt"
+  $PY -m experiments.check_teacher --gguf="$2" --teacher="$T" | tee "$R/check_teacher.txt"
   ;;
 train)
   S="--teacher=$T --data_dir=$D --eval_batches=16 --log_every=10"
