@@ -24,12 +24,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "recurrent", "chunked", "fla")
+from .op_common import IMPLS, compute_dtype
+
 _warned_no_fla = False
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(q, k, v, g, beta, initial_state) -> None:
@@ -67,7 +64,7 @@ def gdn_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _check(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     scale = K ** -0.5 if scale is None else scale
     q, k = _expand_qk(q, k, HV)
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
@@ -98,7 +95,7 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     _check(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     scale = K ** -0.5 if scale is None else scale
     C = int(chunk_size)
     n = max(1, -(-T // C))

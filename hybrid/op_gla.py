@@ -17,12 +17,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "recurrent", "chunked", "fla")
+from .op_common import IMPLS, compute_dtype, pair_scores
+
 _warned_no_fla = False
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(q, k, v, g, initial_state) -> None:
@@ -47,7 +44,7 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     _check(q, k, v, g, initial_state)
     B, T, H, K = q.shape
     V = v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     scale = K ** -0.5 if scale is None else scale
     q, k, v, g = (x.to(dt) for x in (q, k, v, g))
     S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
@@ -57,35 +54,6 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     o = torch.stack(out, dim=1) if T else v.new_zeros(B, 0, H, V, dtype=dt)
     return o.to(out_dtype), (S if output_final_state else None)
-
-
-def _pair_scores(x: torch.Tensor, y: torch.Tensor, Gx: torch.Tensor, Gy: torch.Tensor,
-                 strict: bool) -> torch.Tensor:
-    """sum_d x_id y_jd exp(Gx_id - Gy_jd) for j <= i (j < i if strict), 0 elsewhere.
-
-    x, y, Gx, Gy: (B, H, n, C, K) -> (B, H, n, C, C); Gx_i - Gy_j <= 0 on every kept pair. Rows go
-    in blocks of 16: pairs inside a block use the exact pairwise decay (a (16, 16, K) tensor), pairs
-    with earlier keys j < s factor through the decay at key s-1 as a matmul,
-    (x_i exp(Gx_i - Gy_{s-1})) . (y_j exp(Gy_{s-1} - Gy_j)), where both exponents are <= 0: no
-    overflow, unlike the textbook x exp(G) . y exp(-G).
-    """
-    C = x.shape[3]
-    idx = torch.arange(C, device=x.device)
-    blocks = []
-    for s in range(0, C, 16):
-        e = min(s + 16, C)
-        keep = idx[s:e, None] > idx[None, s:e] if strict else idx[s:e, None] >= idx[None, s:e]
-        diff = Gx[:, :, :, s:e, None, :] - Gy[:, :, :, None, s:e, :]  # (B, H, n, e-s, e-s, K)
-        decay = diff.masked_fill(~keep[..., None], float("-inf")).exp()
-        parts = [(x[:, :, :, s:e, None, :] * y[:, :, :, None, s:e, :] * decay).sum(-1)]
-        if s > 0:
-            ref = Gy[:, :, :, s - 1:s]  # (B, H, n, 1, K)
-            xs = x[:, :, :, s:e] * (Gx[:, :, :, s:e] - ref).exp()  # (B, H, n, e-s, K)
-            ys = y[:, :, :, :s] * (ref - Gy[:, :, :, :s]).exp()  # (B, H, n, s, K)
-            left = xs @ ys.transpose(-1, -2)
-            parts.insert(0, left)
-        blocks.append(F.pad(torch.cat(parts, dim=-1), (0, C - e)))
-    return torch.cat(blocks, dim=3)
 
 
 def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -103,7 +71,7 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     _check(q, k, v, g, initial_state)
     B, T, H, K = q.shape
     V = v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     scale = K ** -0.5 if scale is None else scale
     C = int(chunk_size)
     n = max(1, -(-T // C))
@@ -116,7 +84,7 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
 
     q, k, v, g = chunks(q) * scale, chunks(k), chunks(v), chunks(g)
     G = g.cumsum(3)  # (B, H, n, C, K)
-    Aqk = _pair_scores(q, k, G, G, strict=False)  # (B, H, n, C, C), lower triangular
+    Aqk = pair_scores(q, k, G, G, strict=False)  # (B, H, n, C, C), lower triangular
     qG = q * G.exp()
     k_to_end = k * (G[:, :, :, -1:] - G).exp()  # decay from token j to the chunk end
     g_end = G[:, :, :, -1].exp()  # (B, H, n, K)

@@ -26,12 +26,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "recurrent", "chunked", "fla")
+from .op_common import IMPLS, compute_dtype, pair_scores
+
 _warned_no_fla = False
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check(r, w, k, v, a, b, initial_state) -> None:
@@ -57,7 +54,7 @@ def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.
     _check(r, w, k, v, a, b, initial_state)
     B, T, H, K = r.shape
     V = v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     r, w, k, v, a, b = (x.to(dt) for x in (r, w, k, v, a, b))
     S = r.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(dt)
     out = []
@@ -68,35 +65,6 @@ def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.
         out.append(scale * torch.einsum("bhk,bhkv->bhv", r[:, t], S))
     o = torch.stack(out, dim=1) if T else v.new_zeros(B, 0, H, V, dtype=dt)
     return o.to(out_dtype), (S if output_final_state else None)
-
-
-def _pair_scores(x: torch.Tensor, y: torch.Tensor, Gx: torch.Tensor, Gy: torch.Tensor,
-                 strict: bool) -> torch.Tensor:
-    """sum_d x_id y_jd exp(Gx_id - Gy_jd) for j <= i (j < i if strict), 0 elsewhere.
-
-    x, y, Gx, Gy: (B, H, n, C, K) -> (B, H, n, C, C); Gx_i - Gy_j <= 0 on every kept pair. Rows go
-    in blocks of 16: pairs inside a block use the exact pairwise decay (a (16, 16, K) tensor), pairs
-    with earlier keys j < s factor through the decay at key s-1 as a matmul,
-    (x_i exp(Gx_i - Gy_{s-1})) . (y_j exp(Gy_{s-1} - Gy_j)), where both exponents are <= 0: no
-    overflow, unlike the textbook x exp(G) . y exp(-G).
-    """
-    C = x.shape[3]
-    idx = torch.arange(C, device=x.device)
-    blocks = []
-    for s in range(0, C, 16):
-        e = min(s + 16, C)
-        keep = idx[s:e, None] > idx[None, s:e] if strict else idx[s:e, None] >= idx[None, s:e]
-        diff = Gx[:, :, :, s:e, None, :] - Gy[:, :, :, None, s:e, :]  # (B, H, n, e-s, e-s, K)
-        decay = diff.masked_fill(~keep[..., None], float("-inf")).exp()
-        parts = [(x[:, :, :, s:e, None, :] * y[:, :, :, None, s:e, :] * decay).sum(-1)]
-        if s > 0:
-            ref = Gy[:, :, :, s - 1:s]  # (B, H, n, 1, K)
-            xs = x[:, :, :, s:e] * (Gx[:, :, :, s:e] - ref).exp()  # (B, H, n, e-s, K)
-            ys = y[:, :, :, :s] * (ref - Gy[:, :, :, :s]).exp()  # (B, H, n, s, K)
-            left = xs @ ys.transpose(-1, -2)
-            parts.insert(0, left)
-        blocks.append(F.pad(torch.cat(parts, dim=-1), (0, C - e)))
-    return torch.cat(blocks, dim=3)
 
 
 def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
@@ -117,7 +85,7 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     _check(r, w, k, v, a, b, initial_state)
     B, T, H, K = r.shape
     V = v.shape[3]
-    dt, out_dtype = _compute_dtype(v), v.dtype
+    dt, out_dtype = compute_dtype(v), v.dtype
     C = int(chunk_size)
     n = max(1, -(-T // C))
     pad = n * C - T
@@ -130,8 +98,8 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     r, w, k, v, a, b = chunks(r) * scale, chunks(w), chunks(k), chunks(v), chunks(a), chunks(b)
     G = w.cumsum(3)  # (B, H, n, C, K), decay through token i
     Gp = G - w  # decay through token i-1
-    A_rk, A_rb = _pair_scores(r, k, G, G, False), _pair_scores(r, b, G, G, False)
-    A_ak, A_ab = _pair_scores(a, k, Gp, G, True), _pair_scores(a, b, Gp, G, True)
+    A_rk, A_rb = pair_scores(r, k, G, G, False), pair_scores(r, b, G, G, False)
+    A_ak, A_ab = pair_scores(a, k, Gp, G, True), pair_scores(a, b, Gp, G, True)
     eye = torch.eye(C, dtype=dt, device=r.device)
     X_v = torch.linalg.solve_triangular(eye - A_ab, A_ak @ v, upper=False, unitriangular=True)  # (B, H, n, C, V)
     X_s = torch.linalg.solve_triangular(eye - A_ab, a * Gp.exp(), upper=False, unitriangular=True)  # (B, H, n, C, K)

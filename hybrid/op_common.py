@@ -1,0 +1,43 @@
+"""Pieces shared by the kernel references (op_gdn, op_gla, op_rwkv7).
+
+Imports only torch: export.py copies it, with the op files, beside the exported modeling file.
+"""
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("auto", "recurrent", "chunked", "fla")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (tests), everything else computes in fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def pair_scores(x: torch.Tensor, y: torch.Tensor, Gx: torch.Tensor, Gy: torch.Tensor,
+                 strict: bool) -> torch.Tensor:
+    """sum_d x_id y_jd exp(Gx_id - Gy_jd) for j <= i (j < i if strict), 0 elsewhere.
+
+    x, y, Gx, Gy: (B, H, n, C, K) -> (B, H, n, C, C); Gx_i - Gy_j <= 0 on every kept pair. Rows go
+    in blocks of 16: pairs inside a block use the exact pairwise decay (a (16, 16, K) tensor), pairs
+    with earlier keys j < s factor through the decay at key s-1 as a matmul,
+    (x_i exp(Gx_i - Gy_{s-1})) . (y_j exp(Gy_{s-1} - Gy_j)), where both exponents are <= 0: no
+    overflow, unlike the textbook x exp(G) . y exp(-G).
+    """
+    C = x.shape[3]
+    idx = torch.arange(C, device=x.device)
+    blocks = []
+    for s in range(0, C, 16):
+        e = min(s + 16, C)
+        keep = idx[s:e, None] > idx[None, s:e] if strict else idx[s:e, None] >= idx[None, s:e]
+        diff = Gx[:, :, :, s:e, None, :] - Gy[:, :, :, None, s:e, :]  # (B, H, n, e-s, e-s, K)
+        decay = diff.masked_fill(~keep[..., None], float("-inf")).exp()
+        parts = [(x[:, :, :, s:e, None, :] * y[:, :, :, None, s:e, :] * decay).sum(-1)]
+        if s > 0:
+            ref = Gy[:, :, :, s - 1:s]  # (B, H, n, 1, K)
+            xs = x[:, :, :, s:e] * (Gx[:, :, :, s:e] - ref).exp()  # (B, H, n, e-s, K)
+            ys = y[:, :, :, :s] * (ref - Gy[:, :, :, :s]).exp()  # (B, H, n, s, K)
+            left = xs @ ys.transpose(-1, -2)
+            parts.insert(0, left)
+        blocks.append(F.pad(torch.cat(parts, dim=-1), (0, C - e)))
+    return torch.cat(blocks, dim=3)
