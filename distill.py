@@ -22,6 +22,7 @@ log.txt, metrics.jsonl, ckpt/step_*.pt, ckpt/final_*.pt}.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
 """
 
+import ast
 import json
 import os
 import time
@@ -49,6 +50,7 @@ STAGE = 1                       # 1: attention alignment (MSE per layer) | 2: fu
 TEACHER = "embedded"            # HF id | local HF dir | .gguf | "embedded" (SmolLM2-135M-Instruct)
 DATA_DIR = "data/debian"        # shards from prepare.py
 SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
+MIXER_OPTIONS = "{}"            # mixer keyword options (dict literal): conv_size (gdn), gate_rank (gla), window (swa)
 INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
 RUN_DIR = "runs/distill"
 # Stage 1
@@ -311,7 +313,10 @@ def main():
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, rank, world_size)
     n_layers = teacher.config.num_hidden_layers
     spec = read_spec(SPEC, n_layers)
-    student = build_student(teacher, spec)
+    options = ast.literal_eval(MIXER_OPTIONS)
+    if INIT and not RESUME:  # a student seeded from a checkpoint keeps that checkpoint's mixer shapes
+        options = {**load_checkpoint(INIT)["config"].get("mixer_options", {}), **options}
+    student = build_student(teacher, spec, **options)
     if STAGE == 2 and UNTIE_EMBEDDINGS:
         untie_embeddings(student)
     ckpt = None
@@ -329,7 +334,8 @@ def main():
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "untied": STAGE == 2 and UNTIE_EMBEDDINGS,
+    artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "mixer_options": options,
+                "untied": STAGE == 2 and UNTIE_EMBEDDINGS,
                 "stage": STAGE, "stage1_mode": STAGE1_MODE if STAGE == 1 else None, "resolved": cfg}
     log = RunLogger(RUN_DIR, is_master())
     info = env_info(device, world_size, dtype)

@@ -108,7 +108,7 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
     over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
     seed_all(SEED)  # every candidate starts from the same RNG state
-    student = build_student(ctx["teacher_ref"], spec)
+    student = build_student(ctx["teacher_ref"], spec, **ctx["mixer_options"])
     if ctx["untied"]:
         untie_embeddings(student)
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
@@ -281,7 +281,7 @@ def main():
     teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
         load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
     teacher.to(device=device, dtype=dtype)
-    base = build_student(teacher_ref, stage1_spec)
+    base = build_student(teacher_ref, stage1_spec, **(ccfg.get("mixer_options") or {}))
     if ccfg.get("untied"):
         untie_embeddings(base)
     base.load_state_dict(ckpt["model"], strict=True)
@@ -293,6 +293,7 @@ def main():
     init_run_dir = INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT)))
     ctx = dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
                teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec,
+               mixer_options=dict(ccfg.get("mixer_options") or {}),
                untied=bool(ccfg.get("untied")), candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
                already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX], switcher=switcher,
                val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,

@@ -98,12 +98,13 @@ def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, obj
         if "teacher" not in cfg:
             raise ValueError(f"checkpoint config has no 'teacher' (keys: {sorted(cfg)}); "
                              f"expected a checkpoint written by distill.py or train.py")
-        art = {"teacher": cfg["teacher"], "hybrid_spec": cfg.get("hybrid_spec"), "untied": bool(cfg.get("untied"))}
+        art = {"teacher": cfg["teacher"], "hybrid_spec": cfg.get("hybrid_spec"), "untied": bool(cfg.get("untied")),
+               "mixer_options": dict(cfg.get("mixer_options") or {})}
     else:
         # rank 0 converts/downloads the teacher once; the others find it ready after the barrier
         teacher_dir = resolve_teacher(MODEL) if master else None
         common.barrier()
-        art = {"teacher": teacher_dir or resolve_teacher(MODEL), "hybrid_spec": None, "untied": False}
+        art = {"teacher": teacher_dir or resolve_teacher(MODEL), "hybrid_spec": None, "untied": False, "mixer_options": {}}
     model, tokenizer = load_teacher(art["teacher"], dtype=torch.float32)
     if source is None and INIT == "scratch":
         from transformers import AutoModelForCausalLM
@@ -111,7 +112,7 @@ def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, obj
     if art["hybrid_spec"]:
         from hybrid.surgery import build_student
         art["hybrid_spec"] = list(art["hybrid_spec"])
-        model = build_student(model, art["hybrid_spec"])
+        model = build_student(model, art["hybrid_spec"], **art["mixer_options"])
     if art["untied"]:
         from hybrid.student import untie_embeddings
         untie_embeddings(model)

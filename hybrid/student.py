@@ -1,7 +1,8 @@
 """Students as artifacts: rebuild one from a checkpoint, or seed a new spec from an earlier stage.
 
 A distill/train checkpoint's `config` holds "teacher" (the normalised teacher dir), "hybrid_spec"
-(one mixer name per layer) and "untied" (whether the LM head was untied from the embeddings),
+(one mixer name per layer), "mixer_options" (keyword options of the mixers, e.g. a swa window)
+and "untied" (whether the LM head was untied from the embeddings),
 which is everything needed to rebuild the module tree before loading its `model` state.
 """
 
@@ -64,7 +65,7 @@ def load_student(path: str, device: torch.device | str = "cpu", dtype: torch.dty
         raise ValueError(f"{path}: checkpoint config lacks 'teacher'/'hybrid_spec'; not written by distill.py or train.py")
     teacher, _ = load_teacher(cfg["teacher"], dtype=dtype, device=device, models_dir=models_dir)
     spec = cfg["hybrid_spec"] or ["softmax"] * teacher.config.num_hidden_layers  # train.py on a plain model: None
-    student = build_student(teacher, spec)
+    student = build_student(teacher, spec, **(cfg.get("mixer_options") or {}))
     if cfg.get("untied"):
         untie_embeddings(student)
     load_state_strict(student, ckpt["model"], f"student ({path})")

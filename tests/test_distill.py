@@ -16,7 +16,8 @@ SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAY
                 STAGE2_STEPS=12, LR=1e-2, LR_MIXER=1e-2, WARMUP_STEPS=2, EVAL_BATCHES=2, EVAL_EVERY=6, LOG_EVERY=1,
                 SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, RESUME="", INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
                 TARGET="layer", TRAIN_MLP=False, UNTIE_EMBEDDINGS=False, CE_WEIGHT=0.0, TEMPERATURE=1.0, COMPILE=False,
-                SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337)
+                SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337,
+                MIXER_OPTIONS="{}")
 
 
 def configure(monkeypatch, setup, run_dir, **kw):
@@ -153,3 +154,18 @@ def test_two_processes_match_one(tiny_setup, stage1_run, tmp_path):
     b = [m["loss"] for m in metrics(tmp_path / "two") if "loss" in m]
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
+
+
+def test_mixer_options_travel_with_the_checkpoint(tiny_setup, tmp_path, monkeypatch):
+    """A non-default mixer shape (gdn conv_size 2) is stored in the checkpoint, so every later
+    stage (stage 2 from INIT, load_student, export) rebuilds the same module tree."""
+    configure(monkeypatch, tiny_setup, tmp_path / "s1", STEPS_PER_LAYER=2, MIXER_OPTIONS="{'conv_size': 2}")
+    distill.main()
+    ck = checkpoint.load_checkpoint(str(tmp_path / "s1"))
+    assert ck["config"]["mixer_options"] == {"conv_size": 2}
+    assert ck["model"]["model.layers.0.self_attn.conv_weight"].shape[1] == 2
+    configure(monkeypatch, tiny_setup, tmp_path / "s2", STAGE=2, INIT=str(tmp_path / "s1"), STAGE2_STEPS=2)
+    distill.main()  # would fail to seed (shape mismatch) without the checkpoint's options
+    from hybrid.student import load_student
+    student, _, _ = load_student(str(tmp_path / "s2"))
+    assert student.model.layers[1].self_attn.conv_size == 2
