@@ -24,27 +24,33 @@ teacher)
   ;;
 train)
   S="--teacher=$T --data_dir=$D --eval_batches=16 --log_every=10"
+  [ -n "$X" ] && TR="--seq_len=64 --micro_batch=2 --total_batch_tokens=128 --max_steps=3" || TR="--seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 --max_steps=20"
+  $PY train.py --model=$T --data_dir=$D $TR \
+      --warmup_steps=5 --eval_every=20 --eval_batches=8 --log_every=5 --run_dir=$R/train 2>&1 | tail -8 | tee $R/train.out
   # stage 1, all layers at once: 96 steps x 64k tokens at T=512 (6.3M tokens, every layer sees all of them)
   $PY distill.py --stage=1 --stage1_mode=all $S --seq_len=512 --micro_batch=64 --total_batch_tokens=65536 \
       --stage1_steps=96 --lr=1e-3 --run_dir=$R/s1_all $X 2>&1 | tee $R/s1_all.out | grep -v "^step" || true
+  pack
+  # stage 2, all-GDN from the all-layers stage 1: 40 steps x 64k tokens at T=2048 (measured: 55k tok/s)
+  $PY distill.py --stage=2 --init=$R/s1_all $S --spec=gdn --seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 \
+      --stage2_steps=40 --eval_every=40 --eval_batches=4 --log_every=5 --run_dir=$R/s2_gdn $X 2>&1 | tee $R/s2_gdn.out | tail -14
+  pack
+  # where the time goes: 8 steps, steps 3-7 profiled (bounded: profiling fla's autotuner can be slow)
+  timeout 180 $PY distill.py --stage=2 --init=$R/s1_all $S --spec=gdn --seq_len=2048 --micro_batch=16 \
+      --total_batch_tokens=65536 --stage2_steps=9 --eval_every=100 --save_every=100 --profile=True \
+      --run_dir=$R/s2_profile $X 2>&1 | tail -40 || true
+  pack
   # stage 1, rotation: the same tokens per layer (96 steps x 64k), one layer at a time from a latent cache
   $PY distill.py --stage=1 --stage1_mode=rotation $S --seq_len=512 --micro_batch=64 --total_batch_tokens=65536 \
       --steps_per_layer=96 --latent_cache_tokens=6291456 --lr=1e-3 --run_dir=$R/s1_rot $X 2>&1 | tee $R/s1_rot.out | grep -v "^step" || true
   pack
-  # stage 2, all-GDN from the all-layers stage 1: 120 steps x 64k tokens at T=2048, profiled
-  $PY distill.py --stage=2 --init=$R/s1_all $S --spec=gdn --seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 \
-      --stage2_steps=120 --eval_every=60 --profile=True --run_dir=$R/s2_gdn $X 2>&1 | tee $R/s2_gdn.out | tail -60
-  pack
-  [ -n "$X" ] && TR="--seq_len=64 --micro_batch=2 --total_batch_tokens=128 --max_steps=3" || TR="--seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 --max_steps=20"
-  $PY train.py --model=$T --data_dir=$D $TR \
-      --warmup_steps=5 --eval_every=20 --eval_batches=8 --log_every=5 --run_dir=$R/train 2>&1 | tail -8 | tee $R/train.out
   ;;
 select)
   $PY select_layers.py --init=$R/s1_all --data_dir=$D --methods=ga_s2,zero_shot,halving,early,uniform,mse,ablation \
       --candidate_tokens=524288 --seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --eval_batches=8 \
       --run_dir=$R/select $X 2>&1 | tee $R/select.out | grep -v "step 0" || true
   pack
-  S="--teacher=$T --data_dir=$D --init=$R/s1_all --seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 --stage2_steps=120 --eval_every=120 --eval_batches=16"
+  S="--teacher=$T --data_dir=$D --init=$R/s1_all --seq_len=2048 --micro_batch=16 --total_batch_tokens=65536 --stage2_steps=40 --eval_every=40 --eval_batches=4"  # same budget as s2_gdn
   $PY distill.py --stage=2 $S --spec=$R/select/selection.json --run_dir=$R/s2_gas2 $X 2>&1 | tail -4 | tee $R/s2_gas2.out
   U=$($PY -c "import json; s=json.load(open('$R/select/selection.json')); print(','.join(map(str, s['methods']['uniform']['top'][str(s['k_fraction'])])))")
   $PY distill.py --stage=2 $S --spec="gdn;softmax=$U" \
