@@ -16,7 +16,7 @@ import torch
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # per process: two writers of one path must not share a temp file
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

@@ -118,7 +118,9 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
         box = [done]
         dist.broadcast_object_list(box, src=0)
         done = box[0]
-    pending = [(name, fn) for name, fn in jobs if name not in done]
+    # one run per name: the same job listed twice (two methods choosing the same set) would otherwise
+    # go to two ranks, which then race to rename the same .tmp file
+    pending = list({name: (name, fn) for name, fn in jobs if name not in done}.values())
     mine = {}
     for name, fn in pending[rank::world_size]:
         t0 = time.time()

@@ -217,7 +217,8 @@ def _cli(planted, run_dir, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "select_layers.py"]
     out = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    errors = "\n".join(line for line in out.stderr.splitlines() if "[rank1]" in line or "Error" in line)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + "\nerror lines:\n" + errors[-4000:]
     with open(run_dir / "selection.json") as f:
         return json.load(f)
 
