@@ -313,22 +313,20 @@ def main():
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, rank, world_size)
     n_layers = teacher.config.num_hidden_layers
     spec = read_spec(SPEC, n_layers)
-    options = ast.literal_eval(MIXER_OPTIONS)
-    if INIT and not RESUME:  # a student seeded from a checkpoint keeps that checkpoint's mixer shapes
-        options = {**load_checkpoint(INIT)["config"].get("mixer_options", {}), **options}
+    resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
+    source = load_checkpoint(resume or INIT) if (resume or INIT) else None  # the run resumed, or the seed
+    # a student built from a checkpoint keeps its mixer shapes; MIXER_OPTIONS may add to them
+    options = {**((source or {}).get("config", {}).get("mixer_options") or {}), **ast.literal_eval(MIXER_OPTIONS)}
     student = build_student(teacher, spec, **options)
     if STAGE == 2 and UNTIE_EMBEDDINGS:
         untie_embeddings(student)
-    ckpt = None
-    resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
+    ckpt = source if resume else None
     if resume:
-        ckpt = load_checkpoint(resume)
         load_state_strict(student, ckpt["model"], f"student ({resume})")
         set_rng_state(ckpt["rng"])
         print0(f"resuming from {resume} (step {ckpt['step']})")
     elif INIT:
-        init = load_checkpoint(INIT)
-        seeded = seed_from(student, init["model"], init["config"]["hybrid_spec"], spec)
+        seeded = seed_from(student, source["model"], source["config"]["hybrid_spec"], spec)
         print0(f"seeded layers {seeded} from {INIT}")
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
