@@ -65,7 +65,7 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         o_i = scale * ((q_i * exp(G_i))^T S_0 + sum_{j<=i} [sum_d q_id k_jd exp(G_id - G_jd)] v_j)
         S_C = diag(exp(G_C)) S_0 + sum_j (k_j * exp(G_C - G_j)) v_j^T
     The intra-chunk scores never use the overflowing q*exp(G) . k*exp(-G) factorisation: see
-    _pair_scores (exact decays inside 16-token blocks, a safe matmul across blocks). T need not
+    op_common.pair_scores (exact decays inside 16-token blocks, a safe matmul across blocks). T need not
     be a multiple of C: the tail is padded with g = 0, k = 0, which leaves the state untouched.
     """
     _check(q, k, v, g, initial_state)
