@@ -79,7 +79,7 @@ def state_bytes(model, B: int, ctx: int) -> int:
         if mixer == "softmax":
             total += kv * ctx * B
         elif mixer == "swa":
-            total += kv * min(ctx, getattr(cfg, "swa_window", 512)) * B
+            total += kv * min(ctx, (getattr(cfg, "hybrid_options", None) or {}).get("window", 512)) * B
         else:  # recurrent state (B, H, K, V) fp32
             total += cfg.num_attention_heads * head_dim * head_dim * 4 * B
     return total
