@@ -169,3 +169,25 @@ def test_mixer_options_travel_with_the_checkpoint(tiny_setup, tmp_path, monkeypa
     from hybrid.student import load_student
     student, _, _ = load_student(str(tmp_path / "s2"))
     assert student.model.layers[1].self_attn.conv_size == 2
+
+
+def test_rotation_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    """Killed after its second layer, a resumed rotation rebuilds the latent cache from the saved
+    loader position and ends with the same weights as the uninterrupted run (stage1_run)."""
+    configure(monkeypatch, tiny_setup, tmp_path)
+    real = distill.save_checkpoint
+
+    def save_then_die(run_dir, step, state, **kw):
+        real(run_dir, step, state, **kw)
+        if step == 2:
+            raise Killed
+    monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        distill.main()
+    monkeypatch.setattr(distill, "save_checkpoint", real)
+    monkeypatch.setattr(distill, "RESUME", "auto")
+    distill.main()
+    a, b = checkpoint.load_checkpoint(stage1_run)["model"], checkpoint.load_checkpoint(str(tmp_path))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    trained = [m["layer"] for m in metrics(tmp_path) if "loss" in m]  # both runs append to one metrics.jsonl
+    assert [trained.count(i) for i in range(4)] == [SETTINGS["STEPS_PER_LAYER"]] * 4  # layers 0, 1 not redone
