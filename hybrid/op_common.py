@@ -1,12 +1,43 @@
 """Pieces shared by the kernel references (op_gdn, op_gla, op_rwkv7).
 
-Imports only torch: export.py copies it, with the op files, beside the exported modeling file.
+Imports only torch and the stdlib: export.py copies it, with the op files, beside the exported
+modeling file.
 """
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 IMPLS = ("auto", "recurrent", "chunked", "fla")
+_warned_no_fla: set[str] = set()
+
+
+def fla_kernels(op: str, x: torch.Tensor, impl: str, load) -> tuple | None:
+    """The fla kernels `load()` (no arguments) returns when they should run, else None (use the torch forms).
+
+    impl "auto": fla for CUDA/ROCm tensors when it imports (one warning per op when it does not);
+    "fla": fla or an error (CPU tensors, or fla missing). "recurrent"/"chunked" never get here.
+    """
+    if impl != "fla" and not x.is_cuda:
+        return None
+    if not x.is_cuda:
+        raise ValueError(f"{op}: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
+                         "use impl='auto' or 'chunked'")
+    try:
+        return load()
+    except ImportError as e:
+        if impl == "fla":
+            raise ImportError(f"{op}: impl='fla' needs flash-linear-attention; "
+                              "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
+        if op not in _warned_no_fla:
+            warnings.warn(f"fla not importable ({e}); using the torch chunked {op} on GPU (slow)")
+            _warned_no_fla.add(op)
+        return None
+
+
+def needs_grad(*xs: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -19,15 +19,10 @@ This file imports only torch (fla lazily, for CUDA tensors) and nothing from the
 package: export.py copies it beside the exported modeling file.
 """
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype
-
-_warned_no_fla = False
-
+from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad
 
 def _check(q, k, v, g, beta, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
@@ -165,7 +160,7 @@ def _pad_k(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     chunk_o.TRITON_ABOVE_3_7_1 = True
     K = q.shape[-1]
     pad = (0, 128 - K)
-    return torch.nn.functional.pad(q, pad), torch.nn.functional.pad(k, pad), K
+    return F.pad(q, pad), F.pad(k, pad), K
 
 
 def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -178,47 +173,32 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     for training on Hopper with Triton < 3.7.1, see _pad_k); on CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
     force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
     """
-    global _warned_no_fla
     if impl not in IMPLS:
         raise ValueError(f"gdn: impl={impl!r}; expected one of {IMPLS}")
     if impl == "recurrent":
         return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
     if impl == "chunked":
         return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
-    use_fla = impl == "fla" or q.is_cuda
-    if use_fla:
-        if not q.is_cuda:
-            raise ValueError("gdn: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
-                             "use impl='auto' or 'chunked'")
-        try:
-            chunk_fn, recurrent_fn = _fla()
-        except ImportError as e:
-            if impl == "fla":
-                raise ImportError("gdn: impl='fla' needs flash-linear-attention; "
-                                  "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
-            if not _warned_no_fla:
-                warnings.warn(f"fla not importable ({e}); using the torch chunked GDN on GPU (slow)")
-                _warned_no_fla = True
-            use_fla = False
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
-    if not use_fla:
+    kernels = fla_kernels("GDN", q, impl, _fla)
+    grad = needs_grad(q, k, v, g, beta, initial_state)
+    if kernels is None:
         if q.shape[1] == 1:
             return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
         return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
+    chunk_fn, recurrent_fn = kernels
     _check(q, k, v, g, beta, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # one dtype for q/k/v: under autocast F.normalize returns fp32 q/k beside bf16 v, which fla's dots reject
     q, k, v, g, beta = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, g, beta))
-    if q.shape[1] == 1 and not needs_grad:
+    if q.shape[1] == 1 and not grad:
         return recurrent_fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0,
                             output_final_state=output_final_state)
     K = q.shape[-1]
-    if needs_grad and _fla_hopper_bug() and 32 < K < 128:
+    if grad and _fla_hopper_bug() and 32 < K < 128:
         scale = K ** -0.5 if scale is None else scale
         q, k, K = _pad_k(q, k)
         if h0 is not None:  # the state's padded rows are zero and stay zero (k is zero there)
-            h0 = torch.nn.functional.pad(h0, (0, 0, 0, 128 - K))
+            h0 = F.pad(h0, (0, 0, 0, 128 - K))
         o, S = chunk_fn(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)
         return o, (S[:, :, :K] if S is not None else None)
     return chunk_fn(q, k, v, g, beta, scale=scale, initial_state=h0, output_final_state=output_final_state)

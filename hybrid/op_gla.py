@@ -12,15 +12,10 @@ This file imports only torch (fla lazily, for CUDA tensors) and nothing from the
 package: export.py copies it beside the exported modeling file.
 """
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype, pair_scores
-
-_warned_no_fla = False
-
+from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad, pair_scores
 
 def _check(q, k, v, g, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -115,37 +110,22 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     decode step without autograd); on CPU the recurrent loop for T == 1 and the chunked form
     otherwise. "recurrent" | "chunked" force a torch path, "fla" forces fla.
     """
-    global _warned_no_fla
     if impl not in IMPLS:
         raise ValueError(f"gla: impl={impl!r}; expected one of {IMPLS}")
     if impl == "recurrent":
         return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
     if impl == "chunked":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
-    use_fla = impl == "fla" or q.is_cuda
-    if use_fla:
-        if not q.is_cuda:
-            raise ValueError("gla: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
-                             "use impl='auto' or 'chunked'")
-        try:
-            chunk_fn, recurrent_fn = _fla()
-        except ImportError as e:
-            if impl == "fla":
-                raise ImportError("gla: impl='fla' needs flash-linear-attention; "
-                                  "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
-            if not _warned_no_fla:
-                warnings.warn(f"fla not importable ({e}); using the torch chunked GLA on GPU (slow)")
-                _warned_no_fla = True
-            use_fla = False
-    if not use_fla:
+    kernels = fla_kernels("GLA", q, impl, _fla)
+    if kernels is None:
         if q.shape[1] == 1:
             return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
+    chunk_fn, recurrent_fn = kernels
     _check(q, k, v, g, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, initial_state))
+    grad = needs_grad(q, k, v, g, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # chunk_gla asserts fp32
     q, k, v, g = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, g))  # one dtype for fla's dots
-    if q.shape[1] == 1 and not needs_grad:
+    if q.shape[1] == 1 and not grad:
         return recurrent_fn(q, k, v, gk=g, scale=scale, initial_state=h0, output_final_state=output_final_state)
     return chunk_fn(q, k, v, g, scale=scale, initial_state=h0, output_final_state=output_final_state)

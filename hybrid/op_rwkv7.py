@@ -26,10 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype, pair_scores
-
-_warned_no_fla = False
-
+from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad, pair_scores
 
 def _check(r, w, k, v, a, b, initial_state) -> None:
     if r.dim() != 4 or any(x.shape != r.shape for x in (w, k, a, b)) or v.dim() != 4 or v.shape[:3] != r.shape[:3]:
@@ -136,38 +133,23 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     decode step without autograd); on CPU the recurrent loop for T == 1 and the chunked form
     otherwise. "recurrent" | "chunked" force a torch path, "fla" forces fla.
     """
-    global _warned_no_fla
     if impl not in IMPLS:
         raise ValueError(f"rwkv7: impl={impl!r}; expected one of {IMPLS}")
     if impl == "recurrent":
         return rwkv7_recurrent(r, w, k, v, a, b, scale, initial_state, output_final_state)
     if impl == "chunked":
         return rwkv7_chunked(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    use_fla = impl == "fla" or r.is_cuda
-    if use_fla:
-        if not r.is_cuda:
-            raise ValueError("rwkv7: impl='fla' needs CUDA/ROCm tensors (fla's Triton kernels do not run on CPU); "
-                             "use impl='auto' or 'chunked'")
-        try:
-            chunk_fn, recurrent_fn = _fla()
-        except ImportError as e:
-            if impl == "fla":
-                raise ImportError("rwkv7: impl='fla' needs flash-linear-attention; "
-                                  "pip install flash-linear-attention==0.6.0 fla-core==0.6.0 packaging") from e
-            if not _warned_no_fla:
-                warnings.warn(f"fla not importable ({e}); using the torch chunked RWKV-7 on GPU (slow)")
-                _warned_no_fla = True
-            use_fla = False
-    if not use_fla:
+    kernels = fla_kernels("RWKV-7", r, impl, _fla)
+    if kernels is None:
         if r.shape[1] == 1:
             return rwkv7_recurrent(r, w, k, v, a, b, scale, initial_state, output_final_state)
         return rwkv7_chunked(r, w, k, v, a, b, scale, initial_state, output_final_state)
+    chunk_fn, recurrent_fn = kernels
     _check(r, w, k, v, a, b, initial_state)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, w, k, v, a, b, initial_state))
+    grad = needs_grad(r, w, k, v, a, b, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
-    if r.shape[1] == 1 and not needs_grad:
+    if r.shape[1] == 1 and not grad:
         return recurrent_fn(r, w, k, v, a, b, scale=scale, initial_state=h0, output_final_state=output_final_state)
     with warnings.catch_warnings():  # fla warns that fp32 "is not supported on some platforms"; it runs on CUDA
         warnings.filterwarnings("ignore", message=".*does not support float32.*")
