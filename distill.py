@@ -42,7 +42,8 @@ from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import build_student, mixer_parameters, parse_spec
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps
+from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
+                               set_lr)
 
 # -----------------------------------------------------------------------------
 # What to distill
@@ -157,8 +158,7 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
         for step in range(STEPS_PER_LAYER):
             t1 = time.time()
             lr = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr, LR)
             loss_sum = torch.zeros((), device=ctx["device"])
             for micro in range(ctx["accum"]):
                 idx = (step * ctx["accum"] + micro) % len(cache)
@@ -211,8 +211,7 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
     for step in range(start, STAGE1_STEPS):
         t1 = time.time()
         lr = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr, LR)
         loss_sum = torch.zeros((), device=ctx["device"])
         for _ in range(ctx["accum"]):
             loss = mean_loss(loader.next_batch()[0]) / ctx["accum"]
@@ -259,8 +258,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
             prof = None
         t1 = time.time()
         scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
+        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
         loss_sum = accumulate_kl(model, teacher, loader, ctx["accum"], ctx["device"], ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
         opt.step()

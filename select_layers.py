@@ -51,7 +51,7 @@ from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batch
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import SOFTMAX, build_student
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps
+from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps, set_lr
 
 # -----------------------------------------------------------------------------
 # Inputs and outputs
@@ -122,8 +122,7 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     for step in range(steps):
         t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * scale
+        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
         loss_sum = accumulate_kl(model, teacher, loader, accum, ctx["device"], ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
         opt.step()

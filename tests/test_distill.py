@@ -113,16 +113,13 @@ class Killed(Exception):
     pass
 
 
-def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, monkeypatch):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    configure(monkeypatch, tiny_setup, full, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
-    distill.main()
-    configure(monkeypatch, tiny_setup, killed, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
+def kill_then_resume(monkeypatch, at_step: int) -> None:
+    """distill.main() until the checkpoint of `at_step` is on disk, killed there, then RESUME=auto."""
     real = distill.save_checkpoint
 
     def save_then_die(run_dir, step, state, **kw):
         real(run_dir, step, state, **kw)
-        if step == 3:
+        if step == at_step:
             raise Killed
     monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
@@ -130,6 +127,14 @@ def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, m
     monkeypatch.setattr(distill, "save_checkpoint", real)
     monkeypatch.setattr(distill, "RESUME", "auto")
     distill.main()
+
+
+def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    configure(monkeypatch, tiny_setup, full, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
+    distill.main()
+    configure(monkeypatch, tiny_setup, killed, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3, EVAL_EVERY=100)
+    kill_then_resume(monkeypatch, at_step=3)
     a = {m["step"]: m["loss"] for m in metrics(full) if "loss" in m}
     b = {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
     assert a == b  # bit-exact, every step
@@ -175,18 +180,7 @@ def test_rotation_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path,
     """Killed after its second layer, a resumed rotation rebuilds the latent cache from the saved
     loader position and ends with the same weights as the uninterrupted run (stage1_run)."""
     configure(monkeypatch, tiny_setup, tmp_path)
-    real = distill.save_checkpoint
-
-    def save_then_die(run_dir, step, state, **kw):
-        real(run_dir, step, state, **kw)
-        if step == 2:
-            raise Killed
-    monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        distill.main()
-    monkeypatch.setattr(distill, "save_checkpoint", real)
-    monkeypatch.setattr(distill, "RESUME", "auto")
-    distill.main()
+    kill_then_resume(monkeypatch, at_step=2)
     a, b = checkpoint.load_checkpoint(stage1_run)["model"], checkpoint.load_checkpoint(str(tmp_path))["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     trained = [m["layer"] for m in metrics(tmp_path) if "loss" in m]  # both runs append to one metrics.jsonl
