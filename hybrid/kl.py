@@ -3,6 +3,7 @@
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .losses import chunked_distill_loss
@@ -60,16 +61,19 @@ def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def top1_matches(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor,
-                 chunk_tokens: int = 4096) -> torch.Tensor:
-    """Count of tokens where the student's argmax next token equals the teacher's, chunked over tokens."""
-    h_s, h_t = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1])
-    hits = torch.zeros((), dtype=torch.long, device=h_s.device)
+def logit_stats(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, y: torch.Tensor,
+                chunk_tokens: int = 4096) -> torch.Tensor:
+    """Means over tokens of [KL(teacher || student), student CE, teacher CE, top-1 agreement], from
+    hidden states (B, T, C) and LM heads (V, C), each logit chunk built once. y (B, T) next ids."""
+    h_s, h_t, y = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1]), y.reshape(-1)
+    sums = torch.zeros(4, dtype=torch.float32, device=h_s.device)
     for i in range(0, h_s.shape[0], chunk_tokens):
-        a = (h_s[i:i + chunk_tokens] @ w_s.to(h_s.dtype).t()).argmax(-1)
-        b = (h_t[i:i + chunk_tokens] @ w_t.to(h_t.dtype).t()).argmax(-1)
-        hits += (a == b).sum()
-    return hits
+        log_ps = F.log_softmax((h_s[i:i + chunk_tokens] @ w_s.to(h_s.dtype).t()).float(), dim=-1)
+        log_pt = F.log_softmax((h_t[i:i + chunk_tokens] @ w_t.to(h_t.dtype).t()).float(), dim=-1)
+        tgt = y[i:i + chunk_tokens, None]
+        sums += torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt).sum(),
+                             -log_pt.gather(1, tgt).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
+    return sums / h_s.shape[0]
 
 
 @torch.no_grad()
@@ -79,23 +83,18 @@ def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: t
     (x, y); averaged over ranks when reduce=True (set False when each rank scores its own model)."""
     was_training = student.training
     student.eval()
-    kl = ce_s = ce_t = hits = 0.0
+    total = torch.zeros(4, device=device)
     w_t = teacher.lm_head.weight
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         h_t = teacher_hidden(teacher, x)
         with autocast:
             h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
-        _, parts = chunked_distill_loss(h_s, student.lm_head.weight.detach(), h_t, w_t, targets=y, ce_weight=1.0,
-                                        chunk_tokens=chunk_tokens)
-        _, tparts = chunked_distill_loss(h_t, w_t, h_t, w_t, targets=y, ce_weight=1.0, chunk_tokens=chunk_tokens)
-        kl, ce_s, ce_t = kl + parts["kl"], ce_s + parts["ce"], ce_t + tparts["ce"]
-        hits = hits + top1_matches(h_s, student.lm_head.weight, h_t, w_t, chunk_tokens).float() / x.numel()
+        total += logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens)
     student.train(was_training)
-    n = len(batches)
-    vals = [(v / n) for v in (kl, ce_s, ce_t, hits)]
+    total /= len(batches)
     if reduce:
-        vals = [all_mean(v) for v in vals]
-    kl, ce_s, ce_t, top1 = (float(v) for v in vals)
+        total = all_mean(total)
+    kl, ce_s, ce_t, top1 = total.tolist()
     return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp()),
             "top1_agreement": top1}
