@@ -82,8 +82,12 @@ def test_left_padded_batch_through_a_hybrid(attn_impl):
         padded = student(x, attention_mask=mask, position_ids=pos).logits
         row0 = student(x[:1, P:]).logits
         row1 = student(x[1:]).logits
-    torch.testing.assert_close(padded[0, P:], row0[0], atol=1e-9, rtol=0)
-    torch.testing.assert_close(padded[1], row1[0], atol=1e-9, rtol=0)
+    # HF's eager attention takes its softmax in float32 even for float64 models, so its own padded
+    # and unpadded rows agree only to float32 rounding (~1e-9 on the teacher alone); a pad leaking
+    # into a linear mixer's state moves these logits by ~0.5.
+    atol = 1e-9 if attn_impl == "sdpa" else 1e-6
+    torch.testing.assert_close(padded[0, P:], row0[0], atol=atol, rtol=0)
+    torch.testing.assert_close(padded[1], row1[0], atol=atol, rtol=0)
 
 
 def test_parse_spec_forms_and_errors():
