@@ -30,11 +30,10 @@ import time
 
 import torch
 
-from hybrid.checkpoint import load_checkpoint, load_state_strict
+from hybrid.checkpoint import load_state_strict
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.student import untie_embeddings
-from hybrid.surgery import build_student, decoder_layers
-from hybrid.teacher import load_teacher
+from hybrid.student import load_student
+from hybrid.surgery import decoder_layers, model_spec
 
 # -----------------------------------------------------------------------------
 # What to export
@@ -56,25 +55,10 @@ _REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mi
 
 
 def student_from_checkpoint(path: str, teacher: str = "", models_dir: str = "models"):
-    """-> (student in float32 on CPU, tokenizer, spec, options). The checkpoint's config must hold
-    "teacher" and "hybrid_spec" (every distill.py / train.py checkpoint does)."""
-    ckpt = load_checkpoint(path)
-    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
-    missing = [k for k in ("teacher", "hybrid_spec") if not isinstance(cfg, dict) or k not in cfg]
-    if missing or "model" not in ckpt:
-        raise ValueError(f"{path}: not a student checkpoint: its config lacks {missing or ['model']}; expected one "
-                         "written by distill.py or train.py ({'model', 'config': {'teacher', 'hybrid_spec', ...}})")
-    teacher_dir = teacher or cfg["teacher"]
-    if not os.path.isdir(teacher_dir):
-        raise FileNotFoundError(f"{path}: its teacher folder {teacher_dir!r} does not exist here; pass "
-                                "--teacher=<HF folder of the same teacher> (or run prepare/distill on this machine)")
-    options = dict(cfg.get("mixer_options") or {})
-    teacher_model, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu", models_dir=models_dir)
-    student = build_student(teacher_model, cfg["hybrid_spec"], **options)
-    if cfg.get("untied"):
-        untie_embeddings(student)
-    load_state_strict(student, ckpt["model"], f"student ({path})")
-    return student.eval(), tokenizer, list(cfg["hybrid_spec"]), options
+    """-> (student in float32 on CPU, tokenizer, spec, options), through hybrid.student.load_student."""
+    student, tokenizer, ckpt = load_student(path, teacher=teacher, models_dir=models_dir)
+    cfg = ckpt["config"]
+    return student, tokenizer, model_spec(student), dict(cfg.get("mixer_options") or {})
 
 
 def print_weight_map(student) -> None:

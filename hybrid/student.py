@@ -6,6 +6,7 @@ and "untied" (whether the LM head was untied from the embeddings),
 which is everything needed to rebuild the module tree before loading its `model` state.
 """
 
+import os
 import re
 
 import torch
@@ -56,17 +57,24 @@ def seed_from(student: nn.Module, state: dict, state_spec: list[str], spec: list
 
 
 def load_student(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 models_dir: str = "models") -> tuple[nn.Module, nn.Module, dict]:
-    """Checkpoint (.pt or run dir) -> (student, teacher, checkpoint). The teacher is loaded too:
-    its weights are the student's backbone before the state dict lands, and callers usually need it."""
+                 models_dir: str = "models", teacher: str = "") -> tuple[nn.Module, object, dict]:
+    """Checkpoint (.pt or run dir) -> (student in eval mode, the teacher's tokenizer, checkpoint).
+
+    The student is rebuilt on the teacher's weights (its backbone) before the state dict lands;
+    `teacher` overrides the teacher folder recorded in the checkpoint (e.g. on another machine)."""
     ckpt = load_checkpoint(path)
-    cfg = ckpt.get("config", {})
-    if "teacher" not in cfg or "hybrid_spec" not in cfg:
-        raise ValueError(f"{path}: checkpoint config lacks 'teacher'/'hybrid_spec'; not written by distill.py or train.py")
-    teacher, _ = load_teacher(cfg["teacher"], dtype=dtype, device=device, models_dir=models_dir)
-    spec = cfg["hybrid_spec"] or ["softmax"] * teacher.config.num_hidden_layers  # train.py on a plain model: None
-    student = build_student(teacher, spec, **(cfg.get("mixer_options") or {}))
+    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    missing = [k for k in ("teacher", "hybrid_spec") if not isinstance(cfg, dict) or k not in cfg]
+    if missing or "model" not in ckpt:
+        raise ValueError(f"{path}: not a student checkpoint: its config lacks {missing or ['model']}; expected one "
+                         "written by distill.py or train.py ({'model', 'config': {'teacher', 'hybrid_spec', ...}})")
+    if not teacher and not os.path.isdir(cfg["teacher"]):
+        raise FileNotFoundError(f"{path}: its teacher folder {cfg['teacher']!r} does not exist here; pass "
+                                "--teacher=<HF folder of the same teacher> (or run prepare/distill on this machine)")
+    base, tokenizer = load_teacher(teacher or cfg["teacher"], dtype=dtype, device="cpu", models_dir=models_dir)
+    spec = cfg["hybrid_spec"] or ["softmax"] * base.config.num_hidden_layers  # train.py on a plain model: None
+    student = build_student(base, spec, **(cfg.get("mixer_options") or {}))
     if cfg.get("untied"):
         untie_embeddings(student)
     load_state_strict(student, ckpt["model"], f"student ({path})")
-    return student.to(device), teacher, ckpt
+    return student.to(device).eval(), tokenizer, ckpt
