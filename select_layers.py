@@ -44,9 +44,9 @@ from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
 from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
-from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, plot_selection, rank_layers,
-                              run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers, val_kl,
-                              with_softmax)
+from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
+                              rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
+                              val_kl, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import SOFTMAX, build_student
@@ -62,7 +62,7 @@ RUN_DIR = "runs/select"
 # What to measure
 METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation"  # comma list, any subset
 PRIMARY = "ga_s2"               # the method chosen_spec follows and the others are compared with
-CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer) or "0,4,8"
+CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer), "spread:N" or "0,4,8"
 KS = [4, 8]                     # numbers of softmax layers to report a choice (and Jaccard) for
 FRACTION = 0.25                 # softmax fraction of all layers for chosen_spec (30 layers -> 8)
 CANDIDATE_TOKENS = 2**22        # stage-2 tokens per GA-S2 candidate
@@ -96,7 +96,7 @@ RESULT_KEY = ("INIT", "TEACHER", "DATA_DIR", "CANDIDATE_TOKENS", "SEQ_LEN", "MIC
 
 def smoke_settings(g: dict) -> None:
     g.update(SEQ_LEN=64, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, CANDIDATE_TOKENS=128 * 8, EVAL_BATCHES=2, LOG_EVERY=4,
-             CANDIDATES="0,1,2,3", KS=[1, 2], WARMUP_STEPS=1)
+             CANDIDATES="spread:4", KS=[1, 2], FRACTION=0.07, WARMUP_STEPS=1)  # 30 layers: 2 chosen of 4
 
 
 def log_line(label, step, total, loss, lr, dt, tokens):
@@ -268,7 +268,7 @@ def main():
     check_tokenizer(load_manifest(DATA_DIR), tokenizer, DATA_DIR)
     n_layers = teacher_ref.config.num_hidden_layers
     linear = [i for i, m in enumerate(stage1_spec) if m != SOFTMAX]
-    candidates = linear if CANDIDATES == "all" else sorted({int(x) for x in str(CANDIDATES).split(",") if x})
+    candidates = parse_candidates(CANDIDATES, linear)
     if not set(candidates) <= set(linear):
         raise ValueError(f"--candidates={CANDIDATES}: layers {sorted(set(candidates) - set(linear))} are softmax or "
                          f"out of range in the stage-1 spec of {INIT} ({n_layers} layers, linear: {linear})")

@@ -64,6 +64,24 @@ def uniform_layers(candidates: list[int], k: int) -> list[int]:
     return sorted({candidates[min(n - 1, int((j + 0.5) * n / k))] for j in range(k)})
 
 
+def parse_candidates(text: str, linear: list[int]) -> list[int]:
+    """--candidates -> sorted layer indices: "all" (every linear layer), "spread:N" (N linear layers
+    spread evenly over depth, as uniform_layers, or all of them if fewer: a cheap first pass) or a
+    comma list "0,4,8"."""
+    text = str(text).strip()
+    if text == "all":
+        return list(linear)
+    if text.startswith("spread:"):
+        n = text[len("spread:"):]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--candidates={text}: N in spread:N must be a positive integer")
+        return uniform_layers(linear, min(int(n), len(linear)))
+    try:
+        return sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ValueError(f"--candidates={text}: expected 'all', 'spread:N' or layer indices like '0,4,8'") from None
+
+
 def halving_schedule(n: int, full_steps: int, budget_frac: float) -> list[tuple[int, int]]:
     """Successive halving: [(n_candidates, steps)] per round, n halving (rounded up) and steps
     doubling each round until 2 are left, the first round's steps chosen so that the total is at

@@ -12,8 +12,8 @@ import torch
 
 import select_layers
 from hybrid.checkpoint import atomic_torch_save
-from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, rank_layers, teacher_targets,
-                              uniform_layers, val_kl, with_softmax)
+from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, rank_layers,
+                              teacher_targets, uniform_layers, val_kl, with_softmax)
 from hybrid.shards import val_batches
 from hybrid.student import seed_from
 from hybrid.surgery import build_student
@@ -190,6 +190,13 @@ def test_rankings_halving_and_jaccard():
     assert uniform_layers(list(range(30)), 4) == [3, 11, 18, 26]
     assert uniform_layers(list(range(30)), 8) == [1, 5, 9, 13, 16, 20, 24, 28]
     assert jaccard([1, 2], [2, 3]) == pytest.approx(1 / 3) and jaccard([], []) == 1.0
+    linear = [0, 1, 3, 4, 5, 7]  # layers 2 and 6 already softmax
+    assert parse_candidates("all", linear) == linear
+    assert parse_candidates("spread:3", linear) == [1, 4, 7] and parse_candidates("spread:9", linear) == linear
+    assert parse_candidates("5, 1", linear) == [1, 5]
+    for bad in ("spread:0", "spread:x", "first"):
+        with pytest.raises(ValueError, match="--candidates"):
+            parse_candidates(bad, linear)
     for n, full in ((30, 128), (4, 8), (24, 64)):
         sched = halving_schedule(n, full, 0.33)
         assert sched[0][0] == n and sched[-1][0] == 2
