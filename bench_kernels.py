@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from hybrid.checkpoint import atomic_write_bytes
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.op_gdn import gdn, gdn_chunked
-from hybrid.op_gla import gla, gla_chunked
-from hybrid.op_rwkv7 import rwkv7, rwkv7_chunked
+from hybrid.model.op_gdn import gdn, gdn_chunked
+from hybrid.model.op_gla import gla, gla_chunked
+from hybrid.model.op_rwkv7 import rwkv7, rwkv7_chunked
 
 # -----------------------------------------------------------------------------
 # Shapes (SmolLM2-135M: 9 heads of 64)
@@ -237,7 +237,7 @@ def bench_big_shape(have_fla: bool) -> None:
             rows.append(("fla chunk_gated_delta_rule (raw)",
                          timed(lambda: chunk_gated_delta_rule(*(x[n] for n in ("q", "k", "v", "g", "beta"))),
                                REPS, WARMUP)))
-            rows.append(("hybrid.op_gdn.gdn (dispatcher -> fla)", timed(lambda: gdn(**x), REPS, WARMUP)))
+            rows.append(("hybrid.model.op_gdn.gdn (dispatcher -> fla)", timed(lambda: gdn(**x), REPS, WARMUP)))
     qkv = {n: torch.randn(B, HEADS, T, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for n in "qkv"}
     with torch.no_grad():
         rows.append(("SDPA causal (same B, H, T, D)", timed(lambda: sdpa(**qkv), REPS, WARMUP)))
@@ -257,9 +257,9 @@ def bench_mixer(have_fla: bool) -> None:
         from transformers import LlamaConfig
         from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-        from hybrid.mixers import MIXERS, build_mixer
+        from hybrid.model.mixers import MIXERS, build_mixer
         if "gdn" not in MIXERS:
-            raise ImportError(f"hybrid.mixers.MIXERS has no 'gdn' (has {sorted(MIXERS)})")
+            raise ImportError(f"hybrid.model.mixers.MIXERS has no 'gdn' (has {sorted(MIXERS)})")
     except ImportError as e:
         emit(f"skipped: {e}")
         emit()

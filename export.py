@@ -7,7 +7,7 @@ student, and writes OUT_DIR/ with
                          model_type "hybrid" and auto_map (AutoConfig, AutoModelForCausalLM)
   model.safetensors      the student's weights in DTYPE, under the teacher's own names
   generation_config.json, tokenizer files (the teacher's)
-  modeling_hybrid.py     the HF wrapper + HybridCache (hybrid/modeling_hybrid.py), and, copied
+  modeling_hybrid.py     the HF wrapper + HybridCache (hybrid/model/modeling_hybrid.py), and, copied
   mixers.py ...          verbatim, every file it imports relatively (mixers.py, mixer_base.py,
   op_*.py                op_gdn.py, ...): one source of truth for every mixer
 then reloads the folder with AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
@@ -49,7 +49,7 @@ GENERATE_TOKENS = 8             # greedy tokens whose cached decoding must equal
 # -----------------------------------------------------------------------------
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "modeling_hybrid.py")
+_MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "model", "modeling_hybrid.py")
 _AUTO_MAP = {"AutoConfig": "modeling_hybrid.HybridConfig", "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM"}
 _REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py")
 
@@ -79,7 +79,7 @@ def print_weight_map(student) -> None:
 
 def hybrid_model(student, spec: list[str], options: dict):
     """The HF HybridForCausalLM holding the student's weights (float32)."""
-    from hybrid.modeling_hybrid import HybridConfig, HybridForCausalLM
+    from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
     config = HybridConfig.from_teacher(student.config, spec, options)
     config.auto_map = dict(_AUTO_MAP)
     config.architectures = ["HybridForCausalLM"]

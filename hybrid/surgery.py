@@ -15,9 +15,8 @@ import copy
 
 from torch import nn
 
-from .mixers import MIXERS, build_mixer
+from .model.spec import SOFTMAX, install_mixers, parse_spec  # noqa: F401  (parse_spec re-exported)
 
-SOFTMAX = "softmax"
 SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm) style decoders"
 LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
 
@@ -32,54 +31,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         raise ValueError(f"{type(model).__name__}: no decoder layers at {LOOKED_FOR}; "
                          f"supported: {SUPPORTED}. Load a causal-LM model (AutoModelForCausalLM) of such a family.")
     return layers
-
-
-def _check_names(names: list[str], where: str) -> list[str]:
-    allowed = sorted(MIXERS) + [SOFTMAX]
-    bad = [n for n in names if n not in allowed]
-    if bad:
-        raise ValueError(f"hybrid spec {where!r}: unknown mixer name(s) {bad}; expected one of {allowed}")
-    return names
-
-
-def parse_spec(spec: str | list[str], n_layers: int) -> list[str]:
-    """One mixer name per layer from
-      "gdn"                      every layer gdn
-      "gdn,softmax,gdn,gdn"      one name per layer (exactly n_layers of them)
-      "gdn;softmax=3,7;swa=0"    a default, then name=layer indices exceptions
-      ["gdn", "softmax", ...]    a list, already one per layer."""
-    if isinstance(spec, (list, tuple)):
-        names = [str(s).strip() for s in spec]
-        if len(names) != n_layers:
-            raise ValueError(f"hybrid spec {names}: {len(names)} names for {n_layers} layers; give one per layer")
-        return _check_names(names, str(spec))
-    text = str(spec).replace(" ", "")
-    parts = text.split(";")
-    if len(parts) == 1 and "=" not in text:
-        names = text.split(",")
-        if len(names) == 1:
-            return _check_names(names * n_layers, text)
-        if len(names) != n_layers:
-            raise ValueError(f"hybrid spec {text!r}: {len(names)} names for {n_layers} layers; give one per "
-                             "layer, a single name, or 'default;name=i,j' (e.g. 'gdn;softmax=3,7')")
-        return _check_names(names, text)
-    default, exceptions = parts[0], parts[1:]
-    if "=" in default or not default:
-        raise ValueError(f"hybrid spec {text!r}: expected a default name first, e.g. 'gdn;softmax=3,7'")
-    names = [default] * n_layers
-    for part in exceptions:
-        name, _, idx = part.partition("=")
-        try:
-            indices = [int(i) for i in idx.split(",") if i]
-        except ValueError:
-            raise ValueError(f"hybrid spec {text!r}: bad layer list in {part!r}; expected e.g. 'softmax=3,7'") from None
-        if not name or not indices:
-            raise ValueError(f"hybrid spec {text!r}: bad exception {part!r}; expected name=i,j e.g. 'softmax=3,7'")
-        for i in indices:
-            if not 0 <= i < n_layers:
-                raise ValueError(f"hybrid spec {text!r}: layer {i} out of range for {n_layers} layers (0..{n_layers - 1})")
-            names[i] = name
-    return _check_names(names, text)
 
 
 def model_spec(model: nn.Module) -> list[str]:
@@ -119,18 +70,11 @@ def build_student(teacher: nn.Module, spec: str | list[str], **options) -> nn.Mo
     return: exactly the mixer parameters (requires_grad True); everything else is frozen, which is
     what stage 1 wants; stage 2 calls student.requires_grad_(True). options go to every mixer of
     a kind that accepts them, e.g. window=1024 for swa (see mixers.build_mixer)."""
-    layers = decoder_layers(teacher)
-    names = parse_spec(spec, len(layers))
+    names = parse_spec(spec, len(decoder_layers(teacher)))
     student = copy.deepcopy(teacher)
     student.requires_grad_(False)
-    for i, name in enumerate(names):
-        if name == SOFTMAX:
-            continue
-        attn = decoder_layers(student)[i].self_attn
-        kind = MIXERS[name]
-        accepted = kind.__init__.__code__.co_varnames[:kind.__init__.__code__.co_argcount]
-        mixer = build_mixer(name, attn, student.config, i, **{k: v for k, v in options.items() if k in accepted})
-        swap_attention(student, i, mixer.requires_grad_(True))
+    for mixer in install_mixers(decoder_layers(student), names, student.config, options):
+        mixer.requires_grad_(True)
     _record_spec(student)
     return student
 

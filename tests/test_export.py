@@ -58,14 +58,16 @@ def exported(tmp_path_factory):
 def test_export_folder_and_round_trip(exported):
     out = exported["out"]
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py", "mixer_base.py", "op_gdn.py",
-            "op_gla.py", "op_rwkv7.py", "tokenizer.json", "generation_config.json"} <= files, files
+    shipped = {f for f in os.listdir(os.path.join("hybrid", "model")) if f.endswith(".py") and f != "__init__.py"}
+    assert shipped == {"modeling_hybrid.py", "spec.py", "mixers.py", "mixer_base.py", "op_common.py", "op_gdn.py",
+                       "op_gla.py", "op_rwkv7.py"}  # hybrid/model/ is exactly what an export ships
+    assert shipped | {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files, files
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "hybrid" and cfg["teacher_model_type"] == "llama"
     assert cfg["hybrid_spec"] == SPEC and cfg["hybrid_options"] == OPTIONS and "layer_types" not in cfg
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_hybrid.HybridForCausalLM"
-    for name in ("mixers.py", "mixer_base.py", "op_gdn.py"):  # copied verbatim: one source of truth
-        assert open(os.path.join(out, name)).read() == open(os.path.join("hybrid", name)).read()
+    for name in shipped:  # copied verbatim: one source of truth
+        assert open(os.path.join(out, name)).read() == open(os.path.join("hybrid", "model", name)).read()
     assert exported["result"]["max_abs_diff"] < 1e-4
     model = exported["model"]
     names = [getattr(layer.self_attn, "mixer_name", "softmax") for layer in model.model.layers]
@@ -222,7 +224,7 @@ def test_mistaken_loads_give_clear_errors(exported, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         export.load_export(str(broken))
     cfg = json.load(open(broken / "config.json"))
-    from hybrid.modeling_hybrid import HybridConfig, HybridForCausalLM
+    from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
     with pytest.raises(ValueError, match="hybrid_spec has 2 names"):
         HybridForCausalLM(HybridConfig(**{**cfg, "hybrid_spec": ["gdn", "softmax"]}))
     with pytest.raises(ValueError, match="unknown mixer"):

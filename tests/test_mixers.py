@@ -10,8 +10,8 @@ import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from hybrid.mixer_base import pad_mask_from_attention
-from hybrid.mixers import MIXERS, build_mixer
+from hybrid.model.mixer_base import pad_mask_from_attention
+from hybrid.model.mixers import MIXERS, build_mixer
 
 LINEAR = ["gdn", "gla", "rwkv7"]
 ALL = LINEAR + ["swa"]
@@ -261,7 +261,7 @@ def test_bf16_teacher_gives_bf16_mixer(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_causal_conv_cuda_matches_cpu():
-    from hybrid.mixer_base import causal_conv
+    from hybrid.model.mixer_base import causal_conv
     x, w, st = torch.randn(2, 37, 24), torch.randn(24, 4), torch.randn(2, 3, 24)
     y_cpu, s_cpu = causal_conv(x, w, st)
     y_gpu, s_gpu = causal_conv(x.cuda(), w.cuda(), st.cuda())

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hybrid.op_gdn import gdn, gdn_chunked, gdn_recurrent
-from hybrid.op_gla import gla, gla_chunked, gla_recurrent
-from hybrid.op_rwkv7 import rwkv7, rwkv7_chunked, rwkv7_recurrent
+from hybrid.model.op_gdn import gdn, gdn_chunked, gdn_recurrent
+from hybrid.model.op_gla import gla, gla_chunked, gla_recurrent
+from hybrid.model.op_rwkv7 import rwkv7, rwkv7_chunked, rwkv7_recurrent
 
 
 def make_inputs(op: str, B: int, T: int, H: int, K: int, V: int, dtype=torch.float64, device="cpu",

@@ -106,6 +106,18 @@ def test_parse_spec_forms_and_errors():
         parse_spec("gdn;softmax=x", 4)
     with pytest.raises(ValueError, match="one per layer"):
         parse_spec(["gdn"], 2)
+    with pytest.raises(ValueError, match="layer 3 is named twice"):
+        parse_spec("gdn;softmax=3,3", 4)
+    with pytest.raises(ValueError, match="layer 1 is named twice"):
+        parse_spec("gdn;softmax=1;swa=1", 4)
+
+
+def test_a_mixer_option_no_mixer_takes_is_an_error():
+    teacher = tiny_teacher("llama")
+    with pytest.raises(ValueError, match=r"\['windw'\] are taken by no mixer.*swa: window"):
+        build_student(teacher, "swa", windw=8)
+    student = build_student(teacher, "gdn;swa=1", window=3, conv_size=2)  # each mixer takes its own options
+    assert decoder_layers(student)[1].self_attn.window == 3 and decoder_layers(student)[0].self_attn.conv_size == 2
 
 
 def test_unknown_architectures_give_a_clear_error():

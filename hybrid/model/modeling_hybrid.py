@@ -3,15 +3,15 @@
     model = AutoModelForCausalLM.from_pretrained("out/hybrid", trust_remote_code=True)
     model.generate(**tok(["a", "longer prompt"], return_tensors="pt", padding=True), max_new_tokens=32)
 
-export.py copies this file into the export folder together with mixers.py, mixer_base.py and the
-op_*.py kernels it imports (relative imports, which transformers' remote-code loader follows), so
-an export loads without this repo installed. It uses fla's kernels for CUDA tensors when fla is
+export.py copies this file into the export folder together with the files beside it that it imports
+relatively (spec.py, mixers.py, mixer_base.py, the op_*.py kernels; transformers' remote-code loader
+follows relative imports), so an export loads without this repo installed. It uses fla's kernels for CUDA tensors when fla is
 installed and the torch reference otherwise (the mixers dispatch).
 
 The model is the teacher's own causal-LM class (resolved from `teacher_model_type`, e.g. llama ->
 LlamaForCausalLM), whose decoder and LM head are adopted as `model` / `lm_head` (so weight names are
-the teacher's), with layer i's `self_attn` replaced by `build_mixer(hybrid_spec[i], ...)` wherever
-the spec does not say "softmax". config.json is the teacher's config plus `hybrid_spec` (one mixer
+the teacher's), with layer i's `self_attn` replaced through `spec.install_mixers` (the function surgery
+uses too) wherever the spec does not say "softmax". config.json is the teacher's config plus `hybrid_spec` (one mixer
 name per layer; not `layer_types`, which transformers reserves for its caches), `hybrid_options`
 (keyword options of the mixers, e.g. {"window": 512}) and `teacher_model_type`.
 
@@ -19,8 +19,6 @@ Generation keeps a HybridCache: the teacher's KV cache layers for the softmax la
 `mixer_states` dict (recurrent state, conv state, or a sliding window of KV) for the others. The
 2D padding mask reaches every mixer as `pad_mask` (B, T), so left-padded pads never enter a state.
 """
-
-import inspect
 
 import torch
 from torch import nn
@@ -59,9 +57,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from .mixers import MIXERS, build_mixer
+from .spec import SOFTMAX, check_spec, install_mixers
 
-SOFTMAX = "softmax"  # the teacher's own attention, kept
 HYBRID_FIELDS = ("hybrid_spec", "hybrid_options", "teacher_model_type")
 NOT_TEACHER_FIELDS = HYBRID_FIELDS + ("model_type", "auto_map", "architectures", "transformers_version")
 
@@ -94,23 +91,6 @@ def teacher_config(config: HybridConfig) -> PretrainedConfig:
     tcfg = CONFIG_MAPPING[config.teacher_model_type](**fields)
     tcfg._attn_implementation = config._attn_implementation
     return tcfg
-
-
-def check_spec(spec: list[str], n_layers: int) -> None:
-    allowed = sorted(MIXERS) + [SOFTMAX]
-    if len(spec) != n_layers:
-        raise ValueError(f"config.json: hybrid_spec has {len(spec)} names for num_hidden_layers={n_layers}; "
-                         "expected one mixer name per layer (re-run export.py)")
-    bad = sorted(set(spec) - set(allowed))
-    if bad:
-        raise ValueError(f"config.json: hybrid_spec has unknown mixer(s) {bad}; expected names from {allowed} "
-                         "(is mixers.py in this folder older than the export?)")
-
-
-def mixer_options(name: str, options: dict) -> dict:
-    """The subset of `options` that mixer `name` accepts (as surgery.build_student does)."""
-    accepted = inspect.signature(MIXERS[name].__init__).parameters
-    return {k: v for k, v in options.items() if k in accepted}
 
 
 class HybridCache(DynamicCache):
@@ -182,7 +162,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: HybridConfig):
         super().__init__(config)
         self.teacher_config = tcfg = teacher_config(config)
-        check_spec(config.hybrid_spec, tcfg.num_hidden_layers)
+        check_spec(config.hybrid_spec, tcfg.num_hidden_layers, "config.json: hybrid_spec")  # before any weights
         if type(tcfg) not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise ValueError(f"config.json: no causal-LM class for teacher_model_type={config.teacher_model_type!r}")
         teacher = MODEL_FOR_CAUSAL_LM_MAPPING[type(tcfg)](tcfg)
@@ -192,10 +172,7 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(layers, nn.ModuleList) or not hasattr(layers[0], "self_attn"):
             raise ValueError(f"{type(teacher).__name__}: no decoder layers at model.layers[i].self_attn; "
                              "supported: Llama, Mistral, Qwen2 and Qwen3 style decoders")
-        for i, name in enumerate(config.hybrid_spec):
-            if name != SOFTMAX:
-                options = mixer_options(name, config.hybrid_options)
-                layers[i].self_attn = build_mixer(name, layers[i].self_attn, tcfg, i, **options)
+        install_mixers(layers, config.hybrid_spec, tcfg, config.hybrid_options)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
