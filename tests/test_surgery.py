@@ -113,7 +113,7 @@ def test_parse_spec_forms_and_errors():
 
 
 def test_a_mixer_option_no_mixer_takes_is_an_error():
-    teacher = tiny_teacher("llama")
+    teacher = tiny_teacher("llama_gqa")
     with pytest.raises(ValueError, match=r"\['windw'\] are taken by no mixer.*swa: window"):
         build_student(teacher, "swa", windw=8)
     student = build_student(teacher, "gdn;swa=1", window=3, conv_size=2)  # each mixer takes its own options
