@@ -38,7 +38,8 @@ from hybrid.checkpoint import atomic_write_json
 from hybrid.common import format_tokens
 from hybrid.config import apply_overrides, config_dict
 from hybrid.corpus import DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
-from hybrid.shards import load_manifest, sha256_file, tokenizer_info, verify_shards, version_for_vocab, write_shard
+from hybrid.shards import (load_manifest, record_verified, sha256_file, tokenizer_info, verify_shards, version_for_vocab,
+                           write_shard)
 from hybrid.teacher import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -127,7 +128,9 @@ class SplitWriter:
         name = f"{self.split}_{len(self.shards):06d}.bin"
         path = os.path.join(self.out_dir, name)
         write_shard(path, np.concatenate(self.buf), self.vocab_size)
-        self.shards.append({"file": name, "split": self.split, "n_tokens": self.n_buf, "sha256": sha256_file(path),
+        sha = sha256_file(path)
+        record_verified(self.out_dir, {name: sha})  # hashed just now: the first training start skips it
+        self.shards.append({"file": name, "split": self.split, "n_tokens": self.n_buf, "sha256": sha,
                             "end": list(end), "sources": self.src})
         self.written += self.n_buf
         self.buf, self.n_buf, self.src = [], 0, {}
