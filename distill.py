@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, latest_checkpoint, load_checkpoint,
-                               load_state_strict, save_checkpoint)
+                               load_state_strict, module_state, save_checkpoint, save_partial)
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, rng_state, seed_all, set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
@@ -185,7 +185,12 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
         ctx["log"].log(f"layer {i} done ({n + 1}/{len(layers)}) | val mse {vloss:.6f} | {time.time() - t_layer:.1f}s",
                        {"stage": 1, "layer": i, "val_mse": vloss, "layer_seconds": time.time() - t_layer})
         ctx["val_mse"][str(i)] = vloss
-        save(ctx, student, None, {"layers_done": done, "cache_loader": cache_loader_state}, step=len(done))
+        if is_master():  # only what this layer changed: a resume rebuilds the rest from the teacher and seed
+            prefix = f"model.layers.{i}." + ("" if TRAIN_MLP else "self_attn.")
+            save_partial(RUN_DIR, len(done), module_state(student, prefix), {
+                "optim": None, "config": ctx["artifact"], "rng": rng_state(), "layers_done": done,
+                "cache_loader": cache_loader_state})
+        barrier()
     print0(f"stage 1 rotation: {len(layers)} layers in {time.time() - t0:.1f}s")
 
 
@@ -312,7 +317,7 @@ def main():
     n_layers = teacher.config.num_hidden_layers
     spec = read_spec(SPEC, n_layers)
     resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
-    source = load_checkpoint(resume or INIT) if (resume or INIT) else None  # the run resumed, or the seed
+    source = load_checkpoint(resume or INIT, partial_ok=bool(resume)) if (resume or INIT) else None  # the run resumed, or the seed
     # a student built from a checkpoint keeps its mixer shapes; MIXER_OPTIONS may add to them
     options = {**((source or {}).get("config", {}).get("mixer_options") or {}), **ast.literal_eval(MIXER_OPTIONS)}
     student = build_student(teacher, spec, **options)
@@ -320,7 +325,7 @@ def main():
         untie_embeddings(student)
     ckpt = source if resume else None
     if resume:
-        load_state_strict(student, ckpt["model"], f"student ({resume})")
+        load_state_strict(student, ckpt["model"], f"student ({resume})", partial=ckpt.get("partial", False))
         set_rng_state(ckpt["rng"])
         print0(f"resuming from {resume} (step {ckpt['step']})")
     elif INIT:

@@ -32,7 +32,7 @@ def make_teacher_dir(path: str, layers: int = 2, seed: int = 0) -> str:
 
 def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 4000, seed: int = 0) -> str:
     """Shards of a repeated random 61-token cycle with some EOS noise: learnable in a few steps."""
-    from hybrid.shards import tokenizer_info, write_shard
+    from hybrid.shards import sha256_file, tokenizer_info, write_shard
     rng = np.random.default_rng(seed)
     pattern = rng.integers(1, VOCAB, size=61)
     shards = []
@@ -41,7 +41,7 @@ def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 400
         tokens[rng.integers(0, n, size=n // 50)] = 0
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": ""})
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha256_file(os.path.join(data_dir, name))})
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump({**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}, f)
     return data_dir

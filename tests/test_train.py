@@ -15,7 +15,7 @@ import torch
 
 import train
 from hybrid import checkpoint
-from hybrid.shards import tokenizer_info, write_shard
+from hybrid.shards import sha256_file, tokenizer_info, write_shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
         tokens[rng.integers(0, n, size=n // 50)] = 0  # some EOS noise
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": ""})
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha256_file(os.path.join(data_dir, name))})
     manifest = {**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
