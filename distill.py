@@ -35,13 +35,13 @@ from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path,
                                load_state_strict, module_state, save_checkpoint, save_partial)
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, rng_state, seed_all, set_rng_state)
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.config import check_choice, config_dict, dumps, run_script
 from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import build_student, mixer_parameters, parse_spec
-from hybrid.teacher import load_teacher, resolve_teacher
+from hybrid.teacher import check_positions, load_teacher, resolve_teacher
 from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
                                set_lr)
 
@@ -97,11 +97,29 @@ def smoke_settings(g: dict) -> None:
              EVAL_BATCHES=1, LOG_EVERY=1, EVAL_EVERY=2, SAVE_EVERY=2, WARMUP_STEPS=1, LATENT_CACHE_TOKENS=512)
 
 
+def check_settings() -> None:
+    """What a user can get wrong in the settings, checked before anything is loaded or written."""
+    check_choice("stage", STAGE, (1, 2))
+    check_choice("stage1_mode", STAGE1_MODE, ("rotation", "all"))
+    check_choice("target", TARGET, ("layer", "attn"))
+    for name, path, fix in (("spec", SPEC if SPEC.endswith(".json") else "", "run select_layers.py first"),
+                            ("init", INIT, "run stage 1 first"),
+                            ("resume", "" if RESUME == "auto" else RESUME, "pass --resume=auto or a checkpoint")):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}={path}: no such file or folder; {fix}")
+
+
 def read_spec(spec: str, n_layers: int) -> list[str]:
     """SPEC may name a selection.json from select_layers.py (its "chosen_spec")."""
     if spec.endswith(".json"):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first, or give a spec "
+                                    f"such as 'gdn;softmax=3,7'")
         with open(spec) as f:
-            spec = json.load(f)["chosen_spec"]
+            chosen = json.load(f).get("chosen_spec")
+        if chosen is None:
+            raise ValueError(f"--spec={spec}: no 'chosen_spec' in it; expected a selection.json of select_layers.py")
+        spec = chosen
     return parse_spec(spec, n_layers)
 
 
@@ -303,6 +321,7 @@ def save(ctx, student, opt, extra: dict, step: int) -> None:
 def main():
     if SMOKE:
         smoke_settings(globals())
+    check_settings()
     rank, local_rank, world_size, device = init_dist()
     dtype = autocast_dtype(device)
     seed_all(SEED)
@@ -310,6 +329,7 @@ def main():
     teacher_dir = resolve_teacher(TEACHER) if is_master() else None
     barrier()
     teacher_dir = teacher_dir or resolve_teacher(TEACHER)
+    check_positions(teacher_dir, SEQ_LEN)
     teacher, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank, world_size, vocab_size=teacher.config.vocab_size)
     check_tokenizer(loader.manifest, tokenizer, DATA_DIR)
@@ -366,5 +386,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

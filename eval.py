@@ -23,7 +23,7 @@ import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
 from hybrid.common import format_tokens, print0, seed_all
-from hybrid.config import apply_overrides
+from hybrid.config import run_script
 from hybrid.kl import evaluate_kl
 from hybrid.recall_score import read_suite, retention, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
@@ -188,5 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

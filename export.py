@@ -31,7 +31,7 @@ import time
 import torch
 
 from hybrid.checkpoint import load_state_strict
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.config import config_dict, dumps, run_script
 from hybrid.student import load_student
 from hybrid.surgery import decoder_layers, model_spec
 
@@ -191,5 +191,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -42,7 +42,7 @@ import torch
 from hybrid.checkpoint import atomic_write_json, load_checkpoint
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.config import config_dict, dumps, run_script
 from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
@@ -382,5 +382,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.config import config_dict, dumps, run_script
 from hybrid.train_loop import adamw, all_mean, cosine_lr, grad_accum_steps, set_lr
 
 # -----------------------------------------------------------------------------
@@ -281,5 +281,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

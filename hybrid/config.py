@@ -5,19 +5,50 @@
 
 nanoGPT's configurator as a function, without `exec`: only existing names, values parsed with
 `ast.literal_eval` (bare words fall back to strings), the default's type is required, typos get a
-suggestion.
+suggestion. The settings are the constants the script itself assigns in its `# ---` block (read from
+its source), never names it imported (select_layers.py --softmax=... is a typo, not a setting).
+
+    if __name__ == "__main__":
+        run_script(globals(), main)   # overrides, then main(); a user error is one line and exit 2
 """
 
 import ast
 import difflib
 import json
+import os
 import sys
+import traceback
+
+_RULE = "# " + "-" * 20  # the lines that open and close a script's settings block
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_settings(path: str) -> set[str] | None:
+    """UPPER_CASE names a script assigns at its top level, inside its `# -----` block when it has one;
+    None when the source cannot be read."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError:
+        return None
+    rules = [n for n, line in enumerate(source.splitlines(), 1) if line.startswith(_RULE)]
+    lo, hi = (rules[0], rules[1]) if len(rules) >= 2 else (0, float("inf"))
+    names = set()
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name) and lo < node.lineno < hi:
+                names.add(t.id)
+    return names
 
 
 def config_names(g: dict) -> list[str]:
-    """The config constants of a script's globals: UPPER_CASE names bound to plain values."""
+    """The config constants of a script's globals: UPPER_CASE names bound to plain values that the
+    script itself defines (see script_settings; a dict without __file__, e.g. in tests, takes all)."""
+    own = script_settings(g["__file__"]) if isinstance(g.get("__file__"), str) else None
     return [k for k, v in g.items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None), list, tuple))]
+            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None), list, tuple))
+            and (own is None or k in own)]
 
 
 def _parse(raw: str, default, name: str):
@@ -70,6 +101,35 @@ def apply_overrides(g: dict, argv: list[str] | None = None, verbose: bool = True
         if verbose:
             print(f"override: {name} = {g[name]!r}")
     return applied
+
+
+def check_choice(name: str, value, allowed: tuple) -> None:
+    """ValueError unless value is one of allowed: `--stage=3: expected one of 1, 2`."""
+    if value not in allowed:
+        raise ValueError(f"--{name}={value}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """True when the innermost frame of e's traceback is this repo's code (not a library's)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_REPO + os.sep) \
+        and f"{os.sep}.venv{os.sep}" not in frames[-1].filename
+
+
+def run_script(g: dict, main, argv: list[str] | None = None) -> None:
+    """A script's entry point: apply_overrides(g, argv), then main(). A ValueError or FileNotFoundError
+    raised by this repo's code is a user error (a bad setting, a missing file): one line on stderr
+    (rank 0 only under torchrun; every rank exits) and exit status 2, not a traceback. Errors raised
+    inside libraries keep their traceback: they may be bugs."""
+    try:
+        apply_overrides(g, argv)
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_us(e):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def config_dict(g: dict) -> dict:
