@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -123,3 +124,72 @@ def test_partial_checkpoints_gather_and_refuse_as_whole(tmp_path):
     checkpoint.save_partial(run, 2, checkpoint.module_state(net, "1."), {"config": cfg, "layers_done": 2})
     with pytest.raises(FileNotFoundError, match=r"step_000001\.pt, which is missing"):
         load_checkpoint(run, partial_ok=True)
+
+
+def test_settings_are_the_scripts_own_constants():
+    import eval as eval_script
+    import select_layers
+    g = dict(vars(select_layers))
+    assert "SOFTMAX" in g and "ALL_METHODS" in g  # imported, and defined below the settings block
+    with pytest.raises(ValueError, match="unknown setting --softmax"):
+        apply_overrides(g, ["--softmax=mamba"], verbose=False)
+    with pytest.raises(ValueError, match="unknown setting --all_methods"):
+        apply_overrides(g, ["--all_methods=x"], verbose=False)
+    with pytest.raises(ValueError, match="unknown setting --tasks"):
+        apply_overrides(dict(vars(eval_script)), ["--tasks=1"], verbose=False)
+    assert apply_overrides(g, ["--ks=[2]"], verbose=False) == {"KS": [2]}
+    assert "SOFTMAX" not in config_dict(g) and "KS" in config_dict(g)
+
+
+def _failing_main(exc):
+    def main():
+        raise exc
+    return main
+
+
+def test_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
+    from hybrid.config import run_script
+    g = {"__file__": "x.py", "STEPS": 1}
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        run_script(g, _failing_main(ValueError("--stage=3: expected one of 1, 2")), [])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --stage=3: expected one of 1, 2\n"
+    with pytest.raises(SystemExit) as e:
+        run_script(g, lambda: None, ["--stepz=2"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: unknown setting --stepz; did you mean --steps?")
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 prints it; every rank exits
+    with pytest.raises(SystemExit) as e:
+        run_script(g, _failing_main(FileNotFoundError("data/x: no such file")), [])
+    assert e.value.code == 2 and capsys.readouterr().err == ""
+    with pytest.raises(json.JSONDecodeError):  # raised inside a library: a traceback, it may be a bug
+        run_script(g, lambda: json.loads("{"), [])
+
+
+def test_distill_checks_settings_before_loading(tiny_setup, tmp_path, monkeypatch):
+    import distill
+    import hybrid.teacher
+    loaded = []
+    monkeypatch.setattr(distill, "load_teacher", lambda *a, **k: loaded.append(a) or 1 / 0)
+    base = dict(TEACHER=tiny_setup["model"], DATA_DIR=tiny_setup["data"], RUN_DIR=str(tmp_path / "run"), SMOKE=False,
+                RESUME="", INIT="", SPEC="gdn", SEQ_LEN=32, STAGE=1, STAGE1_MODE="rotation")
+    cases = [(dict(STAGE=3), ValueError, r"--stage=3: expected one of 1, 2"),
+             (dict(STAGE1_MODE="al"), ValueError, r"--stage1_mode=al: expected one of rotation, all"),
+             (dict(SPEC=str(tmp_path / "selection.json")), FileNotFoundError, r"selection\.json.*select_layers\.py"),
+             (dict(INIT=str(tmp_path / "s1")), FileNotFoundError, r"--init=.*s1: no such file"),
+             (dict(SEQ_LEN=100000), ValueError, r"--seq_len=100000 is longer than the teacher's 512 positions"),
+             (dict(TEACHER="models/does-not-exist"), FileNotFoundError, r"models/does-not-exist: no such folder")]
+    for change, exc, msg in cases:
+        for k, v in {**base, **change}.items():
+            monkeypatch.setattr(distill, k, v)
+        with pytest.raises(exc, match=msg):
+            distill.main()
+    assert loaded == [] and not os.path.exists(tmp_path / "run")  # nothing loaded, nothing written
+    assert hybrid.teacher.max_positions(tiny_setup["model"]) == 512
+
+
+def test_cli_user_error_exit_code(tmp_path):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "distill.py", "--stage=3", f"--run_dir={tmp_path / 'run'}"], cwd=repo,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --stage=3: expected one of 1, 2", r.stderr
+    assert not os.path.exists(tmp_path / "run")
