@@ -30,7 +30,8 @@ def _tmp_path(path: str) -> str:
     return f"{path}.{socket.gethostname().split('.')[0]}.{os.getpid()}.tmp"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that id runs (the writer of a temp file)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -50,7 +51,7 @@ def clean_stale_temps(run_dir: str) -> list[str]:
         m = _TMP.search(path)
         if m is None and not path.endswith(".pt.tmp"):
             continue  # not one of ours
-        if m is not None and (m.group(1) != host or int(m.group(2)) == os.getpid() or _alive(int(m.group(2)))):
+        if m is not None and (m.group(1) != host or int(m.group(2)) == os.getpid() or pid_alive(int(m.group(2)))):
             continue
         try:
             os.remove(path)

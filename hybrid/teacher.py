@@ -16,6 +16,7 @@ and configs explicitly and records them, with the transformers version, in <dir>
 Only this module (of the data/teacher side) imports transformers, lazily.
 """
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -24,6 +25,8 @@ import shutil
 import time
 
 import torch
+
+from .checkpoint import pid_alive
 
 DEFAULT_TEACHER = "embedded"
 NORMALISER = 2  # bump when a GGUF conversion changes: older folders are converted again
@@ -121,7 +124,10 @@ def _convert_gguf(gguf: str, out: str, dtype: torch.dtype = torch.bfloat16) -> N
     model.to(dtype)
     model.config.dtype = dtype
     tmp = f"{out}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in glob.glob(f"{glob.escape(out)}.tmp*"):  # half folders of killed conversions (~270 MB each)
+        pid = stale[len(out) + 4:]
+        if pid.isdigit() and (int(pid) == os.getpid() or not pid_alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _publish(tmp, out, {"gguf": os.path.abspath(gguf), "sha256": _sha256(gguf), "dtype": str(dtype),

@@ -359,8 +359,11 @@ def test_embedded_teacher_eos_does_not_depend_on_transformers(tmp_path, monkeypa
                                             num_attention_heads=2, vocab_size=49152, eos_token_id=1))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", like_5_17)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_model)
+    stale = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.tmp999999999"  # a killed conversion's half folder
+    stale.mkdir(parents=True)
     out = resolve_teacher("embedded", str(tmp_path / "models"))
     monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "models")) == ["SmolLM2-135M-Instruct.Q4_1"]
     tok = load_tokenizer(out)
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 1, 2)
     assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == 2
