@@ -337,7 +337,8 @@ def main():
     n_layers = teacher.config.num_hidden_layers
     spec = read_spec(SPEC, n_layers)
     resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
-    source = load_checkpoint(resume or INIT, partial_ok=bool(resume)) if (resume or INIT) else None  # the run resumed, or the seed
+    # the run resumed (a rotation's partial checkpoint included), or the seed
+    source = load_checkpoint(resume or INIT, partial_ok=bool(resume)) if (resume or INIT) else None
     # a student built from a checkpoint keeps its mixer shapes; MIXER_OPTIONS may add to them
     options = {**((source or {}).get("config", {}).get("mixer_options") or {}), **ast.literal_eval(MIXER_OPTIONS)}
     student = build_student(teacher, spec, **options)

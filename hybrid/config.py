@@ -35,7 +35,10 @@ def script_settings(path: str) -> set[str] | None:
     lo, hi = (rules[0], rules[1]) if len(rules) >= 2 else (0, float("inf"))
     names = set()
     for node in ast.parse(source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        else:
+            targets = [node.target] if isinstance(node, ast.AnnAssign) else []
         for t in targets:
             if isinstance(t, ast.Name) and lo < node.lineno < hi:
                 names.add(t.id)

@@ -41,7 +41,8 @@ def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 400
         tokens[rng.integers(0, n, size=n // 50)] = 0
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha256_file(os.path.join(data_dir, name))})
+        sha = sha256_file(os.path.join(data_dir, name))
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha})
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump({**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}, f)
     return data_dir

@@ -70,7 +70,8 @@ def test_killed_save_leaves_no_temp_file_behind(tmp_path, monkeypatch):
     # temp and another host's temp
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = checkpoint._tmp_path("x").split(".")[-3]
-    stale = [os.path.join(ckpt, f"step_000002.pt.{host}.{int(dead.stdout)}.tmp"), os.path.join(ckpt, "step_000003.pt.tmp"),
+    stale = [os.path.join(ckpt, f"step_000002.pt.{host}.{int(dead.stdout)}.tmp"),
+             os.path.join(ckpt, "step_000003.pt.tmp"),
              os.path.join(run, f"config.json.{host}.{int(dead.stdout)}.tmp")]
     live = [os.path.join(ckpt, f"step_000004.pt.{host}.{os.getpid()}.tmp"),
             os.path.join(ckpt, f"step_000005.pt.otherhost.{int(dead.stdout)}.tmp"), os.path.join(ckpt, "notes.tmp")]
@@ -156,7 +157,8 @@ def test_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
     assert e.value.code == 2 and capsys.readouterr().err == "error: --stage=3: expected one of 1, 2\n"
     with pytest.raises(SystemExit) as e:
         run_script(g, lambda: None, ["--stepz=2"])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: unknown setting --stepz; did you mean --steps?")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: unknown setting --stepz; did you mean --steps?")
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 prints it; every rank exits
     with pytest.raises(SystemExit) as e:
         run_script(g, _failing_main(FileNotFoundError("data/x: no such file")), [])

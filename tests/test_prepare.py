@@ -161,7 +161,8 @@ def test_missing_teacher_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch)
         with pytest.raises(FileNotFoundError, match=f"teacher {spec}: no such folder"):
             resolve_teacher(spec, models)
     assert calls == []  # none of these went to the hub
-    with pytest.raises(FileNotFoundError, match=r"'someorg/somemodel'.*hub failed \(LocalEntryNotFoundError.*offline\?"):
+    with pytest.raises(FileNotFoundError,
+                       match=r"'someorg/somemodel'.*hub failed \(LocalEntryNotFoundError.*offline\?"):
         resolve_teacher("someorg/somemodel", models)
     assert calls == ["someorg/somemodel"] and os.listdir(models) == []  # nothing half-made left behind
 

@@ -49,7 +49,8 @@ def tiny(tmp_path_factory):
         tokens[rng.integers(0, n, size=n // 50)] = 0  # some EOS noise
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha256_file(os.path.join(data_dir, name))})
+        sha = sha256_file(os.path.join(data_dir, name))
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha})
     manifest = {**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
