@@ -23,7 +23,6 @@ Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms 
 """
 
 import ast
-import json
 import os
 import time
 
@@ -39,8 +38,9 @@ from hybrid.config import apply_overrides, config_dict, dumps
 from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
-from hybrid.student import seed_from, untie_embeddings
-from hybrid.surgery import build_student, mixer_parameters, parse_spec
+from hybrid.model.spec import check_options
+from hybrid.student import Artifact, rebuild_student, seed_from
+from hybrid.surgery import mixer_parameters, read_spec
 from hybrid.teacher import load_teacher, resolve_teacher
 from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
                                set_lr)
@@ -97,12 +97,15 @@ def smoke_settings(g: dict) -> None:
              EVAL_BATCHES=1, LOG_EVERY=1, EVAL_EVERY=2, SAVE_EVERY=2, WARMUP_STEPS=1, LATENT_CACHE_TOKENS=512)
 
 
-def read_spec(spec: str, n_layers: int) -> list[str]:
-    """SPEC may name a selection.json from select_layers.py (its "chosen_spec")."""
-    if spec.endswith(".json"):
-        with open(spec) as f:
-            spec = json.load(f)["chosen_spec"]
-    return parse_spec(spec, n_layers)
+def mixer_options(text: str) -> dict:
+    """--mixer_options as a dict whose every key some mixer takes."""
+    try:
+        options = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f"--mixer_options={text}: expected a dict literal, e.g. \"{{'window': 512}}\"")
+    return check_options(options)
 
 
 def stage1_layers(spec: list[str]) -> list[int]:
@@ -298,6 +301,7 @@ def save(ctx, student, opt, extra: dict, step: int) -> None:
 def main():
     if SMOKE:
         smoke_settings(globals())
+    options = mixer_options(MIXER_OPTIONS)  # checked before anything loads
     rank, local_rank, world_size, device = init_dist()
     dtype = autocast_dtype(device)
     seed_all(SEED)
@@ -313,26 +317,27 @@ def main():
     spec = read_spec(SPEC, n_layers)
     resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
     source = load_checkpoint(resume or INIT) if (resume or INIT) else None  # the run resumed, or the seed
+    source_art = Artifact.from_config(source.get("config"), resume or INIT) if source else None
     # a student built from a checkpoint keeps its mixer shapes; MIXER_OPTIONS may add to them
-    options = {**((source or {}).get("config", {}).get("mixer_options") or {}), **ast.literal_eval(MIXER_OPTIONS)}
-    student = build_student(teacher, spec, **options)
-    if STAGE == 2 and UNTIE_EMBEDDINGS:
-        untie_embeddings(student)
+    art = Artifact(teacher=teacher_dir, hybrid_spec=spec,
+                   mixer_options={**(source_art.mixer_options if source_art else {}), **options},
+                   untied=STAGE == 2 and UNTIE_EMBEDDINGS,
+                   target=source_art.target if STAGE == 2 and source_art else TARGET,
+                   stage=STAGE, stage1_mode=STAGE1_MODE if STAGE == 1 else None)
+    student = rebuild_student(art, teacher)
     ckpt = source if resume else None
     if resume:
         load_state_strict(student, ckpt["model"], f"student ({resume})")
         set_rng_state(ckpt["rng"])
         print0(f"resuming from {resume} (step {ckpt['step']})")
     elif INIT:
-        seeded = seed_from(student, source["model"], source["config"]["hybrid_spec"], spec)
+        seeded = seed_from(student, source["model"], source_art.hybrid_spec, spec)
         print0(f"seeded layers {seeded} from {INIT}")
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "mixer_options": options,
-                "untied": STAGE == 2 and UNTIE_EMBEDDINGS,
-                "stage": STAGE, "stage1_mode": STAGE1_MODE if STAGE == 1 else None, "resolved": cfg}
+    artifact = art.to_config(cfg)
     log = RunLogger(RUN_DIR, is_master())
     info = env_info(device, world_size, dtype)
     n_train = sum(p.numel() for p in mixer_parameters(student))

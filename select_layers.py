@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from hybrid.checkpoint import atomic_write_json, load_checkpoint
+from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
@@ -48,8 +48,8 @@ from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, j
                               rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
                               val_kl, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
-from hybrid.student import seed_from, untie_embeddings
-from hybrid.surgery import SOFTMAX, build_student
+from hybrid.student import Artifact, rebuild_student, seed_from
+from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
 from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps, set_lr
 
@@ -108,9 +108,7 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
     over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
     seed_all(SEED)  # every candidate starts from the same RNG state
-    student = build_student(ctx["teacher_ref"], spec, **ctx["mixer_options"])
-    if ctx["untied"]:
-        untie_embeddings(student)
+    student = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
     student.requires_grad_(True).to(ctx["device"]).train()
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
@@ -256,14 +254,15 @@ def main():
     if bad or PRIMARY not in methods:
         raise ValueError(f"--methods={METHODS}: unknown {bad} or PRIMARY={PRIMARY!r} missing; choose from {ALL_METHODS}")
     ckpt = load_checkpoint(INIT)
-    ccfg = ckpt.get("config", {})
-    if "hybrid_spec" not in ccfg or "teacher" not in ccfg:
-        raise ValueError(f"{INIT}: checkpoint config lacks 'hybrid_spec'/'teacher'; pass a stage-1 checkpoint "
-                         "written by `python distill.py --stage=1`")
-    stage1_spec = list(ccfg["hybrid_spec"])
-    teacher_dir = resolve_teacher(TEACHER or ccfg["teacher"]) if is_master() else None
+    art = Artifact.from_config(ckpt.get("config"), INIT)
+    if not art.hybrid_spec:
+        raise ValueError(f"{INIT}: a plain model, not a student; pass a stage-1 checkpoint written by "
+                         "`python distill.py --stage=1`")
+    stage1_spec = list(art.hybrid_spec)
+    teacher_dir = resolve_teacher(TEACHER or art.teacher) if is_master() else None
     barrier()  # rank 0 converts/downloads a teacher spec once; the others then find it
-    teacher_dir = teacher_dir or resolve_teacher(TEACHER or ccfg["teacher"])
+    teacher_dir = teacher_dir or resolve_teacher(TEACHER or art.teacher)
+    art = art.replace(teacher=teacher_dir)
     teacher_ref, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
     check_tokenizer(load_manifest(DATA_DIR), tokenizer, DATA_DIR)
     n_layers = teacher_ref.config.num_hidden_layers
@@ -280,10 +279,8 @@ def main():
     teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
         load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
     teacher.to(device=device, dtype=dtype)
-    base = build_student(teacher_ref, stage1_spec, **(ccfg.get("mixer_options") or {}))
-    if ccfg.get("untied"):
-        untie_embeddings(base)
-    base.load_state_dict(ckpt["model"], strict=True)
+    base = rebuild_student(art, teacher_ref)
+    load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     switcher = SpecSwitcher(base.to(device).eval(), teacher_ref, stage1_spec)
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
     steps_full = CANDIDATE_TOKENS // TOTAL_BATCH_TOKENS
@@ -291,15 +288,14 @@ def main():
         raise ValueError(f"CANDIDATE_TOKENS={CANDIDATE_TOKENS} < TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS}")
     init_run_dir = INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT)))
     ctx = dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
-               teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec,
-               mixer_options=dict(ccfg.get("mixer_options") or {}),
-               untied=bool(ccfg.get("untied")), candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
+               teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec, art=art,
+               candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
                already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX], switcher=switcher,
                val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
                accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
                early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),
                key={k: cfg[k] for k in RESULT_KEY}, init_run_dir=init_run_dir,
-               target=ccfg.get("resolved", {}).get("TARGET", "layer"))
+               target=art.target)
     log = RunLogger(RUN_DIR, is_master())
     info = env_info(device, world_size, dtype)
     print0(dumps({**cfg, "env": info}))

@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
 from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.student import Artifact, rebuild_student
 from hybrid.train_loop import adamw, all_mean, cosine_lr, grad_accum_steps, set_lr
 
 # -----------------------------------------------------------------------------
@@ -85,37 +86,26 @@ def resume_path() -> str | None:
     return RESUME
 
 
-def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, dict]:
-    """-> (model in fp32 on CPU, tokenizer, artifact {"teacher", "hybrid_spec", "untied"}).
+def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, Artifact]:
+    """-> (model in fp32 on CPU, tokenizer, artifact).
 
-    `source` is a checkpoint (resume or CHECKPOINT) whose config fixes the teacher dir, the
-    per-layer mixer spec and untied embeddings; its weights are loaded strictly. Without one,
-    MODEL and INIT decide (a plain decoder: hybrid_spec None).
+    `source` is a checkpoint (resume or CHECKPOINT) whose config fixes the artifact (teacher dir,
+    per-layer mixer spec, untied embeddings); its weights are loaded strictly. Without one, MODEL
+    and INIT decide (a plain decoder: hybrid_spec None).
     """
     from hybrid.teacher import load_teacher, resolve_teacher
     if source is not None:
-        cfg = source.get("config", {})
-        if "teacher" not in cfg:
-            raise ValueError(f"checkpoint config has no 'teacher' (keys: {sorted(cfg)}); "
-                             f"expected a checkpoint written by distill.py or train.py")
-        art = {"teacher": cfg["teacher"], "hybrid_spec": cfg.get("hybrid_spec"), "untied": bool(cfg.get("untied")),
-               "mixer_options": dict(cfg.get("mixer_options") or {})}
+        art = Artifact.from_config(source.get("config"), "checkpoint")
     else:
         # rank 0 converts/downloads the teacher once; the others find it ready after the barrier
         teacher_dir = resolve_teacher(MODEL) if master else None
         common.barrier()
-        art = {"teacher": teacher_dir or resolve_teacher(MODEL), "hybrid_spec": None, "untied": False, "mixer_options": {}}
-    model, tokenizer = load_teacher(art["teacher"], dtype=torch.float32)
+        art = Artifact(teacher=teacher_dir or resolve_teacher(MODEL), hybrid_spec=None)
+    model, tokenizer = load_teacher(art.teacher, dtype=torch.float32)
     if source is None and INIT == "scratch":
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    if art["hybrid_spec"]:
-        from hybrid.surgery import build_student
-        art["hybrid_spec"] = list(art["hybrid_spec"])
-        model = build_student(model, art["hybrid_spec"], **art["mixer_options"])
-    if art["untied"]:
-        from hybrid.student import untie_embeddings
-        untie_embeddings(model)
+    model = rebuild_student(art, model)
     if source is not None:
         checkpoint.load_state_strict(model, source["model"])
     model.requires_grad_(True)  # load_teacher freezes the teacher; here every weight trains
@@ -178,8 +168,8 @@ def main() -> None:
     del source
     model.to(device)
     raw_model = model  # unwrapped and uncompiled: what checkpoints store (no module./_orig_mod. prefixes)
-    spec = artifact["hybrid_spec"]
-    run_config = {**cfg, **artifact, "world_size": world_size, "grad_accum": grad_accum}
+    spec = artifact.hybrid_spec
+    run_config = artifact.to_config({**cfg, "world_size": world_size, "grad_accum": grad_accum})
 
     # ---- data ----
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank=rank, world_size=world_size,

@@ -12,6 +12,8 @@ saved with the config (checkpoints, exports). Works on any HF decoder whose laye
 """
 
 import copy
+import json
+import os
 
 from torch import nn
 
@@ -19,6 +21,17 @@ from .model.spec import SOFTMAX, install_mixers, parse_spec  # noqa: F401  (pars
 
 SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm) style decoders"
 LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
+
+
+def read_spec(spec: str, n_layers: int) -> list[str]:
+    """parse_spec, where `spec` may also name a selection.json from select_layers.py (its "chosen_spec")."""
+    if spec.endswith(".json"):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first or pass a spec "
+                                    "like 'gdn;softmax=3,7'")
+        with open(spec) as f:
+            spec = json.load(f)["chosen_spec"]
+    return parse_spec(spec, n_layers)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

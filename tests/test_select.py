@@ -16,7 +16,7 @@ from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, j
                               teacher_targets, uniform_layers, val_kl, with_softmax)
 from hybrid.shards import val_batches
 from hybrid.student import seed_from
-from hybrid.surgery import build_student
+from hybrid.surgery import build_student, read_spec
 from hybrid.teacher import load_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,9 +131,8 @@ def test_selection_json_schema_and_costs(selected):
 
 
 def test_distill_reads_the_chosen_spec(selected):
-    import distill
     run, sel = selected
-    assert distill.read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]
+    assert read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]
 
 
 def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatch):

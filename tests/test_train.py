@@ -99,7 +99,7 @@ def test_loss_falls(tiny, tmp_path, monkeypatch):
     assert loss[19] < loss[0] - 1.0, loss
     assert val[20] < val[0] - 1.0, val
     cfg = json.load(open(tmp_path / "config.json"))
-    assert cfg["config"]["teacher"] == tiny["model"] and cfg["config"]["grad_accum"] == 2
+    assert cfg["config"]["teacher"] == tiny["model"] and cfg["config"]["settings"]["grad_accum"] == 2
     assert cfg["params"]["trainable"] == cfg["params"]["total"] > 0
     ck = checkpoint.load_checkpoint(str(tmp_path))  # the final step is always saved
     assert ck["step"] == 20 and ck["config"]["hybrid_spec"] is None
@@ -167,7 +167,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path, monkeypatch):
     np.testing.assert_allclose([two[s] for s in range(4)], [one[s] for s in range(4)], rtol=1e-5)
     np.testing.assert_allclose(list(metrics(tmp_path / "two", "val_loss").values()),
                                list(metrics(tmp_path / "one", "val_loss").values()), rtol=1e-5)
-    assert json.load(open(tmp_path / "two" / "config.json"))["config"]["grad_accum"] == 1
+    assert json.load(open(tmp_path / "two" / "config.json"))["config"]["settings"]["grad_accum"] == 1
 
 
 def test_cli_smoke(tiny, tmp_path):
