@@ -32,18 +32,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, latest_checkpoint, load_checkpoint,
                                load_state_strict, save_checkpoint)
-from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, rng_state, seed_all, set_rng_state)
+from hybrid.common import (RunLogger, all_mean, autocast_dtype, average_gradients, barrier, broadcast_parameters,
+                           cleanup_dist, env_info, format_tokens, init_dist, is_master, print0, rng_state, seed_all,
+                           set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.model.spec import check_options
 from hybrid.student import Artifact, rebuild_student, seed_from
 from hybrid.surgery import mixer_parameters, read_spec
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
-                               set_lr)
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 
 # -----------------------------------------------------------------------------
 # What to distill
@@ -160,8 +160,9 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
         t_layer = time.time()
         for step in range(STEPS_PER_LAYER):
             t1 = time.time()
-            lr = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-            set_lr(opt, lr, LR)
+            scale = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+            set_lr(opt, scale)
+            lr = LR * scale
             loss_sum = torch.zeros((), device=ctx["device"])
             for micro in range(ctx["accum"]):
                 idx = (step * ctx["accum"] + micro) % len(cache)
@@ -172,9 +173,7 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
                 loss.backward()
                 loss_sum += loss.detach()
             average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, GRAD_CLIP)
             if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
                 loss_v = all_mean(loss_sum).item()
                 ctx["log"].log(log_line(step, STEPS_PER_LAYER, loss_v, lr, time.time() - t1, step_tokens,
@@ -200,7 +199,7 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
     opt = adamw([{"params": params}], LR, WEIGHT_DECAY, ctx["device"])
     start = 0
     if ckpt:
-        opt.load_state_dict(ckpt["optim"])
+        load_optimizer(opt, ckpt["optim"])
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
@@ -213,17 +212,16 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
 
     for step in range(start, STAGE1_STEPS):
         t1 = time.time()
-        lr = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-        set_lr(opt, lr, LR)
+        scale = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+        set_lr(opt, scale)
+        lr = LR * scale
         loss_sum = torch.zeros((), device=ctx["device"])
         for _ in range(ctx["accum"]):
             loss = mean_loss(loader.next_batch()[0]) / ctx["accum"]
             loss.backward()
             loss_sum += loss.detach()
         average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, params, GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
             ctx["log"].log(log_line(step, STAGE1_STEPS, loss_v, lr, time.time() - t1, step_tokens, " | all layers"),
@@ -245,7 +243,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
     start = 0
     if ckpt:
-        opt.load_state_dict(ckpt["optim"])
+        load_optimizer(opt, ckpt["optim"])
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
@@ -261,18 +259,16 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
             prof = None
         t1 = time.time()
         scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
-        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
+        set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, ctx["accum"], ctx["device"], ctx["autocast"])
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
             ctx["log"].log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens),
                            {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
                             "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
-            metrics = evaluate_kl(teacher, student, val, ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS)
+            metrics = held_out_kl(student, teacher, val, ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS, reduce=True)
             ctx["log"].log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
                            f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
             ctx["final_metrics"] = metrics

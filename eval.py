@@ -24,7 +24,7 @@ import torch
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
 from hybrid.common import format_tokens, print0, seed_all
 from hybrid.config import apply_overrides
-from hybrid.kl import evaluate_kl
+from hybrid.stage2 import held_out_kl
 from hybrid.recall_score import read_suite, retention, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 from hybrid.shards import read_tokens, load_manifest, val_batches
@@ -163,7 +163,7 @@ def main():
     for name, path in parse_models(MODELS):
         t0 = time.time()
         model = load_model(path, teacher, dtype, device)
-        r = {"path": path, **evaluate_kl(teacher, model, val, device, autocast, reduce=False)}
+        r = {"path": path, **held_out_kl(model, teacher, val, device, autocast)}
         if suite:
             r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,
                                      log=lambda line, n=name: print0(f"{n:14s} | {line}"))

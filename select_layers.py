@@ -43,15 +43,14 @@ from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_str
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
-                              rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
-                              val_kl, with_softmax)
+                              rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
 from hybrid.student import Artifact, rebuild_student, seed_from
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps, set_lr
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
+from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
 
 # -----------------------------------------------------------------------------
 # Inputs and outputs
@@ -114,35 +113,35 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN)  # rank 0 of 1: one data order for all
-    teacher, w_t, accum = ctx["teacher"], ctx["teacher"].lm_head.weight, ctx["accum"]
+    teacher, accum = ctx["teacher"], ctx["accum"]
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):
         t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
-        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
+        set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, accum, ctx["device"], ctx["autocast"])
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == steps - 1:
             losses.append((step, loss_sum.item()))
             print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, time.time() - t1,
                            TOTAL_BATCH_TOKENS), flush=True)
         if step + 1 in eval_at:
-            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS,
-                          **val_kl(student, ctx["val"], ctx["h_val"], w_t, ctx["device"], ctx["autocast"],
-                                   KL_CHUNK_TOKENS)})
+            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS, **score(ctx, student)})
     return {"spec": spec, "steps": steps, "schedule_steps": schedule_steps, "train_tokens": steps * TOTAL_BATCH_TOKENS,
             "eval_tokens": len(evals) * ctx["eval_tokens"], "losses": losses, "evals": evals}
 
 
+def score(ctx, student) -> dict:
+    """The held-out KL of one student on the shared val batches -> {"kl", "std", "per_batch"}."""
+    r = held_out_kl(student, ctx["teacher"], ctx["val"], ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS,
+                    h_teacher=ctx["h_val"])
+    return {"kl": r["val_kl"], "std": r["val_kl_std"], "per_batch": r["val_kl_per_batch"]}
+
+
 def eval_spec(ctx, spec: list[str]) -> dict:
     """Zero-shot held-out KL of a spec (stage-1 mixers and teacher attention, no training)."""
-    student = ctx["switcher"].set(spec)
-    return {"spec": spec, "train_tokens": 0, "eval_tokens": ctx["eval_tokens"],
-            **val_kl(student, ctx["val"], ctx["h_val"], ctx["teacher"].lm_head.weight, ctx["device"],
-                     ctx["autocast"], KL_CHUNK_TOKENS)}
+    return {"spec": spec, "train_tokens": 0, "eval_tokens": ctx["eval_tokens"], **score(ctx, ctx["switcher"].set(spec))}
 
 
 def eval_jobs(ctx, specs: list[list[str]]) -> list[dict]:

@@ -40,7 +40,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hybrid import checkpoint, common
 from hybrid.config import apply_overrides, config_dict, dumps
 from hybrid.student import Artifact, rebuild_student
-from hybrid.train_loop import adamw, all_mean, cosine_lr, grad_accum_steps, set_lr
+from hybrid.common import all_mean
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
 
 # -----------------------------------------------------------------------------
 # Model
@@ -187,7 +188,7 @@ def main() -> None:
     optim = make_optimizer(raw_model, device)
     start_step = 0
     if resume is not None:
-        optim.load_state_dict(resume["optim"])
+        load_optimizer(optim, resume["optim"])
         loader.load_state_dict(resume["loader"])
         common.set_rng_state(resume["rng"])
         start_step = resume["step"]
@@ -223,8 +224,9 @@ def main() -> None:
             logger.log(f"step {step:05d}/{MAX_STEPS:05d} | val_loss {val_loss:.6f}", {"step": step, "val_loss": val_loss})
             t_last = time.time()  # keep eval time out of dt and tok/s
 
-        lr = cosine_lr(step, MAX_STEPS, WARMUP_STEPS, LR, MIN_LR)
-        set_lr(optim, lr, LR)
+        scale = cosine_lr(step, MAX_STEPS, WARMUP_STEPS, 1.0, MIN_LR / LR)
+        set_lr(optim, scale)
+        lr = LR * scale
         loss_accum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             x, y = loader.next_batch()
@@ -238,9 +240,7 @@ def main() -> None:
                 loss.backward()
             loss_accum += loss.detach()
             del logits, loss
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP if GRAD_CLIP > 0 else float("inf"))
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        norm = optimizer_step(optim, raw_model.parameters(), GRAD_CLIP)
         steps_since += 1
 
         if step % LOG_EVERY == 0 or last:

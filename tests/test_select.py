@@ -13,8 +13,9 @@ import torch
 import select_layers
 from hybrid.checkpoint import atomic_torch_save
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, rank_layers,
-                              teacher_targets, uniform_layers, val_kl, with_softmax)
+                              uniform_layers, with_softmax)
 from hybrid.shards import val_batches
+from hybrid.stage2 import held_out_kl, teacher_targets
 from hybrid.student import seed_from
 from hybrid.surgery import build_student, read_spec
 from hybrid.teacher import load_teacher
@@ -176,9 +177,10 @@ def test_switcher_scores_match_a_seeded_student(planted):
     for spec in (with_softmax(["gdn"] * 4, [1]), with_softmax(["gdn"] * 4, [0, 3]), ["gdn"] * 4):
         seeded = build_student(teacher, spec)
         seed_from(seeded, ckpt["model"], ["gdn"] * 4, spec)
-        a = val_kl(switcher.set(spec), val, h, teacher.lm_head.weight, torch.device("cpu"), contextlib.nullcontext())
-        b = val_kl(seeded, val, h, teacher.lm_head.weight, torch.device("cpu"), contextlib.nullcontext())
-        assert a["per_batch"] == b["per_batch"] and a["kl"] > 0
+        cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+        a = held_out_kl(switcher.set(spec), teacher, val, cpu, plain, h_teacher=h)
+        b = held_out_kl(seeded, teacher, val, cpu, plain, h_teacher=h)
+        assert a["val_kl_per_batch"] == b["val_kl_per_batch"] and a["val_kl"] > 0
     with pytest.raises(ValueError, match="stage-1 mixer"):
         switcher.set(["gla"] * 4)
 
