@@ -19,7 +19,8 @@ Launch (from the repo root):
                   --micro_batch=2 --total_batch_tokens=512 --max_steps=5 --eval_batches=2 --run_dir=runs/smoke
   1 GPU:      python train.py --checkpoint=runs/distill --run_dir=runs/stage3
   8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py --checkpoint=runs/distill
-Resume a killed run: the same command plus --resume=auto (or --resume=<checkpoint .pt>).
+Resume a killed run: the same command again (--resume=auto is the default; it refuses a run dir whose
+checkpoints were written with other settings), or --resume=<checkpoint .pt>.
 
 Reads:  DATA_DIR/{train,val}_*.bin + manifest.json; the teacher dir (models/<name>/); CHECKPOINT.
 Writes: RUN_DIR/config.json (resolved config, environment, parameter counts), log.txt,
@@ -67,24 +68,15 @@ LOG_EVERY = 10                  # optimizer steps between log lines (.item() syn
 SAVE_EVERY = 500                # optimizer steps between checkpoints (and one at the end)
 KEEP_CHECKPOINTS = 3            # newest checkpoints kept in RUN_DIR/ckpt; 0 = all
 RUN_DIR = "runs/train"          # config.json, log.txt, metrics.jsonl, ckpt/
-RESUME = ""                     # "" (fresh) | "auto" (latest in RUN_DIR, if any) | path to a .pt
+RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one | "" : start fresh | a .pt
 # System
 SEED = 1337                     # same on every rank, set before building modules
 COMPILE = False                 # torch.compile the model (worth it on GPU; slow to start on CPU)
 DTYPE = "auto"                  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
 # -----------------------------------------------------------------------------
-
-
-def resume_path() -> str | None:
-    """The checkpoint to resume from: None for a fresh run."""
-    if RESUME == "":
-        return None
-    if RESUME == "auto":
-        return checkpoint.latest_checkpoint(RUN_DIR)  # None on the first launch: start fresh
-    if not os.path.exists(RESUME):
-        raise FileNotFoundError(f"--resume={RESUME} does not exist; pass a checkpoint .pt, a run dir, "
-                                f"or --resume=auto to continue the latest checkpoint in --run_dir={RUN_DIR}")
-    return RESUME
+# settings that cannot change what a run computes: a checkpoint written with any other setting
+# different is refused on resume (hybrid.checkpoint.resume_point)
+_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "COMPILE")
 
 
 def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, Artifact]:
@@ -161,8 +153,13 @@ def main() -> None:
 
     # ---- model: fresh, fine-tuned from CHECKPOINT, or resumed ----
     common.seed_all(SEED)
-    resume_from = resume_path()
-    resume = checkpoint.load_checkpoint(resume_from) if resume_from else None
+    settings = {**cfg, "world_size": world_size, "grad_accum": grad_accum}
+    resume_from, resume = checkpoint.resume_point(RUN_DIR, RESUME, settings, _UNCHANGING)
+    if resume is not None and resume["step"] >= MAX_STEPS:
+        common.print0(f"{RUN_DIR} is a finished run with these settings ({resume_from}, step {resume['step']}); "
+                      "nothing to do (pass a new --run_dir to run again)")
+        common.cleanup_dist()
+        return
     # a resume checkpoint wins over CHECKPOINT: it already holds the teacher, spec and trained weights
     source = resume if resume is not None or not CHECKPOINT else checkpoint.load_checkpoint(CHECKPOINT)
     model, tokenizer, artifact = build_model(source, master)
@@ -170,7 +167,7 @@ def main() -> None:
     model.to(device)
     raw_model = model  # unwrapped and uncompiled: what checkpoints store (no module./_orig_mod. prefixes)
     spec = artifact.hybrid_spec
-    run_config = artifact.to_config({**cfg, "world_size": world_size, "grad_accum": grad_accum})
+    run_config = artifact.to_config(settings)
 
     # ---- data ----
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank=rank, world_size=world_size,
@@ -213,7 +210,8 @@ def main() -> None:
     common.print0(f"params: {n_train:,} trainable / {n_total:,} total | spec: {spec or 'plain ' + type(raw_model).__name__}")
     common.print0(f"batch: {TOTAL_BATCH_TOKENS:,} tokens/step = {MICRO_BATCH} rows x {SEQ_LEN} tokens x "
                   f"{world_size} ranks x {grad_accum} micro-steps | val: {len(val) * world_size} batches")
-    common.print0(f"{'resuming from ' + resume_from + ' at' if resume_from else 'starting at'} step {start_step}")
+    common.print0(f"resuming {resume_from} at step {start_step}: same settings as this command" if resume_from
+                  else f"starting at step {start_step}")
 
     # ---- training loop ----
     t_last, steps_since = time.time(), 0

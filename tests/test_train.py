@@ -68,7 +68,7 @@ def one_thread():
 
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, LR=1e-2, MIN_LR=1e-3, WARMUP_STEPS=2,
                 MAX_STEPS=6, WEIGHT_DECAY=0.1, GRAD_CLIP=1.0, EVAL_EVERY=3, EVAL_BATCHES=2, LOG_EVERY=1,
-                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, RESUME="", CHECKPOINT="", INIT="pretrained", SEED=1337,
+                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, CHECKPOINT="", INIT="pretrained", SEED=1337,
                 COMPILE=False, DTYPE="fp32")
 
 
@@ -222,3 +222,21 @@ def test_finetune_hybrid_checkpoint(tiny, tmp_path, monkeypatch):
     assert out["config"]["hybrid_spec"] == spec and out["step"] == 3
     new = surgery.build_student(teacher, spec)
     checkpoint.load_state_strict(new, out["model"])  # a train.py checkpoint rebuilds the same way
+
+
+def test_rerun_of_a_finished_run_and_of_another_runs_dir(tiny, tmp_path, monkeypatch):
+    """The same command again continues (here: the run is finished, nothing is redone); other
+    result-changing settings in the same run dir are refused by name; --resume='' never mixes."""
+    assert train.RESUME == "auto"
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2)
+    train.main()
+    lines = open(tmp_path / "metrics.jsonl").read()
+    train.main()
+    assert open(tmp_path / "metrics.jsonl").read() == lines
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2, LR=3e-3)
+    with pytest.raises(ValueError, match=r"other result-changing settings: LR \(0.01 there, 0.003 here\)"):
+        train.main()
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2, RESUME="")
+    with pytest.raises(ValueError, match="another run's checkpoints"):
+        train.main()
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == ["step_000002.pt"]
