@@ -161,8 +161,17 @@ def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatc
     calls["train"].clear()
     select_layers.main()
     assert calls == {"train": [], "eval": 0}
+    monkeypatch.setattr(select_layers, "LOG_EVERY", 1)  # on the explicit list of settings that change no result
+    select_layers.main()
+    assert calls == {"train": [], "eval": 0}
     monkeypatch.setattr(select_layers, "LR_MIXER", 3e-3)
     with pytest.raises(ValueError, match="other settings"):
+        select_layers.main()
+    # every setting not on that list keys the results, also one nobody thought of (the old hand-kept
+    # allow-list lacked the KL chunk size)
+    monkeypatch.setattr(select_layers, "LR_MIXER", SETTINGS["LR_MIXER"])
+    monkeypatch.setattr(select_layers, "KL_CHUNK_TOKENS", 16)
+    with pytest.raises(ValueError, match=r"other settings \(\['KL_CHUNK_TOKENS'\]\)"):
         select_layers.main()
 
 
