@@ -18,7 +18,8 @@ Launch:
   python distill.py --stage=2 --init=runs/stage1 --spec="gdn;softmax=3,11,19,27"
   torchrun --standalone --nproc_per_node=8 distill.py --stage=2 ...
 Reads models/<teacher>/ and data/<name>/*.bin (prepare.py); writes RUN_DIR/{config.json,
-log.txt, metrics.jsonl, ckpt/step_*.pt, ckpt/final_*.pt}.
+log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt}. Re-running the same command
+continues the run (RESUME=auto); a run dir holding another run's checkpoints is refused, not mixed with.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
 """
 

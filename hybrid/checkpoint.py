@@ -2,8 +2,8 @@
 
 A checkpoint is a dict {model, optim, step, loader, config, rng, ...}; `config` holds whatever
 defines the artifact (teacher, per-layer mixer spec), so later scripts read it from there.
-Every file is written to `<path>.tmp` and renamed, so a crash never leaves a half-written file
-under the real name and never destroys the previous checkpoint.
+Every file is written to a per-process `<path>.<pid>.tmp`, fsynced and renamed, so a crash never
+leaves a half-written file under the real name and never destroys the previous checkpoint.
 """
 
 import glob
@@ -29,9 +29,13 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a per-process temp file, flushed to disk before the rename (as atomic_write_bytes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
