@@ -37,14 +37,6 @@ METHOD_KEYS = {"scores": (dict, type(None)), "spread": (dict, type(None)), "dire
                "jaccard": dict, "wall_seconds": float, "token_ratio": float}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 cores shared with other jobs: oversubscription is 10x slower
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted(tiny_setup, tmp_path_factory):
     """A teacher whose layer PLANTED has sharp attention and a strong output (the other layers'

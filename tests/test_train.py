@@ -56,16 +56,6 @@ def tiny(tmp_path_factory):
     return {"model": model_dir, "data": data_dir}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
-    for each other made steps 10-100x slower (8 ms -> 1.7 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, LR=1e-2, MIN_LR=1e-3, WARMUP_STEPS=2,
                 MAX_STEPS=6, WEIGHT_DECAY=0.1, GRAD_CLIP=1.0, EVAL_EVERY=3, EVAL_BATCHES=2, LOG_EVERY=1,
                 SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, CHECKPOINT="", INIT="pretrained", SEED=1337,
