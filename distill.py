@@ -358,6 +358,9 @@ def main() -> dict:
         set_rng_state(ckpt["rng"])
         print0(f"resuming {resume} (step {ckpt['step']}): same settings as this command")
     elif INIT:
+        if not source_art.hybrid_spec:
+            raise ValueError(f"--init={INIT}: a plain model (train.py on a teacher), not a student; pass a "
+                             "distill.py checkpoint or run dir")
         seeded = seed_from(student, source["model"], source_art.hybrid_spec, spec)
         print0(f"seeded layers {seeded} from {INIT}")
     del source
