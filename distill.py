@@ -40,13 +40,13 @@ from hybrid.common import (RunLogger, all_mean, autocast_dtype, average_gradient
                            set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
 from hybrid.losses import layer_mse
-from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.model.spec import check_options
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.shards import ShardLoader, check_tokenizer, val_batches
+from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 from hybrid.student import Artifact, rebuild_student, seed_from
 from hybrid.surgery import mixer_parameters, read_spec
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
-from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 
 # -----------------------------------------------------------------------------
 # What to distill

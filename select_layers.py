@@ -43,14 +43,14 @@ from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_str
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
+from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student, seed_from
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
-from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
 
 # -----------------------------------------------------------------------------
 # Inputs and outputs

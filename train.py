@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
-from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.student import Artifact, rebuild_student
 from hybrid.common import all_mean
+from hybrid.config import apply_overrides, config_dict, dumps
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.student import Artifact, rebuild_student
 
 # -----------------------------------------------------------------------------
 # Model
