@@ -32,7 +32,7 @@ import torch
 
 from hybrid.checkpoint import load_state_strict
 from hybrid.config import config_dict, dumps, run_script
-from hybrid.student import load_student
+from hybrid.student import load_export, load_student
 from hybrid.surgery import decoder_layers, model_spec
 
 # -----------------------------------------------------------------------------
@@ -51,14 +51,6 @@ GENERATE_TOKENS = 8             # greedy tokens whose cached decoding must equal
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "model", "modeling_hybrid.py")
 _AUTO_MAP = {"AutoConfig": "modeling_hybrid.HybridConfig", "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM"}
-_REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py")
-
-
-def student_from_checkpoint(path: str, teacher: str = "", models_dir: str = "models"):
-    """-> (student in float32 on CPU, tokenizer, spec, options), through hybrid.student.load_student."""
-    student, tokenizer, ckpt = load_student(path, teacher=teacher, models_dir=models_dir)
-    cfg = ckpt["config"]
-    return student, tokenizer, model_spec(student), dict(cfg.get("mixer_options") or {})
 
 
 def print_weight_map(student) -> None:
@@ -112,24 +104,6 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def check_export_dir(path: str) -> None:
-    """Clear errors for a folder that is not an export (before transformers gives a vaguer one)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder; create an export with `python export.py --out_dir={path}`")
-    missing = [f for f in _REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"{path}: missing {missing}; not a complete hybrid export, re-run "
-                                f"`python export.py --out_dir={path}`")
-
-
-def load_export(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """-> (model, tokenizer) from an export folder, through transformers' remote-code loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    check_export_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-
-
 def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> torch.Tensor:
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     if len(ids) < 4:  # a toy tokenizer may map the prompt to almost nothing
@@ -175,7 +149,8 @@ def main() -> dict:
     if DTYPE not in _DTYPES:
         raise ValueError(f"--dtype={DTYPE}: expected one of {sorted(_DTYPES)}")
     print(dumps(config_dict(globals())))
-    student, tokenizer, spec, options = student_from_checkpoint(CHECKPOINT, TEACHER, MODELS_DIR)
+    student, tokenizer, art = load_student(CHECKPOINT, teacher=TEACHER, models_dir=MODELS_DIR)
+    spec, options = model_spec(student), art.mixer_options
     print(f"student: {','.join(spec)} | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
           f"{' | options ' + str(options) if options else ''}")
     print_weight_map(student)

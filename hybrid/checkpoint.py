@@ -93,6 +93,7 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a per-process temp file, flushed to disk before the rename (as atomic_write_bytes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -178,11 +179,11 @@ def _gather_partial(path: str, ckpt: dict, map_location) -> dict:
         earlier = os.path.join(os.path.dirname(path), f"step_{j:06d}.pt")
         if not os.path.exists(earlier):
             raise FileNotFoundError(f"{path} holds only what step {ckpt['step']} changed and needs {earlier}, "
-                                    f"which is missing; resume from scratch (--resume=\"\") or restore that file")
+                                    f"which is missing; restore that file, or start over in a new --run_dir")
         part = _torch_load(earlier, map_location)
         if not part.get("partial") or (part.get("config") or {}).get("hybrid_spec") != spec:
             raise ValueError(f"{earlier} is not a partial checkpoint of the same run as {path}; another run wrote "
-                             f"into {os.path.dirname(path)}/: use a new --run_dir or resume from scratch")
+                             f"into {os.path.dirname(path)}/: use a new --run_dir")
         model.update(part["model"])
     model.update(ckpt["model"])
     return {**ckpt, "model": model}
@@ -222,3 +223,57 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str = "mo
                          f"unexpected {len(unexpected)} keys (first: {unexpected[:5]}); "
                          f"was it written for another teacher or layer spec?")
     module.load_state_dict(state_dict, strict=not partial)
+
+
+# ----------------------------------------------------------------------------- which run a result belongs to
+def result_settings(cfg: dict, unchanging: tuple[str, ...]) -> dict:
+    """A script's settings less those listed as unable to change a result (paths of outputs, log
+    cadence, ...): a setting added later counts, unless someone argues it onto the list."""
+    return {k: v for k, v in cfg.items() if k not in unchanging}
+
+
+def settings_diff(have: dict, want: dict) -> list[str]:
+    """'NAME (a there, b here)' for every setting that differs, missing on either side included."""
+    missing = "<unset>"
+    return [f"{k} ({have.get(k, missing)!r} there, {want.get(k, missing)!r} here)"
+            for k in sorted(set(have) | set(want)) if have.get(k, missing) != want.get(k, missing)]
+
+
+def checkpoint_settings(ckpt: dict) -> dict:
+    """The settings a checkpoint was written with, in any config shape (see hybrid/student.py)."""
+    cfg = ckpt.get("config") or {}
+    old_train = {k: v for k, v in cfg.items() if k.isupper() or k in ("world_size", "grad_accum")}
+    return cfg.get("settings") or cfg.get("resolved") or old_train
+
+
+def resume_point(run_dir: str, resume: str, settings: dict, unchanging: tuple[str, ...]) -> tuple[str | None, dict | None]:
+    """-> (path, checkpoint) a run continues from, or (None, None) to start fresh.
+
+    resume "auto": the run dir's final checkpoint, else its latest; "" : start fresh, refused when
+    run_dir already holds checkpoints (a new run never mixes with nor deletes another's files);
+    a path: that checkpoint. A checkpoint written with other result-changing settings is refused,
+    naming them. A rotation's partial checkpoint comes back with its steps gathered (its config is
+    the artifact's, as in a whole one): a resume is the one reader that may take it."""
+    if resume == "":
+        found = list_checkpoints(run_dir) + [p for p in [final_path(run_dir)] if os.path.exists(p)]
+        if found:
+            raise ValueError(f"{run_dir}/ckpt holds another run's checkpoints ({', '.join(map(os.path.basename, found))})"
+                             f" and --resume='' starts over: pass --resume=auto to continue that run, a new "
+                             f"--run_dir, or move {run_dir}/ckpt away yourself (nothing is deleted for you)")
+        return None, None
+    if resume == "auto":
+        path = final_path(run_dir) if os.path.exists(final_path(run_dir)) else latest_checkpoint(run_dir)
+        if path is None:
+            return None, None
+    elif not os.path.exists(resume):
+        raise FileNotFoundError(f"--resume={resume} does not exist; pass a checkpoint .pt, a run dir, or "
+                                f"--resume=auto to continue the latest checkpoint in --run_dir={run_dir}")
+    else:
+        path = resume
+    ckpt = load_checkpoint(path, partial_ok=True)
+    diff = settings_diff(result_settings(checkpoint_settings(ckpt), unchanging), result_settings(settings, unchanging))
+    if diff:
+        raise ValueError(f"{path} was written with other result-changing settings: {'; '.join(diff)}. Re-run with "
+                         f"its settings to continue it, or pass a new --run_dir for this one (or --resume=<checkpoint> "
+                         "of a run with these settings)")
+    return path, ckpt

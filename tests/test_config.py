@@ -8,7 +8,7 @@ import torch
 
 from hybrid import checkpoint
 from hybrid.checkpoint import latest_checkpoint, load_checkpoint, load_state_strict, save_checkpoint
-from hybrid.config import apply_overrides, config_dict
+from hybrid.config import apply_overrides, config_dict, config_names
 
 
 def _cfg():
@@ -127,15 +127,19 @@ def test_partial_checkpoints_gather_and_refuse_as_whole(tmp_path):
         load_checkpoint(run, partial_ok=True)
 
 
-def test_settings_are_the_scripts_own_constants():
+def test_settings_are_the_scripts_own_constants(tmp_path):
     import eval as eval_script
     import select_layers
     g = dict(vars(select_layers))
-    assert "SOFTMAX" in g and "ALL_METHODS" in g  # imported, and defined below the settings block
+    assert "SOFTMAX" in g  # imported
     with pytest.raises(ValueError, match="unknown setting --softmax"):
         apply_overrides(g, ["--softmax=mamba"], verbose=False)
-    with pytest.raises(ValueError, match="unknown setting --all_methods"):
-        apply_overrides(g, ["--all_methods=x"], verbose=False)
+    script = tmp_path / "script.py"  # a constant defined below the settings block is no setting either
+    script.write_text("import os\nTOP = 0\n# " + "-" * 77 + "\nLR = 1.0\n# " + "-" * 77 + "\nMETHODS = 'a,b'\n")
+    mod = {"__file__": str(script), "TOP": 0, "LR": 1.0, "METHODS": "a,b"}
+    assert config_names(mod) == ["LR"]
+    with pytest.raises(ValueError, match="unknown setting --methods"):
+        apply_overrides(mod, ["--methods=x"], verbose=False)
     with pytest.raises(ValueError, match="unknown setting --tasks"):
         apply_overrides(dict(vars(eval_script)), ["--tasks=1"], verbose=False)
     assert apply_overrides(g, ["--ks=[2]"], verbose=False) == {"KS": [2]}
