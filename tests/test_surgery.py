@@ -7,7 +7,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid.surgery import (build_student, decoder_layers, mixer_parameters, model_spec, parse_spec,
-                            swap_attention)
+                            read_spec, swap_attention)
 from hybrid.selection import SpecSwitcher
 from test_mixers import FAMILIES, VOCAB, tiny_teacher
 
@@ -135,3 +135,14 @@ def test_unknown_architectures_give_a_clear_error():
             self.model.layers = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(ValueError, match=r"Toy: no decoder layers.*self_attn\.\{q,k,v,o\}_proj"):
         decoder_layers(Toy())
+
+
+def test_read_spec_names_a_bad_selection_file(tmp_path):
+    path = tmp_path / "selection.json"
+    with pytest.raises(FileNotFoundError, match=r"selection\.json: no such file; run select_layers\.py"):
+        read_spec(str(path), 4)
+    path.write_text('{"methods": {}}')
+    with pytest.raises(ValueError, match=r"no 'chosen_spec' in it"):
+        read_spec(str(path), 4)
+    path.write_text('{"chosen_spec": "gdn;softmax=1"}')
+    assert read_spec(str(path), 4) == ["gdn", "softmax", "gdn", "gdn"]
