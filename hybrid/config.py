@@ -11,6 +11,7 @@ suggestion.
 import ast
 import difflib
 import json
+import os
 import sys
 
 
@@ -54,6 +55,8 @@ def apply_overrides(g: dict, argv: list[str] | None = None, verbose: bool = True
     malformed argument, or a value whose type does not match the default.
     """
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help_and_exit(g)
     names = config_names(g)
     applied = {}
     for arg in argv:
@@ -79,3 +82,70 @@ def config_dict(g: dict) -> dict:
 
 def dumps(cfg: dict) -> str:
     return json.dumps(cfg, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- --help
+def settings_doc(source: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """Read a script's source -> (docstring, rows). The constants block (between the first two
+    `# ----` lines; the whole module when there are none) is the documentation: each row is
+    (name, default as written, trailing comment), or ("", heading, "") for a `# Heading` line.
+    """
+    import io
+    import tokenize
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    rules = [i + 1 for i, line in enumerate(lines) if line.startswith("# ---")]
+    first, last = (rules[0], rules[1]) if len(rules) >= 2 else (0, len(lines) + 1)
+    comments = {}  # line number -> (comment text, whole line is a comment)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and first < tok.start[0] < last:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.start[1] == 0)
+    rows = []
+    for node in tree.body:
+        if first < node.lineno < last and isinstance(node, ast.Assign) and len(node.targets) == 1 \
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper():
+            text, _ = comments.get(node.end_lineno, ("", False))
+            rows.append((node.lineno, node.targets[0].id, ast.get_source_segment(source, node.value), text))
+    rows += [(n, "", text, "") for n, (text, whole) in comments.items() if whole and text]
+    return ast.get_docstring(tree) or "", [r[1:] for r in sorted(rows)]
+
+
+def _shell_value(value) -> str:
+    """A value as it would be typed after --name= in a shell."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) and len(value) > 1 else str(value)
+    if isinstance(value, (list, tuple)):
+        text = f"[{text}]"
+    return text if text and all(c.isalnum() or c in "._-/,:[]+" for c in text) else repr(text)
+
+
+def format_help(script: str, source: str, g: dict) -> str:
+    """The --help text of a script: its docstring's summary, usage, and every setting of the
+    constants block with its default (as written and, where it differs, as evaluated) and comment."""
+    doc, rows = settings_doc(source)
+    summary = doc.split("\n\n")[0].replace("\n", " ")
+    name = script if script.endswith(".py") else script + ".py"
+    out = [f"{name}: {summary}", "", f"usage: python {name} [--name=value ...]   (names are the settings below, "
+           "any case; values are Python literals or bare words)", ""]
+    for setting, written, comment in rows:
+        if not setting:
+            out.append(f"{written}")
+            continue
+        default = _shell_value(g[setting]) if setting in g else written
+        shown = f"--{setting.lower()}={default}"
+        if written is not None and written not in (default, repr(g.get(setting))) and len(written) < 30 \
+                and not written.startswith(("[", "(", "\"", "'")):
+            comment = f"[{written}] {comment}".strip()
+        out.append(f"  {shown:<34} {comment}".rstrip())
+    launch = doc.split("\nLaunch", 1)
+    if len(launch) == 2:
+        out += ["", "Launch" + launch[1].split("\n\n")[0].split("\nReads")[0].split("\nLog line")[0]]
+    return "\n".join(out) + "\n"
+
+
+def print_help_and_exit(g: dict) -> None:
+    """--help / -h: print format_help for the script whose globals are g, exit 0 (nothing loaded yet)."""
+    path = g.get("__file__") or sys.argv[0]
+    with open(path) as f:
+        source = f.read()
+    sys.stdout.write(format_help(os.path.basename(path), source, g))
+    sys.exit(0)

@@ -55,3 +55,57 @@ def test_checkpoint_atomic_keep_and_strict(tmp_path):
         load_state_strict(m, {"weight": m.weight.detach()})
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "nope.pt"))
+
+
+SCRIPTS = ["prepare", "distill", "select_layers", "train", "export", "eval", "bench", "bench_kernels"]
+_SOURCE = '''"""Do a thing to tokens.
+
+Longer text.
+"""
+import os
+# -----------------------------------------------------------------------------
+# Data
+DATA_DIR = "data/x"             # shards from prepare.py
+STEPS = 2**4                    # optimizer steps
+# Other
+KS = [4, 8]
+NAME = ""                       # "" = automatic
+# -----------------------------------------------------------------------------
+AFTER = 3                       # not a setting: below the block
+'''
+
+
+def test_help_lists_settings_defaults_comments_and_headings():
+    from hybrid.config import format_help, settings_doc
+    doc, rows = settings_doc(_SOURCE)
+    assert doc.startswith("Do a thing to tokens.")
+    assert rows == [("", "Data", ""), ("DATA_DIR", '"data/x"', "shards from prepare.py"),
+                    ("STEPS", "2**4", "optimizer steps"), ("", "Other", ""), ("KS", "[4, 8]", ""),
+                    ("NAME", '""', '"" = automatic')]
+    text = format_help("tool.py", _SOURCE, {"DATA_DIR": "data/x", "STEPS": 16, "KS": [4, 8], "NAME": "", "AFTER": 3})
+    assert text.startswith("tool.py: Do a thing to tokens.\n")
+    assert "--data_dir=data/x" in text and "shards from prepare.py" in text
+    assert "--steps=16" in text and "[2**4] optimizer steps" in text  # evaluated default and the expression
+    assert "--ks=[4,8]" in text and "--name=''" in text and "after" not in text.lower().split("usage")[1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_documents_its_block(script):
+    from hybrid.config import settings_doc
+    with open(f"{script}.py") as f:
+        doc, rows = settings_doc(f.read())
+    settings = [r for r in rows if r[0]]
+    assert doc and len(settings) >= 5, (script, rows)
+    assert sum(bool(c) for _, _, c in settings) >= len(settings) // 2  # most settings carry a comment
+
+
+def test_help_cli_exits_zero_before_loading(tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "distill.py", "--help", "--teacher=/nonexistent"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "--steps_per_layer=200" in out.stdout and "rotation: optimizer steps per layer" in out.stdout
+    assert out.stdout.startswith("distill.py: Distill")
