@@ -33,17 +33,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, latest_checkpoint, load_checkpoint,
                                load_state_strict, save_checkpoint)
-from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, rng_state, seed_all, set_rng_state)
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.common import (Progress, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens,
+                           init_dist, is_master, print0, rng_state, run_main, seed_all, set_rng_state, val_label)
+from hybrid.config import apply_overrides, config_dict
 from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
+from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.student import seed_from, untie_embeddings
 from hybrid.surgery import build_student, mixer_parameters, parse_spec
 from hybrid.teacher import load_teacher, resolve_teacher
 from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
-                               set_lr)
+                               capped_warmup, set_lr)
 
 # -----------------------------------------------------------------------------
 # What to distill
@@ -145,6 +146,8 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
     print0(f"latent cache: {n_cache} batches x {B}x{T} tokens per rank ({n_cache * B * T * cache.latents[0].shape[-1] * cache.latents[0].element_size() / 2**20:.0f} MiB), "
            f"{STEPS_PER_LAYER * ctx['accum']} micro-steps per layer ({STEPS_PER_LAYER * ctx['accum'] / n_cache:.1f} passes over the cache)")
     step_tokens = B * T * ctx["accum"] * ctx["world_size"]
+    warmup = capped_warmup(WARMUP_STEPS, STEPS_PER_LAYER)
+    prog = Progress(len(layers) * STEPS_PER_LAYER, "stage 1 rotation", "layer-step", start=len(done) * STEPS_PER_LAYER)
     for n, i in enumerate(layers):
         if i in done:
             continue
@@ -157,7 +160,7 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
         t_layer = time.time()
         for step in range(STEPS_PER_LAYER):
             t1 = time.time()
-            lr = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
+            lr = cosine_lr(step, STEPS_PER_LAYER, warmup, LR, LR * MIN_LR_FRAC)
             set_lr(opt, lr, LR)
             loss_sum = torch.zeros((), device=ctx["device"])
             for micro in range(ctx["accum"]):
@@ -175,7 +178,7 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
             if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
                 loss_v = all_mean(loss_sum).item()
                 ctx["log"].log(log_line(step, STEPS_PER_LAYER, loss_v, lr, time.time() - t1, step_tokens,
-                                        f" | layer {i}/{len(ctx['spec'])}"),
+                                        f" | layer {i}/{len(ctx['spec'])}") + " | " + prog.line(n * STEPS_PER_LAYER + step + 1),
                                {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": lr})
         with torch.no_grad(), ctx["autocast"]:
             vloss = sum(layer_mse(call(block, vcache.latents[j], vcache.pe, vcache.pos), vcache.targets(j, TARGET))
@@ -201,6 +204,8 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+    warmup = capped_warmup(WARMUP_STEPS, STAGE1_STEPS)
+    prog = Progress(STAGE1_STEPS, "stage 1 all layers", start=start)
 
     def mean_loss(x):
         caps = capture_all_layers(teacher, x.to(ctx["device"]), layers, TARGET)
@@ -210,7 +215,7 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
 
     for step in range(start, STAGE1_STEPS):
         t1 = time.time()
-        lr = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
+        lr = cosine_lr(step, STAGE1_STEPS, warmup, LR, LR * MIN_LR_FRAC)
         set_lr(opt, lr, LR)
         loss_sum = torch.zeros((), device=ctx["device"])
         for _ in range(ctx["accum"]):
@@ -223,7 +228,8 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
         opt.zero_grad(set_to_none=True)
         if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            ctx["log"].log(log_line(step, STAGE1_STEPS, loss_v, lr, time.time() - t1, step_tokens, " | all layers"),
+            ctx["log"].log(log_line(step, STAGE1_STEPS, loss_v, lr, time.time() - t1, step_tokens, " | all layers")
+                           + " | " + prog.line(step + 1),
                            {"stage": 1, "step": step, "loss": loss_v, "lr": lr})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE1_STEPS - 1:
             save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
@@ -246,6 +252,8 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
     step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+    warmup = capped_warmup(WARMUP_STEPS, STAGE2_STEPS)
+    prog = Progress(STAGE2_STEPS, "stage 2", start=start)
     prof = None
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
@@ -257,7 +265,7 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
             write_profile(prof, ctx)
             prof = None
         t1 = time.time()
-        scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+        scale = cosine_lr(step, STAGE2_STEPS, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
         loss_sum = accumulate_kl(model, teacher, loader, ctx["accum"], ctx["device"], ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
@@ -265,13 +273,16 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
         opt.zero_grad(set_to_none=True)
         if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            ctx["log"].log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens),
+            ctx["log"].log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens)
+                           + " | " + prog.line(step + 1),
                            {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
+                            "train_tokens": (step + 1) * step_tokens,
                             "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
             metrics = evaluate_kl(teacher, student, val, ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS)
             ctx["log"].log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
-                           f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
+                           f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, ctx['world_size'])}",
+                           {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
             ctx["final_metrics"] = metrics
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
             save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
@@ -337,7 +348,7 @@ def main():
     info = env_info(device, world_size, dtype)
     n_train = sum(p.numel() for p in mixer_parameters(student))
     n_total = sum(p.numel() for p in student.parameters())
-    print0(dumps({**cfg, "env": info}))
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"spec: {','.join(spec)} | accum {accum} | mixer params {n_train / 1e6:.2f}M of {n_total / 1e6:.1f}M | "
            f"dtype {info['dtype']} ({'bf16 autocast on GPU' if dtype != torch.float32 else 'fp32 on CPU'})")
     if is_master():
@@ -355,6 +366,7 @@ def main():
         summary = {"stage": STAGE, "seconds": time.time() - t0, "val_mse": ctx["val_mse"], **ctx["final_metrics"]}
         atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
         atomic_torch_save({"model": student.state_dict(), "config": artifact, "step": 0}, final_path(RUN_DIR))
+        plot_run(RUN_DIR)
     barrier()
     print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")
     cleanup_dist()
@@ -362,4 +374,4 @@ def main():
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    run_main(main, RUN_DIR, "add --resume=auto to the same command")

@@ -227,13 +227,19 @@ def stage1_mse(teacher: nn.Module, student: nn.Module, batches: list, layers: li
 
 
 # ----------------------------------------------------------------------------- plot
+# the y-axis of each method's panel: what its score measures
+SCORE_LABELS = {"ga_s2": "held-out KL\nafter training", "early": "held-out KL\n(early stop)",
+                "halving": "held-out KL\n(round 0)", "zero_shot": "held-out KL\n(no training)",
+                "ablation": "held-out KL\n(only l linear)", "mse": "stage-1 MSE\n(normalised)",
+                "greedy": "removal step"}
+
+
 def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, list[int]]) -> None:
     """One bar panel per method with per-layer scores (`methods[m]["scores"]` keyed by str(layer),
     `methods[m]["direction"]`); the layers in chosen[m] are drawn in a second colour. Written
     atomically (path.tmp.png, then rename)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
+    from hybrid.plots import pyplot, save_figure
+    plt = pyplot()
     scored = [m for m, r in methods.items() if r.get("scores")]
     if not scored:
         return
@@ -245,12 +251,15 @@ def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, li
         ax.bar(xs, [scores[str(x)] for x in xs], color=colors,
                yerr=[spread.get(str(x), 0.0) for x in xs] if spread else None)
         better = "lower" if methods[m]["direction"] == "lower" else "higher"
-        ax.set_title(f"{m} ({better} = keep softmax; red = chosen)", fontsize=9)
+        ax.set_title(f"{m}: {better} = keep softmax; red = chosen", fontsize=9)
+        lo, hi = min(scores[str(x)] for x in xs), max(scores[str(x)] for x in xs)
+        if lo > 0 and hi - lo < 0.5 * hi:  # close scores (KLs of 2.1 to 2.2): zoom in so they differ visibly
+            ax.set_ylim(max(0.0, lo - (hi - lo) - 0.01 * hi), hi + 0.3 * (hi - lo) + 0.01 * hi)
+        label = SCORE_LABELS.get(m, "score")
+        ax.set_ylabel(label + ("\n(nats/token)" if "KL" in label else ""), fontsize=8)
         ax.set_xticks(range(n_layers))
+        ax.set_xlim(-0.6, n_layers - 0.4)
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
