@@ -7,6 +7,8 @@ student, and writes OUT_DIR/ with
                          model_type "hybrid" and auto_map (AutoConfig, AutoModelForCausalLM)
   model.safetensors      the student's weights in DTYPE, under the teacher's own names
   generation_config.json, tokenizer files (the teacher's)
+  tokenizer/             the same tokenizer files alone: AutoTokenizer.from_pretrained(OUT_DIR + "/tokenizer")
+                         loads it as the stock tokenizer it is, without trust_remote_code
   modeling_hybrid.py     the HF wrapper + HybridCache (hybrid/model/modeling_hybrid.py), and, copied
   mixers.py ...          verbatim, every file it imports relatively (mixers.py, mixer_base.py,
   op_*.py                op_gdn.py, ...): one source of truth for every mixer
@@ -31,7 +33,8 @@ import time
 import torch
 
 from hybrid.checkpoint import load_state_strict
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.common import run_main
+from hybrid.config import apply_overrides
 from hybrid.student import load_student
 from hybrid.surgery import decoder_layers, model_spec
 
@@ -51,6 +54,11 @@ GENERATE_TOKENS = 8             # greedy tokens whose cached decoding must equal
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "model", "modeling_hybrid.py")
 _AUTO_MAP = {"AutoConfig": "modeling_hybrid.HybridConfig", "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM"}
+# transformers 5's AutoTokenizer reads the folder's config.json before the tokenizer files, and the
+# export's config names custom code (auto_map.AutoConfig, needed by AutoModelForCausalLM): without
+# trust_remote_code it stops at "Do you wish to run the custom code? [y/N]" for 15 s. A subfolder with
+# the tokenizer files and no config.json has nothing custom to ask about.
+_TOKENIZER_DIR = "tokenizer"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py")
 
 
@@ -103,6 +111,7 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
     model.config.dtype = dtype
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(os.path.join(tmp, _TOKENIZER_DIR))
     for path in code_files():
         shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
     if os.path.exists(out_dir):
@@ -127,7 +136,8 @@ def load_export(path: str, dtype: torch.dtype = torch.float32, device: str | tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
     check_export_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tok_dir = os.path.join(path, _TOKENIZER_DIR)
+    return model, AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else path, trust_remote_code=True)
 
 
 def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> torch.Tensor:
@@ -174,7 +184,7 @@ def main() -> dict:
     t0 = time.time()
     if DTYPE not in _DTYPES:
         raise ValueError(f"--dtype={DTYPE}: expected one of {sorted(_DTYPES)}")
-    print(dumps(config_dict(globals())))
+    print(f"export: {CHECKPOINT} -> {OUT_DIR} ({DTYPE} weights)")
     student, tokenizer, spec, options = student_from_checkpoint(CHECKPOINT, TEACHER, MODELS_DIR)
     print(f"student: {','.join(spec)} | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
           f"{' | options ' + str(options) if options else ''}")
@@ -186,10 +196,10 @@ def main() -> dict:
     result = verify(OUT_DIR, student, _DTYPES[DTYPE], prompt_ids(tokenizer, PROMPT, student.config.vocab_size),
                     ATOL, GENERATE_TOKENS)
     print(f"done in {time.time() - t0:.1f}s; load with AutoModelForCausalLM.from_pretrained({OUT_DIR!r}, "
-          "trust_remote_code=True)")
+          f"trust_remote_code=True) and AutoTokenizer.from_pretrained({os.path.join(OUT_DIR, _TOKENIZER_DIR)!r})")
     return {"out_dir": OUT_DIR, "spec": spec, "files": files, **result}
 
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    run_main(main)

@@ -35,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hybrid.checkpoint import atomic_write_json
-from hybrid.common import format_tokens
+from hybrid.common import format_tokens, run_main
 from hybrid.config import apply_overrides, config_dict
 from hybrid.corpus import DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
 from hybrid.shards import load_manifest, sha256_file, tokenizer_info, verify_shards, version_for_vocab, write_shard
@@ -269,4 +269,4 @@ def main() -> dict:
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    run_main(main)

@@ -41,8 +41,8 @@ import torch
 
 from hybrid.checkpoint import atomic_write_json, load_checkpoint
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, seed_all)
-from hybrid.config import apply_overrides, config_dict, dumps
+                           is_master, print0, run_main, seed_all)
+from hybrid.config import apply_overrides, config_dict
 from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
@@ -302,7 +302,7 @@ def main():
                target=ccfg.get("resolved", {}).get("TARGET", "layer"))
     log = RunLogger(RUN_DIR, is_master())
     info = env_info(device, world_size, dtype)
-    print0(dumps({**cfg, "env": info}))
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"{len(candidates)} candidates of {n_layers} layers over {world_size} rank(s) | GA-S2 {steps_full} steps x "
            f"{TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, accum {ctx['accum']}) | "
            f"val {len(val)} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} (fraction {FRACTION} -> {k_frac})")
@@ -338,7 +338,8 @@ def main():
             wall.setdefault(done, time.time() - t0)
         for name in (x for x in results if x not in logged):
             r = results[name]
-            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | {wall[name]:.1f}s | "
+            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | job seconds "
+                    f"{r['job_seconds']:.1f} (wall {wall[name]:.1f}, incl. work shared with other methods) | "
                     f"top-{k_frac} {r['top'][str(k_frac)]} | ranking {r['ranking']}",
                     {"method": name, "seconds": wall[name], "train_tokens": r["train_tokens"], "scores": r["scores"],
                      "ranking": r["ranking"], "top": r["top"]})
@@ -369,10 +370,11 @@ def main():
         atomic_write_json(os.path.join(RUN_DIR, "selection.json"), selection)
         plot_selection(os.path.join(RUN_DIR, "selection.png"), results, n_layers,
                        {m: r["top"][str(k_frac)] for m, r in results.items()})
-        print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'seconds':>8} " +
+        print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
                " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
         for m, r in results.items():
-            print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} " +
+            print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "
+                   f"{r['wall_seconds']:>8.1f} " +
                    " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
                    f"  {r['top'][str(k_frac)]}")
         print0(f"chosen ({PRIMARY}, {k_frac} softmax): {chosen} -> {os.path.join(RUN_DIR, 'selection.json')}")
@@ -383,4 +385,4 @@ def main():
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    run_main(main, None, f"re-run the same command: finished jobs in {os.path.join(RUN_DIR, 'candidates')} are reused")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.config import apply_overrides, config_dict
 from hybrid.train_loop import adamw, all_mean, cosine_lr, grad_accum_steps, set_lr
 
 # -----------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def main() -> None:
         checkpoint.atomic_write_json(os.path.join(RUN_DIR, "config.json"),
                                      {"config": run_config, "env": env,
                                       "params": {"trainable": n_train, "total": n_total}})
-    common.print0(dumps(run_config))
+    common.print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     common.print0(f"env: {env}")
     common.print0(f"dtype: {env['dtype']} (--dtype={DTYPE}; auto = bf16 autocast on GPU, fp32 on CPU where bf16 is slow)")
     common.print0(f"params: {n_train:,} trainable / {n_total:,} total | spec: {spec or 'plain ' + type(raw_model).__name__}")
@@ -282,4 +282,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     apply_overrides(globals())
-    main()
+    common.run_main(main, RUN_DIR, "add --resume=auto to the same command")

@@ -26,7 +26,7 @@ from torch import nn
 
 from .capture import attention_call, capture_all_layers, layer_call, rope_for
 from .checkpoint import atomic_write_json
-from .common import world
+from .common import Progress, print0, world
 from .kl import teacher_hidden
 from .losses import chunked_distill_loss
 from .surgery import SOFTMAX, decoder_layers, swap_attention
@@ -139,12 +139,14 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
     # one run per name: the same job listed twice (two methods choosing the same set) would otherwise
     # go to two ranks, which then race to rename the same .tmp file
     pending = list({name: (name, fn) for name, fn in jobs if name not in done}.values())
-    mine = {}
-    for name, fn in pending[rank::world_size]:
+    mine, share = {}, pending[rank::world_size]
+    prog = Progress(len(share), f"selection, {len(jobs)} jobs ({len(jobs) - len(pending)} reused)", unit="job")
+    for n, (name, fn) in enumerate(share):
         t0 = time.time()
         result = {**fn(), "job": name, "seconds": time.time() - t0, "rank": rank, "key": key}
         atomic_write_json(os.path.join(out_dir, name + ".json"), result)
         mine[name] = result
+        print0(f"job {name} done | {result['seconds']:.1f}s | rank 0: {n + 1}/{len(share)} jobs | {prog.line(n + 1)}")
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
@@ -238,7 +240,7 @@ def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, li
     """One bar panel per method with per-layer scores (`methods[m]["scores"]` keyed by str(layer),
     `methods[m]["direction"]`); the layers in chosen[m] are drawn in a second colour. Written
     atomically (path.tmp.png, then rename)."""
-    from hybrid.plots import pyplot, save_figure
+    from .plots import pyplot, save_figure
     plt = pyplot()
     scored = [m for m, r in methods.items() if r.get("scores")]
     if not scored:
