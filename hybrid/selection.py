@@ -146,7 +146,8 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
         result = {**fn(), "job": name, "seconds": time.time() - t0, "rank": rank, "key": key}
         atomic_write_json(os.path.join(out_dir, name + ".json"), result)
         mine[name] = result
-        print0(f"job {name} done | {result['seconds']:.1f}s | rank 0: {n + 1}/{len(share)} jobs | {prog.line(n + 1)}")
+        if result["seconds"] >= 2 or n + 1 == len(share):  # quick zero-shot jobs would flood the log
+            print0(f"job {name} done | {result['seconds']:.1f}s | rank 0: {n + 1}/{len(share)} jobs | {prog.line(n + 1)}")
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
@@ -233,7 +234,7 @@ def stage1_mse(teacher: nn.Module, student: nn.Module, batches: list, layers: li
 SCORE_LABELS = {"ga_s2": "held-out KL\nafter training", "early": "held-out KL\n(early stop)",
                 "halving": "held-out KL\n(round 0)", "zero_shot": "held-out KL\n(no training)",
                 "ablation": "held-out KL\n(only l linear)", "mse": "stage-1 MSE\n(normalised)",
-                "greedy": "removal step"}
+                "greedy": "removal order\n(0 = made linear first)"}
 
 
 def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, list[int]]) -> None:
@@ -254,7 +255,8 @@ def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, li
                yerr=[spread.get(str(x), 0.0) for x in xs] if spread else None)
         better = "lower" if methods[m]["direction"] == "lower" else "higher"
         ax.set_title(f"{m}: {better} = keep softmax; red = chosen", fontsize=9)
-        lo, hi = min(scores[str(x)] for x in xs), max(scores[str(x)] for x in xs)
+        lo = min(scores[str(x)] - spread.get(str(x), 0.0) for x in xs)
+        hi = max(scores[str(x)] + spread.get(str(x), 0.0) for x in xs)
         if lo > 0 and hi - lo < 0.5 * hi:  # close scores (KLs of 2.1 to 2.2): zoom in so they differ visibly
             ax.set_ylim(max(0.0, lo - (hi - lo) - 0.01 * hi), hi + 0.3 * (hi - lo) + 0.01 * hi)
         label = SCORE_LABELS.get(m, "score")
