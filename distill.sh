@@ -71,4 +71,7 @@ echo "  model        $RUN/export/   AutoModelForCausalLM.from_pretrained('$RUN/e
 echo "  tokenizer    $RUN/export/tokenizer/   AutoTokenizer.from_pretrained('$RUN/export/tokenizer')"
 echo "  evaluation   $RUN/eval/eval.md  $RUN/eval/recall.png"
 echo "  speed        python bench.py --hybrid=$RUN/export   (GPU; writes runs/bench/)"
-echo "  disk         $(du -sh "$RUN" 2>/dev/null | cut -f1) under $RUN"
+DISK=$(du -sh "$RUN" 2>/dev/null | cut -f1 || true)
+echo "  disk         ${DISK:-?} under $RUN"
+HYBRID_ROW=$(grep -m1 '^| hybrid ' "$RUN/eval/eval.md" 2>/dev/null || true)
+[ -z "$HYBRID_ROW" ] || echo "  result       (model | KL | ppl | top-1 | recall)  $HYBRID_ROW"

@@ -180,6 +180,7 @@ def plot_recall(path: str, results: dict) -> str | None:
     ax.set_xticks(all_lengths)
     ax.set_xticklabels([_length_label(L) for L in all_lengths])
     ax.minorticks_off()
+    ax.set_xlim(all_lengths[0] / 1.3, all_lengths[-1] * 1.3)  # points off the frame
     ax.set_ylim(-0.08, 1.08)
     ax.axhline(0, color="0.6", lw=0.8, zorder=1)
     ax.set_xlabel("prompt length (tokens)")
