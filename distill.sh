@@ -25,8 +25,16 @@ if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
 fi
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
-# one process runs the script itself (Ctrl-C then prints one line, not torchrun's traceback per rank)
-launch() { if [ "$NPROC" -eq 1 ]; then $PY "$@"; else $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; fi; }
+# one process runs the script itself; N go through torchrun, whose own traceback on Ctrl-C is caught
+# (the scripts print one line saying where they stopped)
+TORCHRUN='import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+try:
+    main()
+except SignalException:
+    sys.exit(130)'
+launch() { if [ "$NPROC" -eq 1 ]; then $PY "$@"; else $PY -c "$TORCHRUN" --standalone --nproc_per_node="$NPROC" "$@"; fi; }
 T0=$(date +%s)
 STAGE="setup"
 elapsed() { local s=$(( $(date +%s) - T0 )); printf '%dm%02ds' $(( s / 60 )) $(( s % 60 )); }

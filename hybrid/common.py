@@ -165,7 +165,7 @@ class Progress:
         return f"{100 * done / self.total:.0f}% | ETA {format_duration(eta) if eta is not None else '?'}"
 
     def where(self) -> str:
-        return f"{self.unit} {self.done} of {self.total} ({self.label})"
+        return f"{self.label} ({self.done} of {self.total} {self.unit}s done at the last log line)"
 
 
 def _raise_interrupt(signum, frame):
@@ -174,7 +174,7 @@ def _raise_interrupt(signum, frame):
 
 def interrupt_message(run_dir: str | None, resume: str) -> str:
     """One line: where the run stopped, its newest checkpoint, and how to continue."""
-    where = f" at {_current_progress[0].where()}" if _current_progress else ""
+    where = f" during {_current_progress[0].where()}" if _current_progress else ""
     ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt", "*.pt"))) if run_dir else []
     newest = max(ckpts, key=os.path.getmtime) if ckpts else None
     saved = f"; newest checkpoint {newest}" if newest else ("; no checkpoint saved yet" if run_dir else "")

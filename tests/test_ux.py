@@ -43,7 +43,7 @@ def test_format_duration_and_progress(monkeypatch):
     prog = common.Progress(200, "stage 2", start=50)  # resumed at step 50: the rate counts only this run
     now[0] += 30.0
     assert prog.line(80) == "40% | ETA 2m00s"  # 30 steps in 30 s, 120 left
-    assert prog.where() == "step 80 of 200 (stage 2)"
+    assert prog.where() == "stage 2 (80 of 200 steps done at the last log line)"
     assert common.Progress(10, "x").line(0) == "0% | ETA ?"
 
 
@@ -59,7 +59,8 @@ def test_interrupt_message_names_progress_and_newest_checkpoint(tmp_path):
     prog = common.Progress(500, "stage 2")
     prog.line(217)
     msg = common.interrupt_message(str(run), "add --resume=auto to the same command")
-    assert msg == (f"interrupted at step 217 of 500 (stage 2); newest checkpoint {run}/ckpt/step_000200.pt; "
+    assert msg == (f"interrupted during stage 2 (217 of 500 steps done at the last log line); newest checkpoint "
+                   f"{run}/ckpt/step_000200.pt; "
                    "to continue: add --resume=auto to the same command")
 
 
@@ -79,7 +80,8 @@ def test_run_main_one_line_on_interrupt(tmp_path, sig):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("interrupted at layer-step ") and "(stage 1 rotation); to continue: add --resume=auto" in err
+    assert err.startswith("interrupted during stage 1 rotation (") and "layer-steps done" in err
+    assert err.strip().endswith("to continue: add --resume=auto")
 
 
 def _metrics(path, records):
@@ -145,3 +147,13 @@ def test_distill_sh_stage_headers_and_summary(tmp_path):
     for item in ("selection.json", "export/tokenizer", "eval.md", "recall.png", "stage1.png", "stage2.png",
                  "bench.py"):
         assert item in summary, item
+
+
+def test_distill_sh_torchrun_for_several_processes(tmp_path):
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "NPROC": "2", "RUN": str(tmp_path / "run")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()  # the torchrun wrapper is a multi-line -c program
+    assert text.count("from torch.distributed.run import main") == 3  # stage 1, selection, stage 2
+    assert "--nproc_per_node=2 distill.py --stage=1" in text and "--nproc_per_node=2 select_layers.py" in text
