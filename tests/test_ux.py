@@ -117,7 +117,7 @@ def _fake_python(tmp_path):
     """A stand-in for $PY that logs its arguments: 0 GPUs for the probe, success for every stage."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then echo 0; exit 0; fi\necho "$*" >> {log}\n')
+    fake.write_text(f'#!/usr/bin/env bash\nif [[ "$1" = -c && "$2" = *device_count* ]]; then echo 0; exit 0; fi\necho "$*" >> {log}\n')
     fake.chmod(0o755)
     return str(fake), log
 
