@@ -42,13 +42,16 @@ stage() { STAGE="$2"; echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
 trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); re-run the same command with --resume=auto to continue (finished stages are reused)" >&2; exit 130' INT TERM
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
-  # stage 1 trains each of the 30 layers for 10 steps of 512 tokens; stage 2 takes 20 steps; eval scores
-  # the same 2x4x128 val windows as stage 2 (comparable KL and perplexity) and recall at 256/512 tokens
+  # Budget for <= 15 min on an idle 2-core machine (CPU-seconds per unit measured with one thread on a
+  # SmolLM2-135M-shaped model: a stage-1 layer step of 512 tokens 0.21, a stage-2 step of 512 tokens 8.3,
+  # a selection step of 128 tokens 2.4, a 2-prompt recall generation 2.4-4.5): stage 1 trains each of the
+  # 30 layers for 10 steps; stage 2 takes 24 steps of 256 tokens; eval scores the same 2x2x128 val
+  # windows as stage 2 (so KL and perplexity agree) and recall at 256/512 tokens, 2 samples per task
   PREP=()
   S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=10 --eval_batches=2 --log_every=10 --keep_checkpoints=1)
   SEL=(--smoke=True)
-  S2=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --stage2_steps=20 --eval_every=10 --eval_batches=2 --log_every=5 --keep_checkpoints=1)
-  EVAL=(--seq_len=128 --micro_batch=4 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
+  S2=(--seq_len=128 --micro_batch=2 --total_batch_tokens=256 --stage2_steps=24 --eval_every=12 --eval_batches=2 --log_every=4 --keep_checkpoints=1)
+  EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
 else
   PREP=()
   S1=(--seq_len=512 --micro_batch=32 --total_batch_tokens=65536 --stage1_mode=all --stage1_steps=1500)    # ~100M tokens
