@@ -157,3 +157,19 @@ def test_distill_sh_torchrun_for_several_processes(tmp_path):
     text = log.read_text()  # the torchrun wrapper is a multi-line -c program
     assert text.count("from torch.distributed.run import main") == 3  # stage 1, selection, stage 2
     assert "--nproc_per_node=2 distill.py --stage=1" in text and "--nproc_per_node=2 select_layers.py" in text
+
+
+def test_warmup_capped_to_the_budget(capsys):
+    from hybrid.train_loop import capped_warmup, cosine_lr
+    assert capped_warmup(20, 2000) == 20 and "warm-up" not in capsys.readouterr().out  # a long run: as asked
+    assert capped_warmup(20, 20) == 2 and "capped at 10% of the 20-step run" in capsys.readouterr().out
+    assert capped_warmup(20, 5) == 1
+    lrs = [cosine_lr(s, 20, capped_warmup(20, 20), 1e-3, 1e-4) for s in range(20)]
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 2e-4  # reaches the peak, then decays
+
+
+def test_val_label_names_the_slice():
+    from hybrid.common import val_label
+    batches = [(torch.zeros(2, 128, dtype=torch.long), None)] * 3
+    assert val_label(batches) == "val 3x2x128 = 768 tok from the start of the val shards"
+    assert val_label(batches, 2).endswith("rank-strided over 2 ranks") and "1.54k tok" in val_label(batches, 2)
