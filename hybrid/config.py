@@ -144,8 +144,11 @@ def format_help(script: str, source: str, g: dict) -> str:
 
 def print_help_and_exit(g: dict) -> None:
     """--help / -h: print format_help for the script whose globals are g, exit 0 (nothing loaded yet)."""
-    path = g.get("__file__") or sys.argv[0]
-    with open(path) as f:
-        source = f.read()
-    sys.stdout.write(format_help(os.path.basename(path), source, g))
+    path = g.get("__file__") or ""
+    if path.endswith(".py") and os.path.isfile(path):
+        with open(path) as f:
+            source = f.read()
+    else:  # no source to read (an interactive session): the names and defaults alone
+        source = "# ---\n" + "".join(f"{k} = {g[k]!r}\n" for k in config_names(g)) + "# ---\n"
+    sys.stdout.write(format_help(os.path.basename(path) or "script", source, g))
     sys.exit(0)

@@ -109,3 +109,11 @@ def test_help_cli_exits_zero_before_loading(tmp_path):
     assert "Traceback" not in out.stderr
     assert "--steps_per_layer=200" in out.stdout and "rotation: optimizer steps per layer" in out.stdout
     assert out.stdout.startswith("distill.py: Distill")
+
+
+def test_help_without_a_source_file_lists_names(capsys):
+    with pytest.raises(SystemExit) as stop:
+        apply_overrides(_cfg(), ["--lr=1", "-h"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--lr=0.001" in out and "--ks=[4,8]" in out and "override" not in out  # nothing applied
