@@ -54,7 +54,7 @@ DATA_DIR = "data/debian"        # shards from prepare.py
 SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
 MIXER_OPTIONS = "{}"            # mixer keyword options (dict literal): conv_size (gdn), gate_rank (gla), window (swa)
 INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
-RUN_DIR = "runs/distill"
+RUN_DIR = "runs/distill"        # config.json, log.txt, metrics.jsonl, stage1.png / stage2.png, ckpt/
 # Stage 1
 STAGE1_MODE = "rotation"        # "rotation": one layer at a time | "all": all layers at once
 LAYERS = "all"                  # stage-1 layers: "all" (every non-softmax layer) or "0,4,8"
@@ -76,7 +76,7 @@ MICRO_BATCH = 16                # rows per rank per micro-step
 TOTAL_BATCH_TOKENS = 2**15      # tokens per optimizer step, all ranks
 LR = 1e-3                       # stage 1 LR; stage 2 LR for non-mixer parameters is LR / 10
 MIN_LR_FRAC = 0.1               # cosine floor as a fraction of the LR
-WARMUP_STEPS = 20
+WARMUP_STEPS = 20               # linear warm-up steps, capped at 10% of a run (a layer in rotation)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 # Evaluation, logging, checkpoints

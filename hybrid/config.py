@@ -128,7 +128,9 @@ def format_help(script: str, source: str, g: dict) -> str:
            "any case; values are Python literals or bare words)", ""]
     for setting, written, comment in rows:
         if not setting:
-            out.append(f"{written}")
+            if out[-1].startswith("  --"):  # a blank line between groups
+                out.append("")
+            out.append(written)
             continue
         default = _shell_value(g[setting]) if setting in g else written
         shown = f"--{setting.lower()}={default}"
