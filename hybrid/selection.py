@@ -29,6 +29,7 @@ from .checkpoint import atomic_write_json
 from .common import Progress, print0, world
 from .kl import teacher_hidden
 from .losses import chunked_distill_loss
+from .plots import pyplot, save_figure
 from .surgery import SOFTMAX, decoder_layers, swap_attention
 
 
@@ -241,7 +242,6 @@ def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, li
     """One bar panel per method with per-layer scores (`methods[m]["scores"]` keyed by str(layer),
     `methods[m]["direction"]`); the layers in chosen[m] are drawn in a second colour. Written
     atomically (path.tmp.png, then rename)."""
-    from .plots import pyplot, save_figure
     plt = pyplot()
     scored = [m for m, r in methods.items() if r.get("scores")]
     if not scored:
