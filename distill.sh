@@ -42,9 +42,9 @@ stage() { STAGE="$2"; echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
 trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); re-run the same command with --resume=auto to continue (finished stages are reused)" >&2; exit 130' INT TERM
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
-  # Budget for <= 15 min on an idle 2-core machine (CPU-seconds per unit measured with one thread on a
-  # SmolLM2-135M-shaped model: a stage-1 layer step of 512 tokens 0.21, a stage-2 step of 512 tokens 8.3,
-  # a selection step of 128 tokens 2.4, a 2-prompt recall generation 2.4-4.5): stage 1 trains each of the
+  # Budget for <= 15 min on an idle 2-core machine (CPU-seconds per unit, python -m experiments.cpu_costs:
+  # a stage-1 layer step of 512 tokens 0.22, a stage-2 step of 256 tokens 4.6, a selection step of 128
+  # tokens 2.6, a 2-prompt recall generation at 512 tokens 3.9-5.1): stage 1 trains each of the
   # 30 layers for 10 steps; stage 2 takes 24 steps of 256 tokens; eval scores the same 2x2x128 val
   # windows as stage 2 (so KL and perplexity agree) and recall at 256/512 tokens, 2 samples per task
   PREP=()
