@@ -2,7 +2,7 @@
 # The whole pipeline on one machine: prepare -> stage 1 -> layer selection -> stage 2 -> export -> eval.
 # Usage: ./distill.sh [--name=value ...]     overrides go to both distill.py stages (e.g. --seq_len=1024)
 #   ./distill.sh --help                      this text and the environment settings below
-#   ./distill.sh --resume=auto               continue after an interrupt (finished stages and jobs are reused)
+#   ./distill.sh  (the same command again)   continues after an interrupt (finished stages and jobs are reused)
 #   NPROC=8 ./distill.sh                     processes per stage (default: number of GPUs, else 1)
 #   TEACHER=HuggingFaceTB/SmolLM2-135M DATA=fineweb-edu RUN=runs/smollm2 ./distill.sh
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
@@ -39,7 +39,7 @@ T0=$(date +%s)
 STAGE="setup"
 elapsed() { local s=$(( $(date +%s) - T0 )); printf '%dm%02ds' $(( s / 60 )) $(( s % 60 )); }
 stage() { STAGE="$2"; echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
-trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); re-run the same command with --resume=auto to continue (finished stages are reused)" >&2; exit 130' INT TERM
+trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); run the same command again to continue (finished stages are reused)" >&2; exit 130' INT TERM
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
   # Budget for <= 15 min on an idle 2-core machine (CPU-seconds per unit, python -m experiments.cpu_costs:

@@ -24,11 +24,12 @@ import torch
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
 from hybrid.common import Progress, print0, run_main, seed_all, val_label
 from hybrid.config import apply_overrides
-from hybrid.kl import evaluate_kl
 from hybrid.plots import plot_recall
+from hybrid.stage2 import held_out_kl
 from hybrid.recall_score import read_suite, retention, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 from hybrid.shards import read_tokens, load_manifest, val_batches
+from hybrid.student import is_export, load_student
 
 # -----------------------------------------------------------------------------
 MODELS = "teacher"              # comma list: teacher | export dir | checkpoint, each optionally name=path
@@ -70,13 +71,10 @@ def load_model(path: str, teacher, dtype: torch.dtype, device: torch.device):
     """teacher | an export folder | a distill checkpoint -> a causal LM with .model and .lm_head."""
     if path == "teacher":
         return teacher
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
+    if is_export(path):  # loaded in the eval dtype, as shipped
+        return load_student(path, device=device, dtype=dtype)[0]
     if os.path.isfile(path) or os.path.isdir(os.path.join(path, "ckpt")):
-        from hybrid.student import load_student
-        student, _, _ = load_student(path)
-        return student.to(device=device, dtype=dtype).eval()
+        return load_student(path)[0].to(device=device, dtype=dtype).eval()
     raise FileNotFoundError(f"model {path!r}: not 'teacher', an export folder (config.json) or a distill checkpoint "
                             f"(.pt or a run dir with ckpt/); run export.py or distill.py first")
 
@@ -148,7 +146,7 @@ def main():
     for name, path in models:
         t0 = time.time()
         model = load_model(path, teacher, dtype, device)
-        r = {"path": path, **evaluate_kl(teacher, model, val, device, autocast, reduce=False)}
+        r = {"path": path, **held_out_kl(model, teacher, val, device, autocast)}
         print0(f"{name:14s} | kl {r['val_kl']:.4f} | {val_label(val)} | {prog.line(prog.done + 1)}")
         if suite:
             r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,

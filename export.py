@@ -35,7 +35,7 @@ import torch
 from hybrid.checkpoint import load_state_strict
 from hybrid.common import run_main
 from hybrid.config import apply_overrides
-from hybrid.student import load_student
+from hybrid.student import EXPORT_TOKENIZER_DIR, load_export, load_student
 from hybrid.surgery import decoder_layers, model_spec
 
 # -----------------------------------------------------------------------------
@@ -54,19 +54,6 @@ GENERATE_TOKENS = 8             # greedy tokens whose cached decoding must equal
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "model", "modeling_hybrid.py")
 _AUTO_MAP = {"AutoConfig": "modeling_hybrid.HybridConfig", "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM"}
-# transformers 5's AutoTokenizer reads the folder's config.json before the tokenizer files, and the
-# export's config names custom code (auto_map.AutoConfig, needed by AutoModelForCausalLM): without
-# trust_remote_code it stops at "Do you wish to run the custom code? [y/N]" for 15 s. A subfolder with
-# the tokenizer files and no config.json has nothing custom to ask about.
-_TOKENIZER_DIR = "tokenizer"
-_REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py")
-
-
-def student_from_checkpoint(path: str, teacher: str = "", models_dir: str = "models"):
-    """-> (student in float32 on CPU, tokenizer, spec, options), through hybrid.student.load_student."""
-    student, tokenizer, ckpt = load_student(path, teacher=teacher, models_dir=models_dir)
-    cfg = ckpt["config"]
-    return student, tokenizer, model_spec(student), dict(cfg.get("mixer_options") or {})
 
 
 def print_weight_map(student) -> None:
@@ -111,7 +98,7 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
     model.config.dtype = dtype
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tokenizer.save_pretrained(os.path.join(tmp, _TOKENIZER_DIR))
+    tokenizer.save_pretrained(os.path.join(tmp, EXPORT_TOKENIZER_DIR))
     for path in code_files():
         shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
     if os.path.exists(out_dir):
@@ -119,25 +106,6 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def check_export_dir(path: str) -> None:
-    """Clear errors for a folder that is not an export (before transformers gives a vaguer one)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder; create an export with `python export.py --out_dir={path}`")
-    missing = [f for f in _REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"{path}: missing {missing}; not a complete hybrid export, re-run "
-                                f"`python export.py --out_dir={path}`")
-
-
-def load_export(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """-> (model, tokenizer) from an export folder, through transformers' remote-code loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    check_export_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-    tok_dir = os.path.join(path, _TOKENIZER_DIR)
-    return model, AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else path, trust_remote_code=True)
 
 
 def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> torch.Tensor:
@@ -185,7 +153,8 @@ def main() -> dict:
     if DTYPE not in _DTYPES:
         raise ValueError(f"--dtype={DTYPE}: expected one of {sorted(_DTYPES)}")
     print(f"export: {CHECKPOINT} -> {OUT_DIR} ({DTYPE} weights)")
-    student, tokenizer, spec, options = student_from_checkpoint(CHECKPOINT, TEACHER, MODELS_DIR)
+    student, tokenizer, art = load_student(CHECKPOINT, teacher=TEACHER, models_dir=MODELS_DIR)
+    spec, options = model_spec(student), art.mixer_options
     print(f"student: {','.join(spec)} | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
           f"{' | options ' + str(options) if options else ''}")
     print_weight_map(student)
@@ -196,7 +165,7 @@ def main() -> dict:
     result = verify(OUT_DIR, student, _DTYPES[DTYPE], prompt_ids(tokenizer, PROMPT, student.config.vocab_size),
                     ATOL, GENERATE_TOKENS)
     print(f"done in {time.time() - t0:.1f}s; load with AutoModelForCausalLM.from_pretrained({OUT_DIR!r}, "
-          f"trust_remote_code=True) and AutoTokenizer.from_pretrained({os.path.join(OUT_DIR, _TOKENIZER_DIR)!r})")
+          f"trust_remote_code=True) and AutoTokenizer.from_pretrained({os.path.join(OUT_DIR, EXPORT_TOKENIZER_DIR)!r})")
     return {"out_dir": OUT_DIR, "spec": spec, "files": files, **result}
 
 

@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid.capture import LatentCache, layer_call
 from hybrid.config import apply_overrides
-from hybrid.kl import KLStudent, accumulate_kl
+from hybrid.stage2 import KLStudent, accumulate_kl
 from hybrid.surgery import build_student
 
 # -----------------------------------------------------------------------------

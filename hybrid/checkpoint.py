@@ -2,8 +2,8 @@
 
 A checkpoint is a dict {model, optim, step, loader, config, rng, ...}; `config` holds whatever
 defines the artifact (teacher, per-layer mixer spec), so later scripts read it from there.
-Every file is written to `<path>.tmp` and renamed, so a crash never leaves a half-written file
-under the real name and never destroys the previous checkpoint.
+Every file is written to a per-process `<path>.<pid>.tmp`, fsynced and renamed, so a crash never
+leaves a half-written file under the real name and never destroys the previous checkpoint.
 """
 
 import glob
@@ -29,9 +29,13 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a per-process temp file, flushed to disk before the rename (as atomic_write_bytes)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -89,3 +93,56 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str = "mo
                          f"unexpected {len(unexpected)} keys (first: {unexpected[:5]}); "
                          f"was it written for another teacher or layer spec?")
     module.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------- which run a result belongs to
+def result_settings(cfg: dict, unchanging: tuple[str, ...]) -> dict:
+    """A script's settings less those listed as unable to change a result (paths of outputs, log
+    cadence, ...): a setting added later counts, unless someone argues it onto the list."""
+    return {k: v for k, v in cfg.items() if k not in unchanging}
+
+
+def settings_diff(have: dict, want: dict) -> list[str]:
+    """'NAME (a there, b here)' for every setting that differs, missing on either side included."""
+    missing = "<unset>"
+    return [f"{k} ({have.get(k, missing)!r} there, {want.get(k, missing)!r} here)"
+            for k in sorted(set(have) | set(want)) if have.get(k, missing) != want.get(k, missing)]
+
+
+def checkpoint_settings(ckpt: dict) -> dict:
+    """The settings a checkpoint was written with, in any config shape (see hybrid/student.py)."""
+    cfg = ckpt.get("config") or {}
+    old_train = {k: v for k, v in cfg.items() if k.isupper() or k in ("world_size", "grad_accum")}
+    return cfg.get("settings") or cfg.get("resolved") or old_train
+
+
+def resume_point(run_dir: str, resume: str, settings: dict, unchanging: tuple[str, ...]) -> tuple[str | None, dict | None]:
+    """-> (path, checkpoint) a run continues from, or (None, None) to start fresh.
+
+    resume "auto": the run dir's final checkpoint, else its latest; "" : start fresh, refused when
+    run_dir already holds checkpoints (a new run never mixes with nor deletes another's files);
+    a path: that checkpoint. A checkpoint written with other result-changing settings is refused,
+    naming them."""
+    if resume == "":
+        found = list_checkpoints(run_dir) + [p for p in [final_path(run_dir)] if os.path.exists(p)]
+        if found:
+            raise ValueError(f"{run_dir}/ckpt holds another run's checkpoints ({', '.join(map(os.path.basename, found))})"
+                             f" and --resume='' starts over: pass --resume=auto to continue that run, a new "
+                             f"--run_dir, or move {run_dir}/ckpt away yourself (nothing is deleted for you)")
+        return None, None
+    if resume == "auto":
+        path = final_path(run_dir) if os.path.exists(final_path(run_dir)) else latest_checkpoint(run_dir)
+        if path is None:
+            return None, None
+    elif not os.path.exists(resume):
+        raise FileNotFoundError(f"--resume={resume} does not exist; pass a checkpoint .pt, a run dir, or "
+                                f"--resume=auto to continue the latest checkpoint in --run_dir={run_dir}")
+    else:
+        path = resume
+    ckpt = load_checkpoint(path)
+    diff = settings_diff(result_settings(checkpoint_settings(ckpt), unchanging), result_settings(settings, unchanging))
+    if diff:
+        raise ValueError(f"{path} was written with other result-changing settings: {'; '.join(diff)}. Re-run with "
+                         f"its settings to continue it, or pass a new --run_dir for this one (or --resume=<checkpoint> "
+                         "of a run with these settings)")
+    return path, ckpt

@@ -9,7 +9,7 @@ Independent jobs (one candidate layer each) go round-robin over the ranks of a t
 DDP; each finished job is written atomically to <out_dir>/<name>.json and is not rerun. Zero-shot
 evaluations of many specs share one student whose layers hold both a stage-1 mixer and a copy of
 the teacher attention (`SpecSwitcher`), so no module is copied per evaluation. The teacher's val
-hidden states are computed once (`teacher_targets`) and reused by every evaluation.
+hidden states are computed once (`stage2.teacher_targets`) and reused by every evaluation.
 """
 
 import copy
@@ -27,8 +27,6 @@ from torch import nn
 from .capture import attention_call, capture_all_layers, layer_call, rope_for
 from .checkpoint import atomic_write_json
 from .common import Progress, print0, world
-from .kl import teacher_hidden
-from .losses import chunked_distill_loss
 from .plots import pyplot, save_figure
 from .surgery import SOFTMAX, decoder_layers, swap_attention
 
@@ -160,30 +158,6 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def teacher_targets(teacher: nn.Module, batches: list, device: torch.device) -> list[torch.Tensor]:
-    """The teacher's final hidden states (B, T, C) for each (x, y) batch, computed once."""
-    return [teacher_hidden(teacher, x.to(device)) for x, _ in batches]
-
-
-@torch.no_grad()
-def val_kl(student: nn.Module, batches: list, h_teacher: list[torch.Tensor], w_teacher: torch.Tensor,
-           device: torch.device, autocast, chunk_tokens: int = 4096) -> dict:
-    """Held-out KL(teacher || student) at temperature 1 per batch -> {"kl": mean, "std": std over
-    batches, "per_batch": [...]}. Not reduced over ranks: each rank scores its own student."""
-    was_training = student.training
-    student.eval()
-    per_batch = []
-    for (x, _), h_t in zip(batches, h_teacher):
-        with autocast:
-            h_s = student.model(input_ids=x.to(device)).last_hidden_state.to(h_t.dtype)
-        _, parts = chunked_distill_loss(h_s, student.lm_head.weight.detach(), h_t, w_teacher, chunk_tokens=chunk_tokens)
-        per_batch.append(float(parts["kl"]))
-    student.train(was_training)
-    t = torch.tensor(per_batch, dtype=torch.float64)
-    return {"kl": float(t.mean()), "std": float(t.std()) if len(per_batch) > 1 else 0.0, "per_batch": per_batch}
-
-
 class SpecSwitcher:
     """One stage-1 student whose layers can each run the stage-1 mixer or the teacher's attention.
 

@@ -47,6 +47,16 @@ def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 400
     return data_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
+    for each other made steps 10-100x slower (8 ms -> 1.7 s). Subprocess tests set OMP_NUM_THREADS=1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     """-> {"model": teacher HF dir (4 layers), "data": shard dir}."""

@@ -7,7 +7,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid.surgery import (build_student, decoder_layers, mixer_parameters, model_spec, parse_spec,
-                            restore_attention, swap_attention)
+                            swap_attention)
+from hybrid.selection import SpecSwitcher
 from test_mixers import FAMILIES, VOCAB, tiny_teacher
 
 
@@ -51,15 +52,17 @@ def test_swapping_layer_i_leaves_upstream_unchanged(name, family):
         assert decoder_layers(student)[i].self_attn.window == 3
 
 
-def test_restore_attention_brings_back_teacher_logits():
+def test_switching_back_to_teacher_attention_brings_back_teacher_logits():
     teacher = tiny_teacher("qwen2_bias")
     student = build_student(teacher, "gdn;rwkv7=1")
     assert model_spec(student) == ["gdn", "rwkv7"]
+    switcher = SpecSwitcher(student, teacher, ["gdn", "rwkv7"])
     with torch.no_grad():
         assert not torch.allclose(student(ids()).logits, teacher(ids()).logits)
-        old = restore_attention(student, teacher, 0)
+        old = decoder_layers(student)[0].self_attn
+        switcher.set(["softmax", "rwkv7"])
         assert old.mixer_name == "gdn" and model_spec(student) == ["softmax", "rwkv7"]
-        restore_attention(student, teacher, 1)
+        switcher.set(["softmax", "softmax"])
         assert torch.equal(student(ids()).logits, teacher(ids()).logits)
     assert student.config.hybrid_spec == ["softmax", "softmax"]
     gla = build_student(teacher, "gla")

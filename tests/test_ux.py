@@ -33,6 +33,9 @@ def test_export_tokenizer_loads_without_remote_code(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "custom code" not in run.stdout + run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == tokenizer("t5 t7 t9", add_special_tokens=False).input_ids
+    from hybrid.student import load_export
+    _, loaded = load_export(out)  # the library's loader prefers the same subfolder
+    assert os.path.normpath(loaded.name_or_path) == os.path.join(out, "tokenizer")
 
 
 def test_format_duration_and_progress(monkeypatch):
@@ -160,7 +163,7 @@ def test_distill_sh_torchrun_for_several_processes(tmp_path):
 
 
 def test_warmup_capped_to_the_budget(capsys):
-    from hybrid.train_loop import capped_warmup, cosine_lr
+    from hybrid.optim import capped_warmup, cosine_lr
     assert capped_warmup(20, 2000) == 20 and "warm-up" not in capsys.readouterr().out  # a long run: as asked
     assert capped_warmup(20, 20) == 2 and "capped at 10% of the 20-step run" in capsys.readouterr().out
     assert capped_warmup(20, 5) == 1

@@ -1,4 +1,14 @@
-"""Full-model logit distillation pieces shared by distill.py (stage 2) and select_layers.py."""
+"""Stage 2, full-model logit distillation: the one home of the pieces distill.py (stage 2),
+select_layers.py (GA-S2 candidates and every KL score) and eval.py share.
+
+    model = KLStudent(student, temperature, ce_weight, chunk_tokens)   # loss inside forward (DDP)
+    opt = adamw(stage2_param_groups(student, lr_mixer, lr_other), ...)
+    loss = accumulate_kl(model, teacher, loader, accum, device, autocast)  # one optimizer step's grads
+    r = held_out_kl(student, teacher, val, device, autocast)  # r["val_kl"], r["val_kl_per_batch"], ...
+
+`held_out_kl` is the one held-out KL(teacher || student) of the toolkit: stage 2's validation,
+GA-S2's ranking and eval.py's report are the same number.
+"""
 
 import contextlib
 
@@ -6,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import all_mean
 from .losses import chunked_distill_loss
 from .surgery import mixer_parameters
-from .train_loop import all_mean
 
 
 class KLStudent(nn.Module):
@@ -29,12 +39,25 @@ class KLStudent(nn.Module):
 
 
 def stage2_param_groups(student: nn.Module, lr_mixer: float, lr_other: float) -> list[dict]:
-    """AdamW groups for stage 2: mixer parameters at lr_mixer, everything else at lr_other; each
-    group keeps its `base_lr` for the schedule to scale."""
+    """AdamW groups for stage 2: mixer parameters at lr_mixer, everything else at lr_other (each
+    group's peak LR, which optim.set_lr scales)."""
     mixer_ids = {id(p) for p in mixer_parameters(student)}
-    groups = [{"params": [p for p in student.parameters() if id(p) in mixer_ids], "base_lr": lr_mixer},
-              {"params": [p for p in student.parameters() if id(p) not in mixer_ids], "base_lr": lr_other}]
+    groups = [{"params": [p for p in student.parameters() if id(p) in mixer_ids], "lr": lr_mixer},
+              {"params": [p for p in student.parameters() if id(p) not in mixer_ids], "lr": lr_other}]
     return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids -> (B, T, C) the teacher's final hidden states (after its final norm)."""
+    return teacher.model(input_ids=x).last_hidden_state
+
+
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, batches: list, device: torch.device) -> list[torch.Tensor]:
+    """The teacher's final hidden states (B, T, C) for each (x, y) batch, computed once (GA-S2
+    scores hundreds of students on the same val batches)."""
+    return [teacher_hidden(teacher, x.to(device)) for x, _ in batches]
 
 
 def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device,
@@ -55,12 +78,6 @@ def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, devi
 
 
 @torch.no_grad()
-def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, T, C) the teacher's final hidden states (after its final norm)."""
-    return teacher.model(input_ids=x).last_hidden_state
-
-
-@torch.no_grad()
 def logit_stats(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, y: torch.Tensor,
                 chunk_tokens: int = 4096) -> torch.Tensor:
     """Means over tokens of [KL(teacher || student), student CE, teacher CE, top-1 agreement], from
@@ -77,24 +94,29 @@ def logit_stats(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: to
 
 
 @torch.no_grad()
-def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: torch.device, autocast,
-                chunk_tokens: int = 4096, reduce: bool = True) -> dict:
-    """Held-out KL(teacher || student) at temperature 1 and both perplexities over `batches` of
-    (x, y); averaged over ranks when reduce=True (set False when each rank scores its own model)."""
+def held_out_kl(student: nn.Module, teacher: nn.Module, batches: list, device: torch.device, autocast,
+                chunk_tokens: int = 4096, h_teacher: list[torch.Tensor] | None = None, reduce: bool = False) -> dict:
+    """Held-out KL(teacher || student) at temperature 1, both perplexities and top-1 agreement over
+    `batches` of (x, y). h_teacher: the teacher's final hidden states per batch, when computed once
+    (teacher_targets). Means over ranks when reduce=True (False when each rank scores its own model).
+    -> {"val_kl", "val_ppl", "teacher_ppl", "top1_agreement"} (means over batches), plus this rank's
+    "val_kl_per_batch" and their "val_kl_std"."""
     was_training = student.training
     student.eval()
-    total = torch.zeros(4, device=device)
+    rows = []
     w_t = teacher.lm_head.weight
-    for x, y in batches:
+    for j, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
-        h_t = teacher_hidden(teacher, x)
+        h_t = teacher_hidden(teacher, x) if h_teacher is None else h_teacher[j]
         with autocast:
             h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
-        total += logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens)
+        rows.append(logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens))
     student.train(was_training)
-    total /= len(batches)
+    total = sum(rows) / len(rows)
     if reduce:
         total = all_mean(total)
     kl, ce_s, ce_t, top1 = total.tolist()
+    per_batch = [float(r[0]) for r in rows]
     return {"val_kl": kl, "val_ppl": float(torch.tensor(ce_s).exp()), "teacher_ppl": float(torch.tensor(ce_t).exp()),
-            "top1_agreement": top1}
+            "top1_agreement": top1, "val_kl_per_batch": per_batch,
+            "val_kl_std": float(torch.tensor(per_batch, dtype=torch.float64).std()) if len(rows) > 1 else 0.0}
