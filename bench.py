@@ -24,7 +24,7 @@ import time
 import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
-from hybrid.config import run_script
+from hybrid.common import run_script
 
 # -----------------------------------------------------------------------------
 TEACHER = "embedded"            # teacher spec (resolved like prepare.py) or HF dir

@@ -36,13 +36,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
                                module_state, resume_point, save_checkpoint, save_partial)
-from hybrid.common import (RunLogger, all_mean, autocast_dtype, average_gradients, barrier, broadcast_parameters,
-                           cleanup_dist, env_info, format_tokens, init_dist, is_master, print0, rng_state, seed_all,
-                           set_rng_state)
-from hybrid.config import check_choice, config_dict, dumps, run_script
+from hybrid.common import (Progress, RunLogger, all_mean, autocast_dtype, average_gradients, barrier,
+                           broadcast_parameters, cleanup_dist, env_info, format_tokens, init_dist, interrupt_message,
+                           is_master, print0, rng_state, run_script, seed_all, set_rng_state, val_label)
+from hybrid.config import check_choice, config_dict
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
-from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 from hybrid.student import Artifact, rebuild_student, seed_from
@@ -57,7 +58,7 @@ DATA_DIR = "data/debian"        # shards from prepare.py
 SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
 MIXER_OPTIONS = "{}"            # mixer keyword options (dict literal): conv_size (gdn), gate_rank (gla), window (swa)
 INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
-RUN_DIR = "runs/distill"
+RUN_DIR = "runs/distill"        # config.json, log.txt, metrics.jsonl, stage1.png / stage2.png, ckpt/
 # Stage 1
 STAGE1_MODE = "rotation"        # "rotation": one layer at a time | "all": all layers at once
 LAYERS = "all"                  # stage-1 layers: "all" (every non-softmax layer) or "0,4,8"
@@ -79,7 +80,7 @@ MICRO_BATCH = 16                # rows per rank per micro-step
 TOTAL_BATCH_TOKENS = 2**15      # tokens per optimizer step, all ranks
 LR = 1e-3                       # stage 1 LR; stage 2 LR for non-mixer parameters is LR / 10
 MIN_LR_FRAC = 0.1               # cosine floor as a fraction of the LR
-WARMUP_STEPS = 20
+WARMUP_STEPS = 20               # linear warm-up steps, capped at 10% of a run (a layer in rotation)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 # Evaluation, logging, checkpoints
@@ -176,6 +177,8 @@ def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ck
     print0(f"latent cache: {n_cache} batches x {B}x{T} tokens per rank ({n_cache * B * T * cache.latents[0].shape[-1] * cache.latents[0].element_size() / 2**20:.0f} MiB), "
            f"{STEPS_PER_LAYER * run.accum} micro-steps per layer ({STEPS_PER_LAYER * run.accum / n_cache:.1f} passes over the cache)")
     step_tokens = B * T * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STEPS_PER_LAYER)
+    prog = Progress(len(layers) * STEPS_PER_LAYER, "stage 1 rotation", "layer-step", start=len(done) * STEPS_PER_LAYER)
     for n, i in enumerate(layers):
         if i in done:
             continue
@@ -188,7 +191,7 @@ def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ck
         t_layer = time.time()
         for step in range(STEPS_PER_LAYER):
             t1 = time.time()
-            scale = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+            scale = cosine_lr(step, STEPS_PER_LAYER, warmup, 1.0, MIN_LR_FRAC)
             set_lr(opt, scale)
             loss_sum = torch.zeros((), device=run.device)
             for micro in range(run.accum):
@@ -204,7 +207,7 @@ def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ck
             if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
                 loss_v = all_mean(loss_sum).item()
                 run.log.log(log_line(step, STEPS_PER_LAYER, loss_v, LR * scale, time.time() - t1, step_tokens,
-                                     f" | layer {i}/{len(spec)}"),
+                                     f" | layer {i}/{len(spec)}") + " | " + prog.line(n * STEPS_PER_LAYER + step + 1),
                             {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": LR * scale})
         with torch.no_grad(), run.autocast:
             vloss = sum(layer_mse(call(block, vcache.latents[j], vcache.pe, vcache.pos), vcache.targets(j, TARGET))
@@ -237,6 +240,8 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STAGE1_STEPS)
+    prog = Progress(STAGE1_STEPS, "stage 1 all layers", start=start)
 
     def mean_loss(x):
         caps = capture_all_layers(teacher, x.to(run.device), layers, TARGET)
@@ -246,7 +251,7 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
 
     for step in range(start, STAGE1_STEPS):
         t1 = time.time()
-        scale = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+        scale = cosine_lr(step, STAGE1_STEPS, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
         loss_sum = torch.zeros((), device=run.device)
         for _ in range(run.accum):
@@ -257,7 +262,8 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
         optimizer_step(opt, params, GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            run.log.log(log_line(step, STAGE1_STEPS, loss_v, LR * scale, time.time() - t1, step_tokens, " | all layers"),
+            run.log.log(log_line(step, STAGE1_STEPS, loss_v, LR * scale, time.time() - t1, step_tokens, " | all layers")
+                        + " | " + prog.line(step + 1),
                         {"stage": 1, "step": step, "loss": loss_v, "lr": LR * scale})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE1_STEPS - 1:
             save(run, student, opt, {"loader": loader.state_dict()}, step=step + 1)
@@ -282,6 +288,8 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         loader.load_state_dict(ckpt["loader"])
         start, metrics = ckpt["step"], ckpt.get("val_metrics", {})
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STAGE2_STEPS)
+    prog = Progress(STAGE2_STEPS, "stage 2", start=start)
     prof = None
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
@@ -293,20 +301,23 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
             write_profile(prof)
             prof = None
         t1 = time.time()
-        scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
+        scale = cosine_lr(step, STAGE2_STEPS, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, run.accum, run.device, run.autocast)
         optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens),
+            run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens)
+                        + " | " + prog.line(step + 1),
                         {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
+                         "train_tokens": (step + 1) * step_tokens,
                          "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
             r = held_out_kl(student, teacher, val, run.device, run.autocast, KL_CHUNK_TOKENS, reduce=True)
             metrics = {k: r[k] for k in ("val_kl", "val_ppl", "teacher_ppl", "top1_agreement")}
             run.log.log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
-                        f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
+                        f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, run.world_size)}",
+                        {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
             save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
     return metrics
@@ -384,7 +395,7 @@ def main() -> dict:
     info = env_info(device, world_size, dtype)
     n_train = sum(p.numel() for p in mixer_parameters(student))
     n_total = sum(p.numel() for p in student.parameters())
-    print0(dumps({**cfg, "env": info}))
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"spec: {','.join(spec)} | accum {accum} | mixer params {n_train / 1e6:.2f}M of {n_total / 1e6:.1f}M | "
            f"dtype {info['dtype']} ({'bf16 autocast on GPU' if dtype != torch.float32 else 'fp32 on CPU'})")
     if is_master():
@@ -399,6 +410,7 @@ def main() -> dict:
     if is_master():
         atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
         atomic_torch_save({"model": student.state_dict(), "config": run.config, "step": 0}, final_path(RUN_DIR))
+        plot_run(RUN_DIR)
     barrier()
     print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")
     cleanup_dist()
@@ -406,4 +418,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_script(globals(), main)
+    run_script(globals(), main, lambda: interrupt_message(
+        RUN_DIR, "run the same command again (--resume=auto, the default, continues from there)"))

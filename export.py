@@ -7,6 +7,8 @@ student, and writes OUT_DIR/ with
                          model_type "hybrid" and auto_map (AutoConfig, AutoModelForCausalLM)
   model.safetensors      the student's weights in DTYPE, under the teacher's own names
   generation_config.json, tokenizer files (the teacher's)
+  tokenizer/             the same tokenizer files alone: AutoTokenizer.from_pretrained(OUT_DIR + "/tokenizer")
+                         loads it as the stock tokenizer it is, without trust_remote_code
   modeling_hybrid.py     the HF wrapper + HybridCache (hybrid/model/modeling_hybrid.py), and, copied
   mixers.py ...          verbatim, every file it imports relatively (mixers.py, mixer_base.py,
   op_*.py                op_gdn.py, ...): one source of truth for every mixer
@@ -31,8 +33,8 @@ import time
 import torch
 
 from hybrid.checkpoint import load_state_strict
-from hybrid.config import config_dict, dumps, run_script
-from hybrid.student import load_export, load_student
+from hybrid.common import run_script
+from hybrid.student import EXPORT_TOKENIZER_DIR, load_export, load_student
 from hybrid.surgery import decoder_layers, model_spec
 
 # -----------------------------------------------------------------------------
@@ -95,6 +97,7 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
     model.config.dtype = dtype
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(os.path.join(tmp, EXPORT_TOKENIZER_DIR))
     for path in code_files():
         shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
     if os.path.exists(out_dir):
@@ -148,7 +151,7 @@ def main() -> dict:
     t0 = time.time()
     if DTYPE not in _DTYPES:
         raise ValueError(f"--dtype={DTYPE}: expected one of {sorted(_DTYPES)}")
-    print(dumps(config_dict(globals())))
+    print(f"export: {CHECKPOINT} -> {OUT_DIR} ({DTYPE} weights)")
     student, tokenizer, art = load_student(CHECKPOINT, teacher=TEACHER, models_dir=MODELS_DIR)
     spec, options = model_spec(student), art.mixer_options
     print(f"student: {','.join(spec)} | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
@@ -161,7 +164,7 @@ def main() -> dict:
     result = verify(OUT_DIR, student, _DTYPES[DTYPE], prompt_ids(tokenizer, PROMPT, student.config.vocab_size),
                     ATOL, GENERATE_TOKENS)
     print(f"done in {time.time() - t0:.1f}s; load with AutoModelForCausalLM.from_pretrained({OUT_DIR!r}, "
-          "trust_remote_code=True)")
+          f"trust_remote_code=True) and AutoTokenizer.from_pretrained({os.path.join(OUT_DIR, EXPORT_TOKENIZER_DIR)!r})")
     return {"out_dir": OUT_DIR, "spec": spec, "files": files, **result}
 
 

@@ -35,8 +35,8 @@ import numpy as np
 from tqdm import tqdm
 
 from hybrid.checkpoint import atomic_write_json
-from hybrid.common import format_tokens
-from hybrid.config import config_dict, run_script
+from hybrid.common import format_tokens, run_script
+from hybrid.config import config_dict
 from hybrid.corpus import DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
 from hybrid.shards import (load_manifest, record_verified, sha256_file, tokenizer_info, verify_shards,
                            version_for_vocab, write_shard)

@@ -41,8 +41,8 @@ import torch
 
 from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, seed_all)
-from hybrid.config import config_dict, dumps, run_script
+                           interrupt_message, is_master, print0, run_script, seed_all)
+from hybrid.config import config_dict
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
@@ -338,7 +338,8 @@ def run_methods(ctx, methods: list[str], log: RunLogger) -> tuple[dict, dict]:
         t0 = time.time()
         for name, r in METHOD_RUNNERS[m](ctx, methods).items():
             results[name], wall[name] = r, time.time() - t0
-            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | {wall[name]:.1f}s | "
+            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | job seconds "
+                    f"{r['job_seconds']:.1f} (wall {wall[name]:.1f}, incl. work shared with other methods) | "
                     f"top-{ctx['k_frac']} {r['top'][str(ctx['k_frac'])]} | ranking {r['ranking']}",
                     {"method": name, "seconds": wall[name], "train_tokens": r["train_tokens"], "scores": r["scores"],
                      "ranking": r["ranking"], "top": r["top"]})
@@ -362,10 +363,11 @@ def score_sets(ctx, results: dict) -> None:
 
 def print_table(ctx, results: dict, chosen: list[int]) -> None:
     k_frac = ctx["k_frac"]
-    print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'seconds':>8} " +
+    print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
            " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
     for m, r in results.items():
-        print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} " +
+        print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "
+               f"{r['wall_seconds']:>8.1f} " +
                " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
                f"  {r['top'][str(k_frac)]}")
     print0(f"chosen ({PRIMARY}, {k_frac} softmax): {chosen} -> {os.path.join(RUN_DIR, 'selection.json')}")
@@ -381,7 +383,7 @@ def main() -> dict:
     cfg = config_dict(globals())
     ctx = setup(cfg, device, dtype)
     log, info = RunLogger(RUN_DIR, is_master()), env_info(device, world_size, dtype)
-    print0(dumps({**cfg, "env": info}))
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"{len(ctx['candidates'])} candidates of {ctx['n_layers']} layers over {world_size} rank(s) | GA-S2 "
            f"{ctx['steps_full']} steps x {TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, "
            f"accum {ctx['accum']}) | val {len(ctx['val'])} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} "
@@ -413,4 +415,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_script(globals(), main)
+    run_script(globals(), main, lambda: interrupt_message(
+        None, f"re-run the same command: finished jobs in {os.path.join(RUN_DIR, 'candidates')} are reused"))

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
 from hybrid.common import all_mean
-from hybrid.config import config_dict, dumps, run_script
+from hybrid.config import config_dict
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
 from hybrid.student import Artifact, rebuild_student
 
@@ -204,7 +204,7 @@ def main() -> None:
         checkpoint.atomic_write_json(os.path.join(RUN_DIR, "config.json"),
                                      {"config": run_config, "env": env,
                                       "params": {"trainable": n_train, "total": n_total}})
-    common.print0(dumps(run_config))
+    common.print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     common.print0(f"env: {env}")
     common.print0(f"dtype: {env['dtype']} (--dtype={DTYPE}; auto = bf16 autocast on GPU, fp32 on CPU where bf16 is slow)")
     common.print0(f"params: {n_train:,} trainable / {n_total:,} total | spec: {spec or 'plain ' + type(raw_model).__name__}")
@@ -269,4 +269,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_script(globals(), main)
+    common.run_script(globals(), main, lambda: common.interrupt_message(
+        RUN_DIR, "run the same command again (--resume=auto, the default, continues from there)"))

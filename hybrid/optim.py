@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from hybrid.common import print0
+
 
 def cosine_lr(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warmup to `lr` over warmup_steps, then cosine decay to `min_lr` at max_steps."""
@@ -19,6 +21,15 @@ def cosine_lr(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr: f
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def capped_warmup(warmup_steps: int, steps: int, frac: float = 0.1) -> int:
+    """Warm-up of at most `frac` of a run's steps (at least 1), so a short budget leaves warm-up
+    (20 warm-up steps in a 20-step run would never reach the peak LR); says so when it caps."""
+    capped = min(warmup_steps, max(1, int(steps * frac)))
+    if capped < warmup_steps:
+        print0(f"warm-up: {capped} steps (WARMUP_STEPS={warmup_steps} capped at {frac:.0%} of the {steps}-step run)")
+    return capped
 
 
 def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world_size: int) -> int:

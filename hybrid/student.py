@@ -27,6 +27,12 @@ from .teacher import load_teacher
 _ATTN_KEY = re.compile(r"^model\.layers\.(\d+)\.self_attn\.")
 TARGETS = ("layer", "attn")  # stage-1 MSE on decoder-layer outputs or on attention outputs
 
+# transformers 5's AutoTokenizer reads a folder's config.json before the tokenizer files, and an
+# export's config names custom code (auto_map.AutoConfig, needed by AutoModelForCausalLM): without
+# trust_remote_code it stops at "Do you wish to run the custom code? [y/N]" for 15 s. export.py also
+# writes the tokenizer files alone into this subfolder, which has no config.json and nothing to ask.
+EXPORT_TOKENIZER_DIR = "tokenizer"
+
 
 @dataclasses.dataclass(frozen=True)
 class Artifact:
@@ -143,7 +149,8 @@ def load_export(path: str, dtype: torch.dtype = torch.float32, device: str | tor
     from transformers import AutoModelForCausalLM, AutoTokenizer
     check_export_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tok_dir = os.path.join(path, EXPORT_TOKENIZER_DIR)  # absent in exports written before it existed
+    return model, AutoTokenizer.from_pretrained(tok_dir if os.path.isdir(tok_dir) else path, trust_remote_code=True)
 
 
 def load_student(path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

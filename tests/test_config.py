@@ -153,22 +153,22 @@ def _failing_main(exc):
 
 
 def test_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
-    from hybrid.config import run_script
+    from hybrid.common import run_script
     g = {"__file__": "x.py", "STEPS": 1}
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit) as e:
-        run_script(g, _failing_main(ValueError("--stage=3: expected one of 1, 2")), [])
+        run_script(g, _failing_main(ValueError("--stage=3: expected one of 1, 2")), argv=[])
     assert e.value.code == 2 and capsys.readouterr().err == "error: --stage=3: expected one of 1, 2\n"
     with pytest.raises(SystemExit) as e:
-        run_script(g, lambda: None, ["--stepz=2"])
+        run_script(g, lambda: None, argv=["--stepz=2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: unknown setting --stepz; did you mean --steps?")
     monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 prints it; every rank exits
     with pytest.raises(SystemExit) as e:
-        run_script(g, _failing_main(FileNotFoundError("data/x: no such file")), [])
+        run_script(g, _failing_main(FileNotFoundError("data/x: no such file")), argv=[])
     assert e.value.code == 2 and capsys.readouterr().err == ""
     with pytest.raises(json.JSONDecodeError):  # raised inside a library: a traceback, it may be a bug
-        run_script(g, lambda: json.loads("{"), [])
+        run_script(g, lambda: json.loads("{"), argv=[])
 
 
 def test_distill_checks_settings_before_loading(tiny_setup, tmp_path, monkeypatch):
@@ -199,3 +199,65 @@ def test_cli_user_error_exit_code(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip() == "error: --stage=3: expected one of 1, 2", r.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+SCRIPTS = ["prepare", "distill", "select_layers", "train", "export", "eval", "bench", "bench_kernels"]
+_SOURCE = '''"""Do a thing to tokens.
+
+Longer text.
+"""
+import os
+# -----------------------------------------------------------------------------
+# Data
+DATA_DIR = "data/x"             # shards from prepare.py
+STEPS = 2**4                    # optimizer steps
+# Other
+KS = [4, 8]
+NAME = ""                       # "" = automatic
+# -----------------------------------------------------------------------------
+AFTER = 3                       # not a setting: below the block
+'''
+
+
+def test_help_lists_settings_defaults_comments_and_headings():
+    from hybrid.config import format_help, settings_doc
+    doc, rows = settings_doc(_SOURCE)
+    assert doc.startswith("Do a thing to tokens.")
+    assert rows == [("", "Data", ""), ("DATA_DIR", '"data/x"', "shards from prepare.py"),
+                    ("STEPS", "2**4", "optimizer steps"), ("", "Other", ""), ("KS", "[4, 8]", ""),
+                    ("NAME", '""', '"" = automatic')]
+    text = format_help("tool.py", _SOURCE, {"DATA_DIR": "data/x", "STEPS": 16, "KS": [4, 8], "NAME": "", "AFTER": 3})
+    assert text.startswith("tool.py: Do a thing to tokens.\n")
+    assert "--data_dir=data/x" in text and "shards from prepare.py" in text
+    assert "--steps=16" in text and "[2**4] optimizer steps" in text  # evaluated default and the expression
+    assert "--ks=[4,8]" in text and "--name=''" in text and "after" not in text.lower().split("usage")[1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_documents_its_block(script):
+    from hybrid.config import settings_doc
+    with open(f"{script}.py") as f:
+        doc, rows = settings_doc(f.read())
+    settings = [r for r in rows if r[0]]
+    assert doc and len(settings) >= 5, (script, rows)
+    assert sum(bool(c) for _, _, c in settings) >= len(settings) // 2  # most settings carry a comment
+
+
+def test_help_cli_exits_zero_before_loading(tmp_path):
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "distill.py", "--help", "--teacher=/nonexistent"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "--steps_per_layer=200" in out.stdout and "rotation: optimizer steps per layer" in out.stdout
+    assert out.stdout.startswith("distill.py: Distill")
+
+
+def test_help_without_a_source_file_lists_names(capsys):
+    with pytest.raises(SystemExit) as stop:
+        apply_overrides(_cfg(), ["--lr=1", "-h"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--lr=0.001" in out and "--ks=[4,8]" in out and "override" not in out  # nothing applied
