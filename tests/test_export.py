@@ -163,8 +163,8 @@ def test_loads_without_the_repo(exported, tmp_path):
         "x = torch.arange(1, 17)[None]\n"
         "with torch.no_grad():\n"
         "    torch.save({'logits': m(x, use_cache=False).logits,\n"
-        "                'gen': m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False),
-                'fast': m.fast_generate(x, max_new_tokens=4)},\n"
+        "                'gen': m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False),\n"
+        "                'fast': m.fast_generate(x, max_new_tokens=4)},\n"
         "               'out.pt')\n"
         "print(type(m).__module__)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
