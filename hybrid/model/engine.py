@@ -9,7 +9,7 @@ the same code path: equal engineering for the comparison). Layers whose `self_at
 mixers; the others are the teacher's attention, run here from its q/k/v/o projections (+ q/k norms).
 
 Buffers: KV (B, Hkv, max_len, D) per softmax layer, `mixer.cache_shapes` per mixer layer (recurrent
-state, conv state, the swa window), one (B, max_len) valid-slot mask, and the next slot and the
+state, conv state, the swa window), one (B, max_len) additive slot mask (0 / -inf), and the next slot and the
 next RoPE position as tensors. Prefill runs the prompt in one pass per block of rows (fla chunk
 kernels / SDPA; logits for the last position only) and copies each layer's state into its buffer.
 A decode step embeds the token in `self.token`, writes K/V at `slot` with index_copy_, runs
@@ -23,8 +23,6 @@ mixer states (pad_mask), and RoPE positions count real tokens only, as the eager
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .mixer_base import up32
 
 SOFTMAX = "softmax"
 
@@ -97,15 +95,17 @@ def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
 
 def attend_cache(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale: float,
-                 valid: torch.Tensor) -> torch.Tensor:
+                 bias: torch.Tensor) -> torch.Tensor:
     """One query per sequence against the whole static KV buffer: q (B, H, 1, D), kbuf/vbuf
-    (B, Hkv, S, D), valid (B, S). The q heads sharing a kv head are stacked as rows of one matmul,
-    so each K/V byte is read once (no repeat_kv copy); masked softmax in at least fp32."""
+    (B, Hkv, S, D), bias (B, S) 0 at valid slots and -inf elsewhere. The q heads sharing a kv head
+    are stacked as rows of one matmul, so each K/V byte is read once (no repeat_kv copy); scores in
+    the model's dtype as HF's eager attention has them, scaled and masked in one kernel, softmax
+    accumulated in fp32 inside the kernel: few passes over the small (B, H, S) scores."""
     B, H, _, D = q.shape
     Hkv = kbuf.shape[1]
-    scores = up32(q.reshape(B, Hkv, H // Hkv, D) @ kbuf.transpose(-1, -2)) * scale  # (B, Hkv, rep, S)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    return (scores.softmax(-1).to(vbuf.dtype) @ vbuf).reshape(B, H, 1, D)
+    scores = q.reshape(B, Hkv, H // Hkv, D) @ kbuf.transpose(-1, -2)  # (B, Hkv, rep, S)
+    scores = torch.add(bias[:, None, None, :], scores, alpha=scale)
+    return (scores.softmax(-1) @ vbuf).reshape(B, H, 1, D)
 
 
 class StaticEngine:
@@ -125,7 +125,7 @@ class StaticEngine:
                 self.buffers.append({n: zeros((batch, hkv, max_len, D), p.dtype) for n in ("k", "v")})
             else:
                 self.buffers.append({n: zeros(s, dt) for n, (s, dt) in layer.self_attn.cache_shapes(batch, p.dtype).items()})
-        self.valid = zeros((batch, max_len), torch.bool)  # slot holds a real token
+        self.bias = zeros((batch, max_len), p.dtype)  # 0 where a slot holds a real token, -inf elsewhere
         self.slot = zeros((1,), torch.long)  # next KV slot (shared: prompts are left-padded to one length)
         self.pos = zeros((batch, 1), torch.long)  # next RoPE position of each sequence
         self.token = zeros((batch, 1), torch.long)
@@ -146,7 +146,7 @@ class StaticEngine:
                 if rows is None:
                     buf["k"].index_copy_(2, self.slot, k)
                     buf["v"].index_copy_(2, self.slot, v)
-                    o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.valid)
+                    o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.bias)
                 else:
                     buf["k"][rows, :, :k.shape[2]].copy_(k)
                     buf["v"][rows, :, :v.shape[2]].copy_(v)
@@ -172,8 +172,8 @@ class StaticEngine:
                              f"model, batch={B}, max_len={T}+max_new_tokens)")
         pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool().to(ids.device)
         pos = torch.arange(T, device=ids.device).expand(B, T) if pad is None else (pad.long().cumsum(-1) - 1).clamp(min=0)
-        self.valid.zero_()
-        self.valid[:, :T] = True if pad is None else pad
+        self.bias.fill_(float("-inf"))
+        self.bias[:, :T] = 0.0 if pad is None else torch.where(pad, 0.0, float("-inf"))
         self.slot.fill_(T)
         self.pos.copy_(pos[:, -1:] + 1)
         step = rows_per_pass or B
@@ -186,7 +186,7 @@ class StaticEngine:
         return torch.cat(logits)
 
     def _step(self) -> torch.Tensor:
-        self.valid.index_fill_(1, self.slot, True)
+        self.bias.index_fill_(1, self.slot, 0.0)
         x = self.model.model.embed_tokens(self.token)
         logits = self._layers(x, self.model.model.rotary_emb(x, self.pos), None, None)
         self.slot.add_(1)
