@@ -49,6 +49,7 @@ PREFILL_REPEAT_TOKENS = 2**20   # prefills larger than this are timed once
 PREFILL_TOKENS = 65536          # tokens per prefill pass (rows per pass = this // ctx): bounds activations
 EAGER = True                    # also time the teacher's stock generate() (batches 1 and 32 only)
 EAGER_STEPS = 8
+COMPILE = False                 # engine decode layers through torch.compile (both sides)
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
 # -----------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def peak_memory(device) -> float | None:
 def bench_engine(name, model, ctx, B, bw, device) -> dict:
     clock = Clock(device)
     reset_memory(device)
-    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3)
+    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE)
     want = B * cache_bytes_per_sequence(model, engine.max_len)
     if engine.cache_nbytes() != want:
         raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")
@@ -248,7 +249,7 @@ def main() -> dict:
     teacher, hybrid = (random_models if RANDOM else loaded_models)(dtype, device)
     bw = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s "
-          f"| {'random weights' if RANDOM else 'loaded weights'} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
+          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
     sides = {"teacher engine": teacher, "hybrid engine": hybrid}
     if EAGER and device.type == "cuda":  # warm the eager path once (kernel selection) outside the timed cells
         teacher.generate(torch.ones(1, 16, dtype=torch.long, device=device), max_new_tokens=2, pad_token_id=0)
@@ -268,7 +269,7 @@ def main() -> dict:
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))
     os.makedirs(OUT_DIR, exist_ok=True)
-    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "rows": rows, "targets": lines,
+    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "rows": rows, "targets": lines,
               "max_batch": {f"{n} @ {c}": b for (n, c), b in max_batches.items()}}
     atomic_write_json(os.path.join(OUT_DIR, "bench.json"), result)
     atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), (table + "\n" + "\n".join(f"- {t}" for t in lines) + "\n").encode())

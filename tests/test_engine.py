@@ -123,7 +123,8 @@ def test_cache_bytes_count_matches_allocation():
         for dtype in (torch.float32, torch.bfloat16):
             model = tiny_model(spec, dtype=dtype)
             engine = StaticEngine(model, 3, 40)
-            assert engine.cache_nbytes() == 3 * cache_bytes_per_sequence(model, 40), name
+            assert engine.max_len == 64  # rounded up to SLOT_ALIGN
+            assert engine.cache_nbytes() == 3 * cache_bytes_per_sequence(model, 64), name
     model = tiny_model(SPECS["gdn"], dtype=torch.bfloat16)
     kv = 2 * 2 * 16 * 2  # k and v, 2 kv heads of 16, bf16
     gdn = 4 * 16 * 16 * 4 + 3 * (4 + 2 * 2) * 16 * 2  # fp32 state (H, D, D) + conv state (W-1, (H + 2 Hkv) D)
@@ -134,27 +135,30 @@ def test_cache_bytes_count_matches_allocation():
 def test_errors():
     model = tiny_model(SPECS["gdn"])
     engine = StaticEngine(model, 2, 10)
-    with pytest.raises(ValueError, match="batch 2, max_len 10"):
+    with pytest.raises(ValueError, match="batch 2, max_len 64"):
         engine.prefill(torch.ones(3, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="exceed max_len"):
-        engine.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=7)
+        engine.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=61)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["teacher", "every_mixer", "gdn"])
-def test_cuda_graph_decode_equals_eager_and_uncached(name):
-    """The captured step (fla kernels for the mixers) replays the eager step's tokens, and both
-    follow the uncached forward in fp32 (bf16 for the speed path is checked by bench.py's run)."""
-    model = tiny_model(SPECS[name], dtype=torch.float32).cuda()
+@pytest.mark.parametrize("name", ["teacher", "gdn"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decode_equals_eager_and_uncached(name, compile):
+    """The captured step (fla's kernels for gdn; torch.compile'd layers too) replays the eager
+    step's tokens, and follows the uncached forward (bf16, the speed path's dtype)."""
+    model = tiny_model(SPECS[name], dtype=torch.bfloat16).cuda()
     ids, mask = padded_batch([12, 7, 9])
     ids, mask = ids.cuda(), mask.cuda()
-    graph_tokens, graph_logits = engine_logits(model, ids, mask, 8, cuda_graph=True)
+    graph_tokens, graph_logits = engine_logits(model, ids, mask, 8, cuda_graph=True, compile=compile)
     eager_tokens, eager_logits = engine_logits(model, ids, mask, 8, cuda_graph=False)
-    assert torch.equal(graph_tokens, eager_tokens)
-    torch.testing.assert_close(graph_logits, eager_logits, atol=1e-4, rtol=1e-4)
-    # fla computes fp32 dots in tf32: close to the uncached forward, not bit-equal
-    torch.testing.assert_close(graph_logits, uncached_logits(model, ids, mask, graph_tokens), atol=2e-2, rtol=2e-2)
+    same = (graph_tokens == eager_tokens).float().mean()
+    assert same == 1 or (compile and same > 0.9)  # fused kernels round differently in bf16
+    if not compile:
+        torch.testing.assert_close(graph_logits, eager_logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(graph_logits.float(), uncached_logits(model, ids, mask, graph_tokens).float(),
+                               atol=0.1, rtol=0.1)
     engine = StaticEngine(model, 3, 40)
     first = engine.generate(ids, mask, max_new_tokens=10)
     assert engine.graph is not None  # captured, and reused by the next generation

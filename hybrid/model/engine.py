@@ -108,13 +108,21 @@ def attend_cache(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale:
     return (scores.softmax(-1) @ vbuf).reshape(B, H, 1, D)
 
 
-class StaticEngine:
-    """Fixed-size caches for `batch` sequences of up to `max_len` tokens, and the decode step
-    (a CUDA graph on CUDA unless cuda_graph=False)."""
+SLOT_ALIGN = 64  # max_len rounded up to this: a 16484-slot buffer decoded at half the speed of a 16400-slot one
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None):
+
+class StaticEngine:
+    """Fixed-size caches for `batch` sequences of up to `max_len` tokens (rounded up to SLOT_ALIGN),
+    and the decode step (a CUDA graph on CUDA unless cuda_graph=False). compile=True also runs
+    each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
+    norms; compiled once per layer kind and shape, reused by every layer of that kind)."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
+                 compile: bool = False):
         self.model, self.kinds = model, layer_kinds(model)
         self.layers = model.model.layers
+        max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
+        self.decode_layer = torch.compile(self._layer, dynamic=False) if compile else self._layer
         p = next(model.parameters())
         self.batch, self.max_len, self.device, self.dtype = batch, max_len, p.device, p.dtype
         zeros = lambda shape, dt: torch.zeros(shape, dtype=dt, device=p.device)  # noqa: E731
@@ -136,28 +144,33 @@ class StaticEngine:
         """Bytes of the per-layer buffers as allocated (KV + mixer states), for checking the count."""
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
 
-    def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
-        """The decoder stack; rows=None: one decode step on the whole batch against the buffers;
+    def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
+               rows: slice | None) -> torch.Tensor:
+        """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows."""
-        for layer, kind, buf in zip(self.layers, self.kinds, self.buffers):
-            attn, h = layer.self_attn, layer.input_layernorm(x)
-            if kind == SOFTMAX:
-                q, k, v = _qkv(attn, h, pe)
-                if rows is None:
-                    buf["k"].index_copy_(2, self.slot, k)
-                    buf["v"].index_copy_(2, self.slot, v)
-                    o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.bias)
-                else:
-                    buf["k"][rows, :, :k.shape[2]].copy_(k)
-                    buf["v"][rows, :, :v.shape[2]].copy_(v)
-                    o = attend_prompt(q, k, v, attn.scaling, pad)
-                a = attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
+        attn, h = layer.self_attn, layer.input_layernorm(x)
+        if kind == SOFTMAX:
+            q, k, v = _qkv(attn, h, pe)
+            if rows is None:
+                buf["k"].index_copy_(2, self.slot, k)
+                buf["v"].index_copy_(2, self.slot, v)
+                o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.bias)
             else:
-                a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
-                for name, t in state.items():
-                    (buf[name] if rows is None else buf[name][rows]).copy_(t)
-            x = x + a
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                buf["k"][rows, :, :k.shape[2]].copy_(k)
+                buf["v"][rows, :, :v.shape[2]].copy_(v)
+                o = attend_prompt(q, k, v, attn.scaling, pad)
+            a = attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
+        else:
+            a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
+            for name, t in state.items():
+                (buf[name] if rows is None else buf[name][rows]).copy_(t)
+        x = x + a
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
+        step = self.decode_layer if rows is None else self._layer
+        for layer, kind, buf in zip(self.layers, self.kinds, self.buffers):
+            x = step(layer, kind, buf, x, pe, pad, rows)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.no_grad()
