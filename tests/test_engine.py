@@ -132,6 +132,27 @@ def test_cache_bytes_count_matches_allocation():
     assert cache_bytes_per_sequence(model, 2000) - cache_bytes_per_sequence(model, 1000) == 1000 * kv
 
 
+def test_a_dropped_engine_frees_its_buffers_at_once():
+    """No reference cycle through the engine: its buffers go when the last reference does (bench.py
+    and fast_generate build one engine after another; GPU memory must not wait for the collector)."""
+    import gc
+    import weakref
+    model = tiny_model(SPECS["gdn"])
+    ids, mask = padded_batch([5, 3])
+    outputs = []
+    gc.disable()
+    try:
+        for compile in (False, True):  # torch.compile'd decode layers, here also checked against eager ones
+            engine = StaticEngine(model, 2, 16, compile=compile)
+            outputs.append(engine.generate(ids, mask, max_new_tokens=4))
+            ref = weakref.ref(engine.buffers[0]["S"])
+            del engine
+            assert ref() is None, compile
+    finally:
+        gc.enable()
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_errors():
     model = tiny_model(SPECS["gdn"])
     engine = StaticEngine(model, 2, 10)

@@ -122,7 +122,9 @@ class StaticEngine:
         self.model, self.kinds = model, layer_kinds(model)
         self.layers = model.model.layers
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
-        self.decode_layer = torch.compile(self._layer, dynamic=False) if compile else self._layer
+        # the class's function, not the bound method: an attribute holding self would make a reference
+        # cycle, and a dropped engine's buffers would wait for the garbage collector
+        self.compiled_layer = torch.compile(StaticEngine._layer) if compile else None
         p = next(model.parameters())
         self.batch, self.max_len, self.device, self.dtype = batch, max_len, p.device, p.dtype
         zeros = lambda shape, dt: torch.zeros(shape, dtype=dt, device=p.device)  # noqa: E731
@@ -168,9 +170,10 @@ class StaticEngine:
         return x + layer.mlp(layer.post_attention_layernorm(x))
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
-        step = self.decode_layer if rows is None else self._layer
+        compiled = self.compiled_layer if rows is None else None
         for layer, kind, buf in zip(self.layers, self.kinds, self.buffers):
-            x = step(layer, kind, buf, x, pe, pad, rows)
+            x = self._layer(layer, kind, buf, x, pe, pad, rows) if compiled is None else \
+                compiled(self, layer, kind, buf, x, pe, pad, rows)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.no_grad()
