@@ -6,7 +6,8 @@ Three ways to generate, same GPU, same process:
   hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states)
 Figures per (context, batch):
   TTFT, prefill    the prompt pass alone (logits for the last position + argmax), median of REPEATS
-                   (one run when batch x context > PREFILL_REPEAT_TOKENS); prefill tok/s = B * ctx / TTFT
+                   after one untimed pass (fla's JIT/autotune); one timed run and no untimed one when
+                   batch x context > PREFILL_REPEAT_TOKENS; prefill tok/s = B * ctx / TTFT
   decode           DECODE_STEPS steps timed directly with CUDA events after a prefill (and two eager
                    warm-up steps + the graph capture), median over REPEATS windows; the eager teacher: a
                    LogitsProcessor marks each step inside generate(), median step interval

@@ -218,12 +218,11 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
         kwargs.pop("cache_implementation")
         ids = args[0] if args else kwargs.pop("input_ids")
         allowed = {"attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id",
-                   "pad_token_id", "min_new_tokens", "use_cache"}
+                   "pad_token_id", "use_cache"}
         if set(kwargs) - allowed or kwargs.get("num_beams", 1) != 1:
             raise ValueError(f"generate(cache_implementation='static') takes {sorted(allowed)}; got "
                              f"{sorted(set(kwargs) - allowed)}: use generate() without it for beams and other modes")
         kwargs.pop("use_cache", None)
-        kwargs.pop("min_new_tokens", None)
         eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
         kwargs["eos_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
         return self.fast_generate(ids, **kwargs)
