@@ -52,6 +52,7 @@ PREFILL_TOKENS = 65536          # tokens per prefill pass (rows per pass = this 
 EAGER = True                    # also time the teacher's stock generate() (batches 1 and 32 only)
 EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
+PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
 # -----------------------------------------------------------------------------
@@ -182,6 +183,24 @@ def bench_eager(name, model, ctx, B, bw, device) -> dict:
                    peak_memory(device))
 
 
+@torch.no_grad()
+def profile_step(name, model, ctx, B, device) -> None:
+    """GPU kernel time of eager engine decode steps (no graph: the profiler sees each kernel), by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE)
+    token = engine.prefill(torch.randint(0, 10000, (B, ctx), device=device), None, max(1, PREFILL_TOKENS // ctx)).argmax(-1)
+    for _ in range(2):
+        token = engine.decode(token).argmax(-1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            token = engine.decode(token).argmax(-1)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"== {name} ctx {ctx} B {B}: {sum(e.self_device_time_total for e in events) / 4e3:.2f} ms of GPU kernels "
+          f"per step, {sum(e.count for e in events) // 4} kernels")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
 def random_models(dtype, device):
     """The SmolLM2-135M shape with random weights: the teacher (Llama) and a hybrid of RANDOM_SPEC."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -270,6 +289,9 @@ def main() -> dict:
                 rows.append(cell(bench_engine, name, model, ctx, B, bw, device))
             for r in rows[-(len(sides) + (EAGER and batch != "max")):]:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+    if PROFILE and device.type == "cuda":
+        for name, model in sides.items():
+            profile_step(name, model, *PROFILE, device)
     table = markdown(rows)
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))
