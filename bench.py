@@ -1,22 +1,28 @@
-"""Speed of a hybrid export against its teacher: prefill, TTFT, decode, memory.
+"""Inference speed and size of a hybrid against its teacher, with equal engineering on both sides.
 
-Both models run on the same GPU in the same process, through their own `generate()` with their
-own caches (the teacher: HF's KV cache; the hybrid: KV for softmax layers, recurrent state for
-linear layers), greedy, with a fixed number of new tokens (min_new_tokens = max_new_tokens).
-  TTFT       = time of generate(max_new_tokens=1) (prefill + the first token)
-  prefill    = B * context / TTFT tokens/s
-  decode     = B * (NEW_TOKENS - 1) / (t(NEW_TOKENS) - TTFT) tokens/s
-  memory     = peak allocated during generate minus the weights, per sequence
-  roofline   = bytes a decode step must read (weights + KV / state) / COPY_BANDWIDTH, and the
-               fraction of it the measured step time reaches (COPY_BANDWIDTH measured here).
-Warm-up runs are excluded; each figure is the median of REPEATS runs.
+Three ways to generate, same GPU, same process:
+  teacher eager    the teacher's stock HF generate() (dynamic KV cache, eager), what a user runs today
+  teacher engine   the teacher's own model through hybrid/model/engine.py (static KV cache, CUDA-graph step)
+  hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states)
+Figures per (context, batch):
+  TTFT, prefill    the prompt pass alone (logits for the last position + argmax), median of REPEATS
+                   after one untimed pass (fla's JIT/autotune); one timed run and no untimed one when
+                   batch x context > PREFILL_REPEAT_TOKENS; prefill tok/s = B * ctx / TTFT
+  decode           DECODE_STEPS steps timed directly with CUDA events after a prefill (and two eager
+                   warm-up steps + the graph capture), median over REPEATS windows; the eager teacher: a
+                   LogitsProcessor marks each step inside generate(), median step interval
+  cache bytes/seq  from the mixers' own count (cache_bytes_per_sequence), checked against the engine's
+                   allocation; peak memory (max allocated during the cell, all included) separately
+  roofline         bytes a step must move (weights + the cache at `ctx` + one rewrite of the mixer
+                   states) / COPY bandwidth measured in this run; fraction = roofline time / step time
+  max batch        the largest batch whose cache fits CACHE_BUDGET_GB at that context (per side)
 
-Launch (1 GPU): python bench.py --hybrid=runs/hybrid/export
-CPU smoke:      python bench.py --hybrid=<export> --contexts=[64] --batches=[1] --new_tokens=4
-Writes OUT_DIR/bench.json, bench.md, bench.png.
-Line: ctx  8192 | B 32 | teacher decode 1.23k tok/s | hybrid decode 5.67k tok/s | x4.61
+Launch (1 GPU, no teacher staging): python bench.py --random=True
+With an export:  python bench.py --hybrid=runs/hybrid/export --teacher=embedded
+Writes OUT_DIR/bench.json and bench.md; prints a table and the targets of issue 12.
 """
 
+import gc
 import os
 import statistics
 import time
@@ -25,150 +31,276 @@ import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
 from hybrid.common import run_script
+from hybrid.model.engine import StaticEngine, cache_bytes_per_sequence, layer_kinds
 
 # -----------------------------------------------------------------------------
-TEACHER = "embedded"            # teacher spec (resolved like prepare.py) or HF dir
-HYBRID = "runs/hybrid/export"   # export folder from export.py
-CONTEXTS = [2048, 8192, 16384, 32768]  # prompt tokens
-BATCHES = [1, 8, 32]            # sequences per generate call
-NEW_TOKENS = 128                # generated tokens per sequence (fixed: min_new_tokens too)
-REPEATS = 3                     # timed runs per cell (median)
-DTYPE = "bfloat16"              # model dtype on GPU ("float32" on CPU)
+RANDOM = False                  # random weights in RANDOM_SHAPE (speed needs no trained weights)
+RANDOM_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
+                    tie_word_embeddings=True, max_position_embeddings=65536)  # SmolLM2-135M
+RANDOM_SPEC = "gdn;softmax=1,5,9,13,16,20,24,28"  # 8 of 30 layers softmax, spread over depth
+TEACHER = "embedded"            # without RANDOM: teacher spec (resolved like prepare.py) or HF dir
+HYBRID = "runs/hybrid/export"   # without RANDOM: export folder from export.py
+CONTEXTS = [2048, 16384, 32768]  # prompt tokens
+BATCHES = [1, 32, "max"]        # "max": the largest batch within CACHE_BUDGET_GB, per side
+CACHE_BUDGET_GB = 24.0          # cache budget (GB = 1e9 bytes) for the "max" batch
+MAX_BATCH_CAP = 2048
+DECODE_STEPS = 32               # steps per timed decode window
+REPEATS = 3
+PREFILL_REPEAT_TOKENS = 2**20   # prefills larger than this are timed once
+PREFILL_TOKENS = 65536          # tokens per prefill pass (rows per pass = this // ctx): bounds activations
+EAGER = True                    # also time the teacher's stock generate() (batches 1 and 32 only)
+EAGER_STEPS = 8
+COMPILE = False                 # engine decode layers through torch.compile (both sides)
+PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
+DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
 # -----------------------------------------------------------------------------
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+class Clock:
+    """CUDA events on GPU (no sync inside the timed region), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, a, b) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
 
 
-def copy_bandwidth(device) -> float:
-    """Measured device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.empty(2**30, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured copy bandwidth in bytes/s (read + write of a 1 GiB buffer on GPU, 64 MiB on CPU)."""
+    x = torch.empty(2**30 if device.type == "cuda" else 2**26, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
+    clock = Clock(device)
     for _ in range(3):
         y.copy_(x)
-    sync()
-    t0 = time.perf_counter()
+    start = clock.mark()
     for _ in range(10):
         y.copy_(x)
-    sync()
-    return 2 * x.numel() * 10 / (time.perf_counter() - t0)
+    return 2 * x.numel() * 10 / clock.seconds(start, clock.mark())
 
 
-def timed_generate(model, ids, new_tokens: int) -> float:
-    sync()
-    t0 = time.perf_counter()
-    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                   min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
-    sync()
-    return time.perf_counter() - t0
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def state_bytes(model, B: int, ctx: int) -> int:
-    """Bytes of cache a decode step reads at context ctx: KV for softmax layers, state for linear."""
-    cfg = model.config
-    spec = getattr(cfg, "hybrid_spec", None) or ["softmax"] * cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_key_value_heads * head_dim * 2  # k and v, bf16
-    total = 0
-    for mixer in spec:
-        if mixer == "softmax":
-            total += kv * ctx * B
-        elif mixer == "swa":
-            total += kv * min(ctx, (getattr(cfg, "hybrid_options", None) or {}).get("window", 512)) * B
-        else:  # recurrent state (B, H, K, V) fp32
-            total += cfg.num_attention_heads * head_dim * head_dim * 4 * B
-    return total
+def state_bytes(model) -> int:
+    """Bytes of the mixers' fixed-size states per sequence (rewritten every decode step)."""
+    return sum(layer.self_attn.cache_bytes(next(model.parameters()).dtype)
+               for layer, kind in zip(model.model.layers, layer_kinds(model)) if kind != "softmax")
 
 
-def bench_model(name, model, ctx, B, bw, device) -> dict:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    ids = torch.randint(0, min(model.config.vocab_size, 10000), (B, ctx), device=device)
-    try:
-        timed_generate(model, ids, 2)  # warm-up (kernels, autotune, allocator)
-        ttft = statistics.median(timed_generate(model, ids, 1) for _ in range(REPEATS))
-        torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-        total = statistics.median(timed_generate(model, ids, NEW_TOKENS) for _ in range(REPEATS))
-    except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"model": name, "context": ctx, "batch": B, "oom": True}
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else float("nan")  # not tracked on CPU
-    step = (total - ttft) / max(1, NEW_TOKENS - 1)
-    roof = (weights + state_bytes(model, B, ctx)) / bw
+def max_batch(model, ctx: int) -> int:
+    per_seq = cache_bytes_per_sequence(model, ctx + 1 + REPEATS * DECODE_STEPS + 3)
+    return max(1, min(MAX_BATCH_CAP, int(CACHE_BUDGET_GB * 1e9 // per_seq)))
+
+
+def figures(name, model, ctx, B, bw, ttft, step, peak) -> dict:
+    roof = (weight_bytes(model) + B * (cache_bytes_per_sequence(model, ctx) + state_bytes(model))) / bw
     return {"model": name, "context": ctx, "batch": B, "ttft_s": ttft, "prefill_tok_s": B * ctx / ttft,
-            "decode_tok_s": B / step, "decode_step_ms": 1e3 * step, "mem_per_seq_gb": (peak - weights) / B / 2**30,
-            "roofline_step_ms": 1e3 * roof, "roofline_fraction": roof / step}
+            "decode_step_ms": 1e3 * step, "decode_tok_s": B / step, "roofline_step_ms": 1e3 * roof,
+            "roofline_fraction": roof / step, "cache_bytes_per_seq": cache_bytes_per_sequence(model, ctx),
+            **({} if peak is None else {"peak_gb": peak / 1e9})}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| context | batch | model | TTFT ms | prefill tok/s | decode tok/s | step ms | roofline ms (fraction) | mem/seq GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if r.get("oom"):
-            lines.append(f"| {r['context']} | {r['batch']} | {r['model']} | OOM | | | | | |")
-            continue
-        lines.append(f"| {r['context']} | {r['batch']} | {r['model']} | {1e3 * r['ttft_s']:.1f} | {r['prefill_tok_s']:.0f} | "
-                     f"{r['decode_tok_s']:.0f} | {r['decode_step_ms']:.2f} | {r['roofline_step_ms']:.2f} "
-                     f"({r['roofline_fraction']:.0%}) | {r['mem_per_seq_gb']:.3f} |")
-    return "\n".join(lines) + "\n"
+def reset_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
-def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(BATCHES), figsize=(5 * len(BATCHES), 4), squeeze=False)
-    for ax, B in zip(axes[0], BATCHES):
-        for name in ("teacher", "hybrid"):
-            pts = [(r["context"], r["decode_tok_s"]) for r in rows if r["model"] == name and r["batch"] == B and not r.get("oom")]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", title=f"batch {B}", xlabel="context (tokens)", ylabel="decode tokens/s")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+def peak_memory(device) -> float | None:
+    """Max bytes allocated since reset_memory (weights, cache, activations); None on CPU (no allocator stats)."""
+    return torch.cuda.max_memory_allocated() if device.type == "cuda" else None
 
 
-def main():
+@torch.no_grad()
+def bench_engine(name, model, ctx, B, bw, device) -> dict:
+    clock = Clock(device)
+    reset_memory(device)
+    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE)
+    want = B * cache_bytes_per_sequence(model, engine.max_len)
+    if engine.cache_nbytes() != want:
+        raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")
+    ids = torch.randint(0, min(model.config.vocab_size, 10000), (B, ctx), device=device)
+    rows = max(1, PREFILL_TOKENS // ctx)
+    if B * ctx <= PREFILL_REPEAT_TOKENS:  # untimed: fla's JIT compile and autotune for this shape
+        engine.prefill(ids, None, rows)
+    ttfts = []
+    for _ in range(REPEATS if B * ctx <= PREFILL_REPEAT_TOKENS else 1):
+        start = clock.mark()
+        token = engine.prefill(ids, None, rows).argmax(-1)
+        ttfts.append(clock.seconds(start, clock.mark()))
+    for _ in range(3):  # two eager warm-up steps (autotune), then the graph capture
+        token = engine.decode(token).argmax(-1)
+    windows = []
+    for _ in range(REPEATS):
+        start = clock.mark()
+        for _ in range(DECODE_STEPS):
+            token = engine.decode(token).argmax(-1)
+        windows.append(clock.seconds(start, clock.mark()) / DECODE_STEPS)
+    row = figures(name, model, ctx, B, bw, statistics.median(ttfts), statistics.median(windows), peak_memory(device))
+    row["cache_bytes_allocated"] = engine.cache_nbytes()
+    return row
+
+
+@torch.no_grad()
+def bench_eager(name, model, ctx, B, bw, device) -> dict:
+    """The stock generate(): each step's time from a LogitsProcessor that marks the clock."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    clock = Clock(device)
+
+    class StepMarks(LogitsProcessor):
+        def __init__(self):
+            self.marks = []
+
+        def __call__(self, input_ids, scores):
+            self.marks.append(clock.mark())
+            return scores
+
+    reset_memory(device)
+    ids = torch.randint(0, min(model.config.vocab_size, 10000), (B, ctx), device=device)
+    marks = StepMarks()
+    start = clock.mark()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=EAGER_STEPS + 1,
+                   min_new_tokens=EAGER_STEPS + 1, do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([marks]))
+    steps = [clock.seconds(a, b) for a, b in zip(marks.marks, marks.marks[1:])]
+    return figures(name, model, ctx, B, bw, clock.seconds(start, marks.marks[0]), statistics.median(steps),
+                   peak_memory(device))
+
+
+@torch.no_grad()
+def profile_step(name, model, ctx, B, device) -> None:
+    """GPU kernel time of eager engine decode steps (no graph: the profiler sees each kernel), by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE)
+    token = engine.prefill(torch.randint(0, 10000, (B, ctx), device=device), None, max(1, PREFILL_TOKENS // ctx)).argmax(-1)
+    for _ in range(2):
+        token = engine.decode(token).argmax(-1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(4):
+            token = engine.decode(token).argmax(-1)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    print(f"== {name} ctx {ctx} B {B}: {sum(e.self_device_time_total for e in events) / 4e3:.2f} ms of GPU kernels "
+          f"per step, {sum(e.count for e in events) // 4} kernels")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+def random_models(dtype, device):
+    """The SmolLM2-135M shape with random weights: the teacher (Llama) and a hybrid of RANDOM_SPEC."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
+    from hybrid.model.spec import parse_spec
+    cfg = LlamaConfig(**RANDOM_SHAPE)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(cfg)
+    hybrid = HybridForCausalLM(HybridConfig.from_teacher(cfg, parse_spec(RANDOM_SPEC, cfg.num_hidden_layers)))
+    return teacher.to(device, dtype).eval(), hybrid.to(device, dtype).eval()
+
+
+def loaded_models(dtype, device):
     from transformers import AutoModelForCausalLM
 
     from hybrid.teacher import resolve_teacher
+    if not os.path.isfile(os.path.join(HYBRID, "config.json")):
+        raise FileNotFoundError(f"--hybrid={HYBRID}: no export there; run `python export.py` first (or --random=True)")
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_teacher(TEACHER), dtype=dtype)
+    hybrid = AutoModelForCausalLM.from_pretrained(HYBRID, dtype=dtype, trust_remote_code=True)
+    return teacher.to(device).eval(), hybrid.to(device).eval()
+
+
+def cell(fn, *args) -> dict:
+    try:
+        return fn(*args)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        name, _, ctx, B = args[:4]
+        return {"model": name, "context": ctx, "batch": B, "oom": True}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| context | batch | model | TTFT ms | prefill tok/s | decode tok/s | step ms | roofline ms (fraction) "
+             "| cache MB/seq | peak GB |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r.get("oom"):
+            lines.append(f"| {r['context']} | {r['batch']} | {r['model']} | OOM | | | | | | |")
+            continue
+        lines.append(f"| {r['context']} | {r['batch']} | {r['model']} | {1e3 * r['ttft_s']:.1f} | {r['prefill_tok_s']:.0f} "
+                     f"| {r['decode_tok_s']:.0f} | {r['decode_step_ms']:.2f} | {r['roofline_step_ms']:.2f} "
+                     f"({r['roofline_fraction']:.0%}) | {r['cache_bytes_per_seq'] / 1e6:.1f} | {r.get('peak_gb', float('nan')):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(rows: list[dict], max_batches: dict) -> list[str]:
+    """Issue 12's targets, from the rows (missing cells are reported as such)."""
+    def get(model, ctx, B, key):
+        for r in rows:
+            if r["model"] == model and r["context"] == ctx and r["batch"] == B and not r.get("oom"):
+                return r[key]
+        return float("nan")
+    mid, long = 16384, 32768
+    out = [f"hybrid / teacher-engine decode at 16K B32: x{get('hybrid engine', mid, 32, 'decode_tok_s') / get('teacher engine', mid, 32, 'decode_tok_s'):.2f} (target >= 3.0)",
+           f"roofline fraction at 16K B32: teacher engine {get('teacher engine', mid, 32, 'roofline_fraction'):.0%}, "
+           f"hybrid engine {get('hybrid engine', mid, 32, 'roofline_fraction'):.0%} (target >= 50%)",
+           f"cache bytes/seq at 16K: hybrid / teacher {get('hybrid engine', mid, 1, 'cache_bytes_per_seq') / get('teacher engine', mid, 1, 'cache_bytes_per_seq'):.1%} (target <= 30%)",
+           f"max batch at 32K in {CACHE_BUDGET_GB:g} GB: teacher {max_batches.get(('teacher engine', long))}, hybrid "
+           f"{max_batches.get(('hybrid engine', long))} (target ratio >= 3.5)"]
+    for ctx in (mid, long):
+        out.append(f"prefill at {ctx // 1024}K B1: hybrid / teacher engine x{get('hybrid engine', ctx, 1, 'prefill_tok_s') / get('teacher engine', ctx, 1, 'prefill_tok_s'):.2f} (target >= 1)")
+    out.append(f"teacher engine / teacher eager decode at 16K B32: x{get('teacher engine', mid, 32, 'decode_tok_s') / get('teacher eager', mid, 32, 'decode_tok_s'):.2f} (target >= 5)")
+    return out
+
+
+def main() -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPE) if device.type == "cuda" else torch.float32
-    if not os.path.isfile(os.path.join(HYBRID, "config.json")):
-        raise FileNotFoundError(f"--hybrid={HYBRID}: no export there; run `python export.py` first")
-    models = {"teacher": AutoModelForCausalLM.from_pretrained(resolve_teacher(TEACHER), dtype=dtype),
-              "hybrid": AutoModelForCausalLM.from_pretrained(HYBRID, dtype=dtype, trust_remote_code=True)}
+    teacher, hybrid = (random_models if RANDOM else loaded_models)(dtype, device)
     bw = copy_bandwidth(device)
-    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s | "
-          f"both sides: eager HF generate(), SDPA softmax, greedy, {NEW_TOKENS} new tokens")
-    rows = []
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s "
+          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
+    sides = {"teacher engine": teacher, "hybrid engine": hybrid}
+    if EAGER and device.type == "cuda":  # warm the eager path once (kernel selection) outside the timed cells
+        teacher.generate(torch.ones(1, 16, dtype=torch.long, device=device), max_new_tokens=2, pad_token_id=0)
+    rows, max_batches = [], {}
     for ctx in CONTEXTS:
-        for B in BATCHES:
-            pair = {}
-            for name, model in models.items():
-                model.to(device).eval()
-                with torch.no_grad():
-                    pair[name] = bench_model(name, model, ctx, B, bw, device)
-                rows.append(pair[name])
-            t, h = pair["teacher"], pair["hybrid"]
-            if not t.get("oom") and not h.get("oom"):
-                print(f"ctx {ctx:6d} | B {B:3d} | TTFT {1e3 * t['ttft_s']:.0f} vs {1e3 * h['ttft_s']:.0f} ms | "
-                      f"teacher decode {t['decode_tok_s']:.0f} tok/s | hybrid decode {h['decode_tok_s']:.0f} tok/s | "
-                      f"x{h['decode_tok_s'] / t['decode_tok_s']:.2f} | mem/seq {t['mem_per_seq_gb']:.3f} vs {h['mem_per_seq_gb']:.3f} GB")
-            else:
-                print(f"ctx {ctx:6d} | B {B:3d} | OOM: {[n for n, r in pair.items() if r.get('oom')]}")
-    os.makedirs(OUT_DIR, exist_ok=True)
-    atomic_write_json(os.path.join(OUT_DIR, "bench.json"), {"copy_bandwidth": bw, "new_tokens": NEW_TOKENS, "rows": rows})
+        for batch in BATCHES:
+            if EAGER and batch != "max":
+                rows.append(cell(bench_eager, "teacher eager", teacher, ctx, batch, bw, device))
+            for name, model in sides.items():
+                B = max_batch(model, ctx) if batch == "max" else batch
+                if batch == "max":
+                    max_batches[(name, ctx)] = B
+                rows.append(cell(bench_engine, name, model, ctx, B, bw, device))
+            for r in rows[-(len(sides) + (EAGER and batch != "max")):]:
+                print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
+    if PROFILE and device.type == "cuda":
+        for name, model in sides.items():
+            profile_step(name, model, *PROFILE, device)
     table = markdown(rows)
-    atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), table.encode())
-    plot(rows, os.path.join(OUT_DIR, "bench.png"))
-    print(table)
+    lines = targets(rows, max_batches)
+    print(table + "\n".join(lines))
+    os.makedirs(OUT_DIR, exist_ok=True)
+    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "rows": rows, "targets": lines,
+              "max_batch": {f"{n} @ {c}": b for (n, c), b in max_batches.items()}}
+    atomic_write_json(os.path.join(OUT_DIR, "bench.json"), result)
+    atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), (table + "\n" + "\n".join(f"- {t}" for t in lines) + "\n").encode())
+    return result
 
 
 if __name__ == "__main__":

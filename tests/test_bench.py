@@ -1,16 +1,57 @@
-"""bench.py end to end on CPU: teacher vs a tiny hybrid export, table and JSON written."""
+"""bench.py end to end on CPU: random tiny models and an export, every figure positive and finite."""
 
 import json
+import math
 
 import pytest
 
 import bench
 from hybrid.checkpoint import atomic_torch_save
+from hybrid.model.engine import cache_bytes_per_sequence
 from hybrid.surgery import build_student
 from hybrid.teacher import load_teacher
 
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=512)
+FIGURES = ("ttft_s", "prefill_tok_s", "decode_step_ms", "decode_tok_s", "roofline_step_ms", "roofline_fraction",
+           "cache_bytes_per_seq")
 
-def test_bench_runs_and_reports_both_models(tiny_setup, tmp_path, monkeypatch):
+
+def run(monkeypatch, tmp_path, **settings) -> dict:
+    base = dict(CONTEXTS=[16, 32], BATCHES=[2, "max"], DECODE_STEPS=3, REPEATS=2, EAGER_STEPS=2,
+                CACHE_BUDGET_GB=2e-4, PREFILL_TOKENS=32, OUT_DIR=str(tmp_path / "bench"))
+    for k, v in {**base, **settings}.items():
+        assert hasattr(bench, k), k
+        monkeypatch.setattr(bench, k, v)
+    return bench.main()
+
+
+def check_rows(rows: list[dict]) -> None:
+    assert {r["model"] for r in rows} == {"teacher eager", "teacher engine", "hybrid engine"}
+    for r in rows:
+        assert not r.get("oom"), r
+        for key in FIGURES:
+            assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+        if "cache_bytes_allocated" in r:
+            assert r["cache_bytes_allocated"] >= r["batch"] * r["cache_bytes_per_seq"]
+
+
+def test_bench_random_models(monkeypatch, tmp_path):
+    result = run(monkeypatch, tmp_path, RANDOM=True, RANDOM_SHAPE=TINY, RANDOM_SPEC="gdn;softmax=1")
+    rows = result["rows"]
+    check_rows(rows)
+    assert len(rows) == 2 * (3 + 2)  # per context: eager + 2 engines at B2, 2 engines at max batch
+    cache = {(r["model"], r["context"]): r["cache_bytes_per_seq"] for r in rows if r["batch"] == 2 and "engine" in r["model"]}
+    # 1 of 4 layers keeps KV: the hybrid's cache grows a quarter as fast as the teacher's
+    assert cache[("hybrid engine", 32)] - cache[("hybrid engine", 16)] == \
+        (cache[("teacher engine", 32)] - cache[("teacher engine", 16)]) / 4
+    maxb = result["max_batch"]
+    assert maxb["hybrid engine @ 32"] > maxb["teacher engine @ 32"] >= 1
+    assert (tmp_path / "bench" / "bench.md").read_text().count("| hybrid engine |") == 4
+    assert json.load(open(tmp_path / "bench" / "bench.json"))["targets"] == result["targets"]
+
+
+def test_bench_export_against_teacher(tiny_setup, tmp_path, monkeypatch):
     import export
     teacher, _ = load_teacher(tiny_setup["model"])
     spec = ["gdn", "softmax", "swa", "gdn"]
@@ -21,17 +62,10 @@ def test_bench_runs_and_reports_both_models(tiny_setup, tmp_path, monkeypatch):
     for k, v in dict(CHECKPOINT=ckpt, OUT_DIR=str(tmp_path / "export"), DTYPE="float32").items():
         monkeypatch.setattr(export, k, v)
     export.main()
-    for k, v in dict(TEACHER=tiny_setup["model"], HYBRID=str(tmp_path / "export"), CONTEXTS=[16, 32], BATCHES=[2],
-                     NEW_TOKENS=3, REPEATS=1, OUT_DIR=str(tmp_path / "bench")).items():
-        monkeypatch.setattr(bench, k, v)
-    bench.main()
-    rows = json.load(open(tmp_path / "bench" / "bench.json"))["rows"]
-    assert {(r["model"], r["context"]) for r in rows} == {(m, c) for m in ("teacher", "hybrid") for c in (16, 32)}
-    assert all(r["decode_tok_s"] > 0 and r["ttft_s"] > 0 for r in rows)
-    teacher_ctx = lambda m, c: bench.state_bytes(m, 2, c)  # noqa: E731
+    result = run(monkeypatch, tmp_path, TEACHER=tiny_setup["model"], HYBRID=str(tmp_path / "export"), BATCHES=[2])
+    check_rows(result["rows"])
     from transformers import AutoModelForCausalLM
     hybrid = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), trust_remote_code=True)
-    # the hybrid's cache read per step grows only through its one softmax layer (swa is capped at 8)
-    assert teacher_ctx(hybrid, 64) - teacher_ctx(hybrid, 32) == pytest.approx(
-        (teacher_ctx(teacher, 64) - teacher_ctx(teacher, 32)) / 4)
-    assert (tmp_path / "bench" / "bench.md").read_text().count("| hybrid |") == 2
+    # the cache grows only through the one softmax layer (swa is capped at its window)
+    assert cache_bytes_per_sequence(hybrid, 64) - cache_bytes_per_sequence(hybrid, 32) == pytest.approx(
+        (cache_bytes_per_sequence(teacher, 64) - cache_bytes_per_sequence(teacher, 32)) / 4)

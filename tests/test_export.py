@@ -61,7 +61,7 @@ def test_export_folder_and_round_trip(exported):
     files = set(os.listdir(out))
     shipped = {f for f in os.listdir(os.path.join("hybrid", "model")) if f.endswith(".py") and f != "__init__.py"}
     assert shipped == {"modeling_hybrid.py", "spec.py", "mixers.py", "mixer_base.py", "op_common.py", "op_gdn.py",
-                       "op_gla.py", "op_rwkv7.py"}  # hybrid/model/ is exactly what an export ships
+                       "op_gla.py", "op_rwkv7.py", "engine.py"}  # hybrid/model/ is exactly what an export ships
     assert shipped | {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files, files
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["model_type"] == "hybrid" and cfg["teacher_model_type"] == "llama"
@@ -164,7 +164,8 @@ def test_loads_without_the_repo(exported, tmp_path):
         "x = torch.arange(1, 17)[None]\n"
         "with torch.no_grad():\n"
         "    torch.save({'logits': m(x, use_cache=False).logits,\n"
-        "                'gen': m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)},\n"
+        "                'gen': m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False),\n"
+        "                'fast': m.fast_generate(x, max_new_tokens=4)},\n"
         "               'out.pt')\n"
         "print(type(m).__module__)\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
@@ -177,6 +178,7 @@ def test_loads_without_the_repo(exported, tmp_path):
     torch.testing.assert_close(got["logits"], want, atol=1e-5, rtol=1e-5)
     ref = exported["model"].generate(x, attention_mask=torch.ones_like(x), max_new_tokens=4, do_sample=False)
     assert torch.equal(got["gen"], ref)
+    assert torch.equal(got["fast"], ref)  # the static engine ships in the export too
 
 
 def test_all_linear_qwen3_teacher(tmp_path, monkeypatch):

@@ -267,3 +267,50 @@ def test_causal_conv_cuda_matches_cpu():
     y_gpu, s_gpu = causal_conv(x.cuda(), w.cuda(), st.cuda())
     torch.testing.assert_close(y_gpu.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(s_gpu.cpu(), s_cpu)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prompts_from_one_token_to_past_the_window(name):
+    """Prompt lengths 1..window+2, then 3 decode steps: cached == uncached, alone and left-padded
+    beside a longer row (swa once kept a wrapped slice of a prompt shorter than its window)."""
+    window = 5
+    teacher, mixer = make_mixer(name, window=window) if name == "swa" else make_mixer(name)
+    n_max, extra = window + 2, 3
+    x = torch.randn(2, n_max + extra, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        for n in range(1, n_max + 1):
+            pe = rope(teacher, torch.arange(n + extra)[None])
+            y_full, _ = mixer.mix(x[:1, :n + extra], pe)
+            y, state = mixer.mix(x[:1, :n], slice_pe(pe, 0, n))
+            ys = [y]
+            for t in range(n, n + extra):
+                y, state = mixer.mix(x[:1, t:t + 1], slice_pe(pe, t, t + 1), state)
+                ys.append(y)
+            torch.testing.assert_close(torch.cat(ys, 1), y_full, atol=1e-9, rtol=0, msg=f"prompt {n}")
+            # row 0: the n-token prompt left-padded to n_max; row 1: an n_max-token prompt
+            xp = torch.stack([torch.cat([100 * torch.randn(n_max - n, D_MODEL, dtype=torch.float64), x[0, :n]]),
+                              x[1, :n_max]])
+            pad_mask = torch.ones(2, n_max, dtype=torch.bool)
+            pad_mask[0, :n_max - n] = False
+            pos = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)
+            y, state = mixer.mix(xp, rope(teacher, pos), None, pad_mask)
+            torch.testing.assert_close(y[0, n_max - n:], y_full[0, :n], atol=1e-9, rtol=0, msg=f"padded prompt {n}")
+            for t in range(extra):
+                step = torch.stack([x[0, n + t], x[1, n_max + t]])[:, None]
+                y, state = mixer.mix(step, rope(teacher, pos[:, -1:] + 1 + t), state)
+                torch.testing.assert_close(y[0, 0], y_full[0, n + t], atol=1e-9, rtol=0, msg=f"padded {n} step {t}")
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cache_shapes_are_what_mix_returns(name, dtype):
+    """The static engine preallocates cache_shapes and copy_s mix()'s state into it each step."""
+    teacher, mixer = make_mixer(name, window=6) if name == "swa" else make_mixer(name)
+    mixer = mixer.to(dtype)
+    for T in (1, 3, 9):  # shorter and longer than the swa window and the conv width
+        x = torch.randn(2, T, D_MODEL, dtype=dtype)
+        with torch.no_grad():
+            _, state = mixer.mix(x, rope(teacher, torch.arange(T).expand(2, T)))
+        want = mixer.cache_shapes(2, dtype)
+        assert {k: (tuple(t.shape), t.dtype) for k, t in state.items()} == want, T
+    assert mixer.cache_bytes(dtype) == sum(t.numel() * t.element_size() for t in state.values()) // 2

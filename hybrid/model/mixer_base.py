@@ -4,6 +4,8 @@ Imports only torch: export.py copies this file with mixers.py and op_*.py beside
 modeling file. See hybrid/mixers.py for the mixers and docs/mixers.md for the protocol.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -151,6 +153,17 @@ class TeacherInitMixer(nn.Module):
         if states is not None:
             states[self.layer_idx] = new_state
         return y, None
+
+    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """The decode state mix() returns, {name: (shape, dtype)} for `batch` sequences of a model in
+        `dtype`: fixed size whatever the context, so a static cache can preallocate it and copy_ each
+        step's new state into it (engine.py). Each mixer lists its own; a test checks it against mix()."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its cache_shapes")
+
+    def cache_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of decode state per sequence (the same at every context length)."""
+        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size()
+                   for shape, dt in self.cache_shapes(1, dtype).values())
 
     def extra_repr(self) -> str:
         return (f"layer={self.layer_idx}, heads={self.n_heads}, kv_heads={self.n_kv_heads}, "

@@ -49,6 +49,13 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
+        H, D = self.n_heads, self.head_dim
+        shapes = {"S": ((batch, H, D, D), torch.promote_types(dtype, torch.float32))}
+        if self.conv_size > 1:
+            shapes["conv"] = ((batch, self.conv_size - 1, (H + 2 * self.n_kv_heads) * D), dtype)
+        return shapes
+
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
         """x (B, T, C) -> y (B, T, C), state {"S": (B, H, D, D) fp32, "conv": (B, W-1, Cqkv)}."""
@@ -99,6 +106,9 @@ class GLAMixer(TeacherInitMixer):
         nn.init.zeros_(self.gk_up.bias)  # alpha ~ exp(logsigmoid(0) / 16) ~ 0.958 per token at init
         self.g_proj = nn.Linear(C, H * D, bias=False)
         self.o_norm = HeadRMSNorm(D, self.eps)
+
+    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
+        return {"S": ((batch, self.n_heads, self.head_dim, self.head_dim), torch.promote_types(dtype, torch.float32))}
 
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
@@ -156,6 +166,9 @@ class RWKV7Mixer(TeacherInitMixer):
         self.k_k = nn.Parameter(torch.full((H, D), 0.85))
         self.k_a = nn.Parameter(torch.ones(H, D))
 
+    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
+        return {"S": ((batch, self.n_heads, self.head_dim, self.head_dim), torch.promote_types(dtype, torch.float32))}
+
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
         """x (B, T, C), position_embeddings (cos, sin) (B or 1, T, D) -> y (B, T, C), state {"S": (B, H, D, D) fp32}."""
@@ -196,9 +209,14 @@ class SlidingWindowMixer(TeacherInitMixer):
             raise ValueError(f"swa mixer: window={window}; expected >= 1")
         self.window = window
 
+    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
+        kv = ((batch, self.window - 1, self.n_kv_heads, self.head_dim), dtype)
+        return {"k": kv, "v": kv, "valid": ((batch, self.window - 1), torch.bool)}
+
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
-        """x (B, T, C) -> y (B, T, C), state {"k", "v": (B, L, Hkv, D), "valid": (B, L) bool}, L < window."""
+        """x (B, T, C) -> y (B, T, C), state {"k", "v": (B, window - 1, Hkv, D), "valid": (B, window - 1) bool}:
+        always window - 1 slots (a fixed size, for static caches), oldest first, unused ones not valid."""
         B, T, _ = x.shape
         x = zero_pads(x, pad_mask)
         q, k, v = self.project(x)
@@ -220,7 +238,11 @@ class SlidingWindowMixer(TeacherInitMixer):
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
         if not output_state:
             return y, None
-        keep = max(self.window - 1, 0)
+        keep = self.window - 1
+        short = keep - k.shape[1]
+        if short > 0:  # fewer tokens so far than slots: empty (not valid) slots in front, never a wrapped slice
+            k, v = F.pad(k, (0, 0, 0, 0, short, 0)), F.pad(v, (0, 0, 0, 0, short, 0))
+            valid = F.pad(valid, (short, 0), value=False)
         return y, {"k": k[:, k.shape[1] - keep:], "v": v[:, v.shape[1] - keep:], "valid": valid[:, valid.shape[1] - keep:]}
 
 

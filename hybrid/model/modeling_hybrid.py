@@ -15,9 +15,14 @@ uses too) wherever the spec does not say "softmax". config.json is the teacher's
 name per layer; not `layer_types`, which transformers reserves for its caches), `hybrid_options`
 (keyword options of the mixers, e.g. {"window": 512}) and `teacher_model_type`.
 
-Generation keeps a HybridCache: the teacher's KV cache layers for the softmax layers and a
-`mixer_states` dict (recurrent state, conv state, or a sliding window of KV) for the others. The
-2D padding mask reaches every mixer as `pad_mask` (B, T), so left-padded pads never enter a state.
+Generation, two ways with the same tokens:
+  model.generate(...)        HF's loop with a HybridCache: the teacher's KV cache layers for the
+                             softmax layers and a `mixer_states` dict (recurrent state, conv state,
+                             the swa window) for the others; greedy, sampling, beams; eager.
+  model.fast_generate(...)   (or generate(..., cache_implementation="static")) the static engine
+                             (engine.py): caches allocated once at fixed size, the decode step a
+                             CUDA graph on GPU; greedy or sampling (temperature, top_k), no beams.
+The 2D padding mask reaches every mixer as `pad_mask` (B, T), so left-padded pads never enter a state.
 """
 
 import torch
@@ -57,6 +62,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from .engine import StaticEngine, cache_bytes_per_sequence
 from .spec import SOFTMAX, check_spec, install_mixers
 
 HYBRID_FIELDS = ("hybrid_spec", "hybrid_options", "teacher_model_type")
@@ -107,7 +113,7 @@ class HybridCache(DynamicCache):
 
     @property
     def is_compileable(self) -> bool:
-        """False: generate() auto-compiles the forward (CUDA graphs) for a cache whose layers are all
+        """False (the compiled, fixed-size path is the static engine, model.fast_generate): generate() auto-compiles the forward (CUDA graphs) for a cache whose layers are all
         compileable, which an all-linear spec's placeholders are; the mixer states in a plain dict
         are then overwritten between graph replays (seen on the H100: "To prevent overwriting,
         clone the tensor outside of torch.compile()")."""
@@ -183,6 +189,43 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
 
     def new_cache(self) -> HybridCache:
         return HybridCache(self.teacher_config, self.config.hybrid_spec)
+
+    def cache_bytes_per_sequence(self, context: int, dtype: torch.dtype | None = None) -> int:
+        """Generation cache bytes one sequence needs at `context` tokens (KV of the softmax layers
+        plus each mixer's fixed-size state), what the static engine allocates per row."""
+        return cache_bytes_per_sequence(self, context, dtype)
+
+    @torch.no_grad()
+    def fast_generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                      max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+                      eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.LongTensor:
+        """generate() through the static engine: -> (B, T + max_new_tokens), prompt included. The
+        engine (buffers + captured CUDA graph) is kept on the model and reused while the batch size
+        matches and the length fits; `model.fast_engine = None` frees it."""
+        B, T = input_ids.shape
+        engine = getattr(self, "fast_engine", None)
+        if engine is None or engine.batch != B or engine.max_len < T + max_new_tokens:
+            self.fast_engine = None  # free the old buffers before allocating new ones
+            engine = self.fast_engine = StaticEngine(self, B, T + max_new_tokens)
+        pad = self.generation_config.pad_token_id if pad_token_id is None else pad_token_id
+        return engine.generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
+                               eos_token_id, 0 if pad is None else pad)
+
+    def generate(self, *args, **kwargs):
+        """HF generate(); cache_implementation="static" routes to fast_generate (greedy or sampling)."""
+        if kwargs.get("cache_implementation") != "static":
+            return super().generate(*args, **kwargs)
+        kwargs.pop("cache_implementation")
+        ids = args[0] if args else kwargs.pop("input_ids")
+        allowed = {"attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "eos_token_id",
+                   "pad_token_id", "use_cache"}
+        if set(kwargs) - allowed or kwargs.get("num_beams", 1) != 1:
+            raise ValueError(f"generate(cache_implementation='static') takes {sorted(allowed)}; got "
+                             f"{sorted(set(kwargs) - allowed)}: use generate() without it for beams and other modes")
+        kwargs.pop("use_cache", None)
+        eos = kwargs.get("eos_token_id", self.generation_config.eos_token_id)
+        kwargs["eos_token_id"] = eos[0] if isinstance(eos, (list, tuple)) else eos
+        return self.fast_generate(ids, **kwargs)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
         """generate() would build a plain DynamicCache, which has no place for mixer states."""
