@@ -18,14 +18,16 @@ class KLStudent(nn.Module):
     LM head) -> (loss, {"kl", "ce"}).
     """
 
-    def __init__(self, student: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 4096):
+    def __init__(self, student: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 4096,
+                 fused: bool | None = None):
         super().__init__()
         self.student, self.temperature, self.ce_weight, self.chunk_tokens = student, temperature, ce_weight, chunk_tokens
+        self.fused = fused  # chunked_distill_loss's fused: None = compiled fused chunk math on GPU, reference on CPU
 
     def forward(self, x, y, h_t, w_t):
         h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
         return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=self.temperature,
-                                    ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens)
+                                    ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens, fused=self.fused)
 
 
 def stage2_param_groups(student: nn.Module, lr_mixer: float, lr_other: float) -> list[dict]:
