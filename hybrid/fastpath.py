@@ -77,11 +77,11 @@ def accumulate_kl_cached(model: nn.Module, targets: TeacherTargets, first: int, 
                          autocast) -> torch.Tensor:
     """accumulate_kl on cached teacher targets: micro-steps use batches first .. first+accum-1 of
     `targets`; model is a KLStudent (not under DDP: one candidate per rank). -> the mean loss, detached."""
-    loss_sum = None
+    loss_sum = torch.zeros((), device=w_t.device)  # fp32, as accumulate_kl's
     for micro in range(accum):
         x, y, h_t = targets[first + micro]
         with autocast if autocast is not None else contextlib.nullcontext():
             loss, _ = model(x, y, h_t, w_t)
             (loss / accum).backward()
-        loss_sum = loss.detach() / accum if loss_sum is None else loss_sum + loss.detach() / accum
+        loss_sum += loss.detach() / accum
     return loss_sum

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
+from hybrid.kl import KLStudent, accumulate_kl
+from hybrid.model.mixer_base import causal_conv
+from hybrid.surgery import build_student
+from test_mixers import tiny_teacher
+
+
+class Batches:
+    def __init__(self, n=3, B=2, T=12, vocab=50, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(n)]
+        self.i = 0
+
+    def next_batch(self):
+        buf = self.data[self.i % len(self.data)]
+        self.i += 1
+        return buf[:, :-1], buf[:, 1:]
+
+
+def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards():
+    teacher = tiny_teacher("llama_gqa", n_layers=2)
+    vocab = teacher.config.vocab_size
+    students = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        students.append(build_student(teacher, ["gdn", "softmax"]).requires_grad_(True))
+    ref_loss = accumulate_kl(KLStudent(students[0]), teacher, Batches(vocab=vocab), 2, torch.device("cpu"),
+                             torch.autocast("cpu", enabled=False))
+    targets = TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"))
+    loss = accumulate_kl_cached(KLStudent(students[1]), targets, 0, 2, teacher.lm_head.weight, None)
+    torch.testing.assert_close(loss, ref_loss)
+    for (n, a), b in zip(students[1].named_parameters(), students[0].parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=n)
+    assert len(targets) == 2  # filled on demand, kept for the next candidate
+    x, y, h = targets[1]
+    assert targets[1][2] is h and h.shape == (*x.shape, teacher.config.hidden_size)
+    with pytest.raises(ValueError, match="max_batches"):
+        TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"), max_batches=1)[1]
+
+
+def test_compile_layers_is_a_no_op_on_cpu():
+    teacher = tiny_teacher("llama_gqa", n_layers=2)
+    assert compile_layers(teacher) == 0
+    assert all(layer._compiled_call_impl is None for layer in teacher.model.layers)
+
+
+def test_causal_conv_compiled_branch_equals_the_reference(monkeypatch):
+    # under torch.compile causal_conv takes a shifted-sum branch; force it without compiling (slow on CPU)
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True), torch.randn(6, 4, dtype=torch.float64)
+    state = torch.randn(2, 3, 6, dtype=torch.float64)
+    ref = causal_conv(x, w, state)
+    g_ref = torch.autograd.grad(ref[0].square().sum(), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    got = causal_conv(x, w, state)
+    torch.testing.assert_close(got[0], ref[0])
+    torch.testing.assert_close(got[1], ref[1])
+    torch.testing.assert_close(torch.autograd.grad(got[0].square().sum(), x), g_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_layers_match_eager_on_gpu():
+    teacher = tiny_teacher("llama_gqa", n_layers=2, dtype=torch.float32).cuda()
+    torch.manual_seed(5)
+    eager = build_student(teacher, ["gdn", "softmax"]).requires_grad_(True)
+    fast = build_student(teacher, ["gdn", "softmax"]).requires_grad_(True)
+    fast.load_state_dict(eager.state_dict())
+    assert compile_layers(fast) == 2
+    x = torch.randint(0, teacher.config.vocab_size, (2, 64), device="cuda")
+    outs = []
+    for m in (eager, fast):
+        h = m.model(input_ids=x).last_hidden_state
+        h.square().mean().backward()
+        outs.append((h, m.model.layers[0].self_attn.q_proj.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
