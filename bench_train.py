@@ -416,7 +416,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
             del student, opt, model
         rest = sum(secs[1:]) / max(1, len(secs) - 1)
         tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
-        cache = f"{targets.nbytes() / 2**20:.0f} MiB" if targets is not None else "-"
+        cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
         emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | {fmt(tps)} | "
              f"{secs[0] + 29 * rest:.0f} s | {cache} |")
         torch.cuda.empty_cache() if device.type == "cuda" else None

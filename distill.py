@@ -36,6 +36,7 @@ from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path,
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, rng_state, seed_all, set_rng_state)
 from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.fastpath import compile_layers
 from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
@@ -86,7 +87,7 @@ SAVE_EVERY = 500                # stage 2 steps; stage 1 saves after every layer
 KEEP_CHECKPOINTS = 2
 RESUME = ""                     # "" | "auto" (latest in RUN_DIR) | a checkpoint path
 SEED = 1337
-COMPILE = False                 # torch.compile the student (GPU)
+COMPILE = True                  # torch.compile each decoder layer of student and teacher (GPU only; hybrid/fastpath.py)
 PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
@@ -235,8 +236,6 @@ def stage1_all(ctx, teacher, student, loader, val, ckpt):
 def stage2(ctx, teacher, student, loader, val, ckpt):
     student.requires_grad_(True)  # every student parameter trains in stage 2
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
-    if COMPILE:
-        student.model.compile()  # in place: state-dict keys stay free of _orig_mod.
     model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
     if ctx["world_size"] > 1:
         model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
@@ -328,6 +327,9 @@ def main():
         print0(f"seeded layers {seeded} from {INIT}")
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
+    if COMPILE:  # in place: state-dict keys stay free of _orig_mod.
+        compile_layers(student)
+        compile_layers(teacher)
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "mixer_options": options,

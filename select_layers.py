@@ -43,7 +43,8 @@ from hybrid.checkpoint import atomic_write_json, load_checkpoint
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            is_master, print0, seed_all)
 from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups
+from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
+from hybrid.kl import KLStudent, stage2_param_groups
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
                               val_kl, with_softmax)
@@ -85,6 +86,7 @@ KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL
 EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN for every score
 LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
 SEED = 1337
+COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
 ALL_METHODS = ("ga_s2", "zero_shot", "halving", "early", "uniform", "mse", "greedy", "ablation")
@@ -113,17 +115,18 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
         untie_embeddings(student)
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
     student.requires_grad_(True).to(ctx["device"]).train()
+    if COMPILE:
+        compile_layers(student)
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
-    loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN)  # rank 0 of 1: one data order for all
-    teacher, w_t, accum = ctx["teacher"], ctx["teacher"].lm_head.weight, ctx["accum"]
+    w_t, accum = ctx["teacher"].lm_head.weight, ctx["accum"]
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):
         t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
-        loss_sum = accumulate_kl(model, teacher, loader, accum, ctx["device"], ctx["autocast"])
+        loss_sum = accumulate_kl_cached(model, ctx["targets"], step * accum, accum, w_t, ctx["autocast"])
         torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -280,6 +283,8 @@ def main():
     teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
         load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
     teacher.to(device=device, dtype=dtype)
+    if COMPILE:
+        compile_layers(teacher)
     base = build_student(teacher_ref, stage1_spec, **(ccfg.get("mixer_options") or {}))
     if ccfg.get("untied"):
         untie_embeddings(base)
@@ -295,6 +300,8 @@ def main():
                mixer_options=dict(ccfg.get("mixer_options") or {}),
                untied=bool(ccfg.get("untied")), candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
                already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX], switcher=switcher,
+               # every candidate trains on one data order: the teacher runs once per batch for all of them
+               targets=TeacherTargets(teacher, ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN), device),
                val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
                accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
                early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),

@@ -50,27 +50,28 @@ class TeacherTargets:
     """(x, y, h_t) for batch i of `loader`'s fixed order, the teacher forward done once per batch.
 
     loader: anything with next_batch() -> (x, y) ids (B, T) (a ShardLoader made fresh, so its
-    order is the one every candidate sees). Batches are filled on first use and kept on `device`;
-    max_batches bounds the memory (an error beyond it names the setting)."""
+    order is the one every candidate sees). Batches are read on first use and kept on `device`;
+    teacher hidden states are kept until they take max_bytes, later ones are recomputed from the
+    kept ids on every use (the old cost, never an error)."""
 
-    def __init__(self, teacher: nn.Module, loader, device: torch.device, max_batches: int = 1 << 16):
-        self.teacher, self.loader, self.device, self.max_batches = teacher, loader, device, max_batches
-        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    def __init__(self, teacher: nn.Module, loader, device: torch.device, max_bytes: int = 16 * 2**30):
+        self.teacher, self.loader, self.device, self.max_bytes = teacher, loader, device, max_bytes
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.kept_bytes = 0
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if i >= self.max_batches:
-            raise ValueError(f"TeacherTargets: batch {i} requested, max_batches={self.max_batches}; "
-                             "raise max_batches (memory: B*T*C teacher-dtype values per batch)")
         while len(self.batches) <= i:
             x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
-            self.batches.append((x, y, teacher_hidden(self.teacher, x)))
-        return self.batches[i]
+            h_t = teacher_hidden(self.teacher, x)
+            size = h_t.numel() * h_t.element_size()
+            keep = self.kept_bytes + size <= self.max_bytes
+            self.kept_bytes += size if keep else 0
+            self.batches.append((x, y, h_t if keep else None))
+        x, y, h_t = self.batches[i]
+        return x, y, (teacher_hidden(self.teacher, x) if h_t is None else h_t)
 
     def __len__(self) -> int:
         return len(self.batches)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self.batches for t in b)
 
 
 def accumulate_kl_cached(model: nn.Module, targets: TeacherTargets, first: int, accum: int, w_t: torch.Tensor,

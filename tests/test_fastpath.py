@@ -37,8 +37,10 @@ def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards
     assert len(targets) == 2  # filled on demand, kept for the next candidate
     x, y, h = targets[1]
     assert targets[1][2] is h and h.shape == (*x.shape, teacher.config.hidden_size)
-    with pytest.raises(ValueError, match="max_batches"):
-        TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"), max_batches=1)[1]
+    small = TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"), max_bytes=h.numel() * h.element_size())
+    assert small.batches[0:0] == [] and small[1][2].shape == h.shape  # over budget: recomputed, same values
+    assert small.batches[0][2] is not None and small.batches[1][2] is None
+    torch.testing.assert_close(small[1][2], h)
 
 
 def test_compile_layers_is_a_no_op_on_cpu():
