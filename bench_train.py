@@ -289,7 +289,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
                     h_t = teacher_hidden(teacher, x)
                     ev()
                     with autocast:
-                        h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
+                        h_s = student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
                         ev()
                         loss, _ = chunked_distill_loss(h_s, student.lm_head.weight, h_t, w_t, targets=y,
                                                        chunk_tokens=KL_CHUNK_TOKENS, fused=None if fast else False)

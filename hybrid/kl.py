@@ -25,7 +25,8 @@ class KLStudent(nn.Module):
         self.fused = fused  # chunked_distill_loss's fused: None = compiled fused chunk math on GPU, reference on CPU
 
     def forward(self, x, y, h_t, w_t):
-        h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
+        # to h_t's dtype: bf16 LM-head matmuls on GPU; no KV cache (see teacher_hidden)
+        h_s = self.student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
         return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=self.temperature,
                                     ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens, fused=self.fused)
 
@@ -59,7 +60,8 @@ def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, devi
 @torch.no_grad()
 def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, T) ids -> (B, T, C) the teacher's final hidden states (after its final norm)."""
-    return teacher.model(input_ids=x).last_hidden_state
+    # no KV cache (HF builds one by default): it costs memory, and a compiled layer specialises on its state
+    return teacher.model(input_ids=x, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -91,7 +93,7 @@ def evaluate_kl(teacher: nn.Module, student: nn.Module, batches: list, device: t
         x, y = x.to(device), y.to(device)
         h_t = teacher_hidden(teacher, x)
         with autocast:
-            h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
+            h_s = student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
         total += logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens)
     student.train(was_training)
     total /= len(batches)

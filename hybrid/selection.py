@@ -172,7 +172,7 @@ def val_kl(student: nn.Module, batches: list, h_teacher: list[torch.Tensor], w_t
     per_batch = []
     for (x, _), h_t in zip(batches, h_teacher):
         with autocast:
-            h_s = student.model(input_ids=x.to(device)).last_hidden_state.to(h_t.dtype)
+            h_s = student.model(input_ids=x.to(device), use_cache=False).last_hidden_state.to(h_t.dtype)
         _, parts = chunked_distill_loss(h_s, student.lm_head.weight.detach(), h_t, w_teacher, chunk_tokens=chunk_tokens)
         per_batch.append(float(parts["kl"]))
     student.train(was_training)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
-from hybrid.kl import KLStudent, accumulate_kl
+from hybrid.kl import KLStudent, accumulate_kl, teacher_hidden
 from hybrid.model.mixer_base import causal_conv
 from hybrid.surgery import build_student
 from test_mixers import tiny_teacher
@@ -80,3 +80,17 @@ def test_compiled_layers_match_eager_on_gpu():
         outs.append((h, m.model.layers[0].self_attn.q_proj.weight.grad))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+
+
+def test_training_forwards_build_no_kv_cache(monkeypatch):
+    # HF builds a DynamicCache unless told not to: memory, and a compiled layer would specialise on its state
+    teacher = tiny_teacher("llama_gqa", n_layers=2)
+    student = build_student(teacher, ["gdn", "softmax"])
+    seen = []
+    for m in (teacher.model, student.model):
+        forward = m.forward
+        monkeypatch.setattr(m, "forward", lambda *a, _f=forward, **kw: seen.append(kw.get("use_cache")) or _f(*a, **kw))
+    x = torch.randint(0, teacher.config.vocab_size, (1, 8))
+    h_t = teacher_hidden(teacher, x)
+    KLStudent(student)(x, x, h_t, teacher.lm_head.weight)
+    assert seen == [False, False]
