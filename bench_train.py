@@ -55,6 +55,7 @@ VOCAB = 49152
 DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
 SECTIONS = "copy,stage2,phases,stage1,gas2,kpad"  # comma list, run in this order
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
+PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
 # Stage 2
 STAGE2_SEQ_LEN = 2048
 BASE_MICRO_BATCH = 16           # the eager baseline's micro-batch (distill.py's default)
@@ -159,6 +160,16 @@ def flops_per_token(spec: list[str], T: int, part: str = "stage2") -> float:
     return LAYERS * softmax + 3 * student + 8 * VOCAB * HIDDEN
 
 
+def configs(base_micro: int, fast_micros) -> list[tuple[bool, int]]:
+    """(fast, micro-batch) pairs to time: the eager baseline at base_micro, the fast path at each of fast_micros."""
+    paths = [p.strip() for p in PATHS.split(",")]
+    return [(False, base_micro)] * ("eager" in paths) + [(True, m) for m in fast_micros] * ("fast" in paths)
+
+
+def ratio(tps: float, base: float | None) -> str:
+    return "-" if base is None else f"{tps / base:.2f}x"
+
+
 def fmt(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
@@ -191,7 +202,7 @@ def run_stage2(cpu_teacher, teachers, device, autocast):
         spec = parse_spec(spec_str, LAYERS)
         name = "all-gdn" if "softmax" not in spec else f"{spec.count('softmax')}/{LAYERS} softmax"
         base = None
-        for fast, micro in [(False, BASE_MICRO_BATCH)] + [(True, m) for m in FAST_MICRO_BATCHES]:
+        for fast, micro in configs(BASE_MICRO_BATCH, FAST_MICRO_BATCHES):
             accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
             try:
@@ -211,7 +222,7 @@ def run_stage2(cpu_teacher, teachers, device, autocast):
                 compile_s = times[0] - dt
                 mfu = tps * flops_per_token(spec, T) / (PEAK_TFLOPS * 1e12)
                 emit(f"| stage2 | {name} | {'fast' if fast else 'eager'} | {micro} | {T} | {fmt(tps)} | "
-                     f"{tps / base:.2f}x | {100 * mfu:.1f}% | {compile_s:.1f} | "
+                     f"{ratio(tps, base)} | {100 * mfu:.1f}% | {compile_s:.1f} | "
                      f"{' '.join(f'{x:.4f}' for x in losses[:4])} |")
                 results[(spec_str, fast, micro)] = tps
                 del student, opt, model
@@ -276,7 +287,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
     for spec_str in SPECS:
         spec = parse_spec(spec_str, LAYERS)
         name = "all-gdn" if "softmax" not in spec else f"{spec.count('softmax')}/{LAYERS} softmax"
-        for fast in (False, True):
+        for fast in [False] * ("eager" in PATHS) + [True] * ("fast" in PATHS):
             student, opt, _ = stage2_setup(cpu_teacher, spec, device, fast, micro, T)
             teacher, w_t = teachers[fast], teachers[fast].lm_head.weight
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
@@ -337,7 +348,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
     emit("|---|---|---|---|---|---|---|---|")
     T, layer, base = STAGE1_SEQ_LEN, STAGE1_LAYER, None
     spec = parse_spec("gdn", LAYERS)
-    for fast, micro in [(False, STAGE1_MICRO_BATCHES[0])] + [(True, m) for m in STAGE1_MICRO_BATCHES]:
+    for fast, micro in configs(STAGE1_MICRO_BATCHES[0], STAGE1_MICRO_BATCHES):
         accum = max(1, STAGE1_STEP_TOKENS // (micro * T))
         loader = RandomBatches(micro, T, VOCAB, n=4, seed=SEED)
         torch.manual_seed(SEED + 1)
@@ -369,7 +380,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
         base = tps if not fast else base
         mfu = tps * flops_per_token(spec, T, "stage1") / (PEAK_TFLOPS * 1e12)
         eta = 30 * STAGE1_TOKENS_PER_LAYER / tps
-        emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {fmt(tps)} | {tps / base:.2f}x | {100 * mfu:.1f}% | "
+        emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {fmt(tps)} | {ratio(tps, base)} | {100 * mfu:.1f}% | "
              f"{times[0] - dt:.1f} | {eta:.0f} s |")
         del student, opt, cache
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -381,7 +392,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
     emit("|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
-    for fast, micro in [(False, GAS2_MICRO_BATCHES[0])] + [(True, m) for m in GAS2_MICRO_BATCHES]:
+    for fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
         accum = max(1, GAS2_STEP_TOKENS // (micro * T))
         teacher = teachers[fast]
         w_t = teacher.lm_head.weight
