@@ -2,32 +2,27 @@
 
 A random teacher of the SmolLM2-135M shape (LlamaConfig below; speed does not depend on the
 weights) and random token batches, through the library's own training code:
-  stage2   hybrid.kl.accumulate_kl + KLStudent (chunked_distill_loss) + clip + fused AdamW, for each
-           SPEC at T=STAGE2_SEQ_LEN: eager reference (no compile, reference KL chunk math) vs the fast
-           path (hybrid.fastpath.compile_layers on student and teacher, the compiled fused KL chunk)
-           at each micro-batch of FAST_MICRO_BATCHES; same init and batches, so the loss curves of
-           the two are printed side by side; compile seconds = first step minus a steady step.
-  phases   one stage-2 step split by CUDA events: teacher forward, student forward, KL (loss and
-           its grads in one pass), backward, optimizer; plus a torch.profiler table of the kernels
-           grouped by kind (eager vs fast), the top kernels written to OUT_DIR/profile_*.txt.
-  stage1   a rotation step as distill.py's (hybrid.capture.LatentCache target + the student layer
-           + layer_mse + AdamW on the layer), eager vs compiled layers; ETA of 30 layers x 6.3M tokens.
-  gas2     GA-S2 candidates as select_layers.train_spec: build the student (deepcopy of the CPU
-           teacher + mixers), STAGE2-style steps at T=512; baseline = teacher forward every
-           micro-step, eager; fast = hybrid.fastpath.TeacherTargets (teacher once per batch, shared
-           by all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64 (fla #640 guard lifted: the speed, not the
-           numbers) vs the dispatcher's K=64->128 padding (op_gdn._pad_k).
+  stage2   accumulate_kl + KLStudent + clip + fused AdamW per SPEC at T=STAGE2_SEQ_LEN: eager reference
+           (no compile, reference KL chunk math) vs fast (hybrid.fastpath.compile_layers on student and
+           teacher, compiled fused KL chunk) at FAST_MICRO_BATCHES; same init and batches, so the
+           losses are printed side by side; compile seconds = first step minus a steady one.
+  phases   one stage-2 step split by CUDA events (teacher fwd, student fwd, KL, backward, optimizer)
+           and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
+  stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
+  gas2     GA-S2 candidates as select_layers.train_spec (build + train); eager = a teacher forward
+           per micro-step; fast = hybrid.fastpath.TeacherTargets (teacher once per batch, shared by
+           all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
+  kpad     fla's GDN chunk kernel fwd+bwd at K=64 (fla #640 guard lifted: speed only) vs the
+           dispatcher's K=64->128 padding (op_gdn._pad_k).
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
 
 Launch (1 GPU, fla installed):  python bench_train.py --out_dir=runs/bench_train
   --sections=stage2,phases picks sections; --specs=('gdn',) picks hybrids.
 CPU smoke (seconds, no compile, no fla):  python bench_train.py --device=cpu --smoke=True
 Writes OUT_DIR/bench_train.md (the printed tables) and OUT_DIR/profile_*.txt. Sample line:
-| stage2 | gdn | fast | 16 | 2048 | 251.3k | 3.90x | 41.2% | 18.4 |
+| stage2 | all-gdn | fast | 32 | 2048 | 168.2k | 2.54x | 26.9% | 26.2 | 0.2303 0.2293 0.2288 0.2283 |
 """
 
-import contextlib
 import copy
 import os
 import time
@@ -233,27 +228,21 @@ def run_stage2(cpu_teacher, teachers, device, autocast):
     return results
 
 
+KERNEL_KINDS = (  # first match wins; kernel-name substrings, lower case
+    ("inductor fused (triton_*)", ("triton_",)),
+    ("matmul (cuBLAS)", ("gemm", "cutlass", "nvjet", "xmma", "gemv", "cublas", "matmul")),
+    ("softmax attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("GDN kernels (fla)", ("chunk", "wy", "tril", "cumsum", "kkt", "w_u", "dhu", "l2norm", "delta")),
+    ("memcpy/memset", ("memcpy", "memset")),
+    ("conv (cuDNN)", ("conv", "cudnn")),
+    ("eager reductions/softmax", ("reduce", "softmax", "norm")),
+    ("eager elementwise", ("elementwise", "vectorized", "unrolled", "index", "cat")))
+
+
 def kernel_kind(name: str) -> str:
     n = name.lower()
-    if n.startswith("triton_"):
-        return "inductor fused (triton_*)"
-    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "gemv", "cublas", "matmul")):
-        return "matmul (cuBLAS)"
-    if any(s in n for s in ("flash", "fmha", "attention", "efficient")):
-        return "softmax attention (SDPA)"
-    if "adam" in n or "multi_tensor" in n:
-        return "optimizer"
-    if any(s in n for s in ("chunk", "wy", "tril", "cumsum", "kkt", "w_u", "dhu", "l2norm", "delta")):
-        return "GDN kernels (fla)"
-    if "memcpy" in n or "memset" in n:
-        return "memcpy/memset"
-    if "conv" in n or "cudnn" in n:
-        return "conv (cuDNN)"
-    if "reduce" in n or "softmax" in n or "norm" in n:
-        return "eager reductions/softmax"
-    if "elementwise" in n or "vectorized" in n or "unrolled" in n or "index" in n or "cat" in n:
-        return "eager elementwise"
-    return "other"
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in n for k in keys)), "other")
 
 
 def profile_table(prof, label: str, steps: int, tokens: int):
@@ -500,25 +489,14 @@ def main():
     teachers = {False: device_teacher(cpu_teacher, device, dtype, False),
                 True: device_teacher(cpu_teacher, device, dtype, True)}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    runs = {"stage2": run_stage2, "phases": run_phases, "stage1": run_stage1, "gas2": run_gas2}
     for section in [s.strip() for s in SECTIONS.split(",") if s.strip()]:
         t0 = time.time()
-        if section == "copy" and device.type == "cuda":
-            run_copy(device)
-        elif section == "stage2":
-            run_stage2(cpu_teacher, teachers, device, autocast)
-        elif section == "phases":
-            run_phases(cpu_teacher, teachers, device, autocast)
-        elif section == "stage1":
-            run_stage1(cpu_teacher, teachers, device, autocast)
-        elif section == "gas2":
-            run_gas2(cpu_teacher, teachers, device, autocast)
-        elif section == "kpad" and device.type == "cuda":
-            run_kpad(device)
+        if section in runs:
+            runs[section](cpu_teacher, teachers, device, autocast)
+        elif section in ("copy", "kpad") and device.type == "cuda":
+            (run_copy if section == "copy" else run_kpad)(device)
         print(f"[{section}: {time.time() - t0:.0f} s]", flush=True)
-    with contextlib.suppress(Exception):
-        import torch._dynamo.utils as du
-        emit(f"\ndynamo: {dict(du.counters['stats'])}")
-
 
 if __name__ == "__main__":
     apply_overrides(globals())
