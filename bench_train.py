@@ -169,7 +169,7 @@ def fmt(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def stage2_setup(cpu_teacher, spec, device, fast: bool, micro: int, T: int):
+def stage2_setup(cpu_teacher, spec, device, fast: bool):
     torch.manual_seed(SEED + 1)  # same mixer init for eager and fast
     student = build_student(cpu_teacher, spec).to(device).train().requires_grad_(True)
     opt = adamw(stage2_param_groups(student, 1e-4, 1e-5), 1e-4, 0.0, device)
@@ -189,8 +189,7 @@ def stage2_step(model, student, teacher, loader, opt, accum, device, autocast):
 
 def run_stage2(cpu_teacher, teachers, device, autocast):
     emit("\n## stage 2 (accumulate_kl + clip + AdamW), tokens/s\n")
-    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | losses (first steps) |")
-    emit("|---|---|---|---|---|---|---|---|---|---|")
+    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | losses (first steps) |\n|---|---|---|---|---|---|---|---|---|---|")
     T = STAGE2_SEQ_LEN
     results = {}
     for spec_str in SPECS:
@@ -201,7 +200,7 @@ def run_stage2(cpu_teacher, teachers, device, autocast):
             accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
             try:
-                student, opt, model = stage2_setup(cpu_teacher, spec, device, fast, micro, T)
+                student, opt, model = stage2_setup(cpu_teacher, spec, device, fast)
                 teacher = teachers[fast]
                 losses, times = [], []
                 for step in range(WARMUP + STEPS):
@@ -257,8 +256,7 @@ def profile_table(prof, label: str, steps: int, tokens: int):
     total = sum(kinds.values())
     emit(f"\n{label}: GPU kernel time per step {total / steps / 1e3:.1f} ms ({fmt(tokens / (total / steps / 1e6))} "
          "tok/s if the GPU never idled)\n")
-    emit("| kernel kind | ms/step | share |")
-    emit("|---|---|---|")
+    emit("| kernel kind | ms/step | share |\n|---|---|---|")
     for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
         emit(f"| {k} | {t / steps / 1e3:.2f} | {100 * t / max(total, 1e-9):.1f}% |")
     with open(os.path.join(OUT_DIR, f"profile_{label.replace(' ', '_').replace('/', '')}.txt"), "w") as f:
@@ -268,8 +266,7 @@ def profile_table(prof, label: str, steps: int, tokens: int):
 def run_phases(cpu_teacher, teachers, device, autocast):
     """One stage-2 step split by CUDA events, and the profiler's kernel kinds, eager vs fast."""
     emit("\n## stage 2 step phases (ms per optimizer step, GPU time between CUDA events)\n")
-    emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |")
-    emit("|---|---|---|---|---|---|---|---|---|")
+    emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |\n|---|---|---|---|---|---|---|---|---|")
     T, micro = STAGE2_SEQ_LEN, BASE_MICRO_BATCH
     accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
     profs = []
@@ -277,7 +274,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
         spec = parse_spec(spec_str, LAYERS)
         name = "all-gdn" if "softmax" not in spec else f"{spec.count('softmax')}/{LAYERS} softmax"
         for fast in [False] * ("eager" in PATHS) + [True] * ("fast" in PATHS):
-            student, opt, _ = stage2_setup(cpu_teacher, spec, device, fast, micro, T)
+            student, opt, _ = stage2_setup(cpu_teacher, spec, device, fast)
             teacher, w_t = teachers[fast], teachers[fast].lm_head.weight
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
 
@@ -333,8 +330,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
 
 def run_stage1(cpu_teacher, teachers, device, autocast):
     emit("\n## stage 1 rotation step (LatentCache target + student layer + layer_mse + AdamW), one GDN layer\n")
-    emit("| path | micro | T | tok/s | x eager | MFU | compile s | ETA 30 layers x 6.3M |")
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("| path | micro | T | tok/s | x eager | MFU | compile s | ETA 30 layers x 6.3M |\n|---|---|---|---|---|---|---|---|")
     T, layer, base = STAGE1_SEQ_LEN, STAGE1_LAYER, None
     spec = parse_spec("gdn", LAYERS)
     for fast, micro in configs(STAGE1_MICRO_BATCHES[0], STAGE1_MICRO_BATCHES):
@@ -377,8 +373,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
 
 def run_gas2(cpu_teacher, teachers, device, autocast):
     emit("\n## GA-S2 candidates (build + train GAS2_TOKENS each; val scoring not included)\n")
-    emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |")
-    emit("|---|---|---|---|---|---|---|")
+    emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |\n|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
     for fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
@@ -436,8 +431,7 @@ def run_kpad(device):
     beta = torch.rand(B, T, H, device=device, generator=g0).to(torch.bfloat16)
     for t in (q, k, v, g, beta):
         t.requires_grad_(True)
-    emit("| path | fwd+bwd ms | x unpadded |")
-    emit("|---|---|---|")
+    emit("| path | fwd+bwd ms | x unpadded |\n|---|---|---|")
     base = None
     for label, fn in (("unpadded K=64", lambda: chunk_fn(q, k, v, g, beta)[0]), ("padded K=128 (dispatcher)",
                                                                                 lambda: gdn(q, k, v, g, beta)[0])):
@@ -465,7 +459,6 @@ def run_copy(device):
     sync(device)
     bw = 2 * x.numel() * 4 * 20 / (time.time() - t0)
     emit(f"\ncopy bandwidth: {bw / 1e12:.2f} TB/s (read + write); bf16 peak used for MFU: {PEAK_TFLOPS} TFLOP/s")
-    del x, y
 
 
 def smoke_settings(g: dict) -> None:
@@ -486,8 +479,7 @@ def main():
         emit(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
         torch.backends.cuda.matmul.allow_tf32 = True
     cpu_teacher, dtype = make_teacher(device)
-    teachers = {False: device_teacher(cpu_teacher, device, dtype, False),
-                True: device_teacher(cpu_teacher, device, dtype, True)}
+    teachers = {fast: device_teacher(cpu_teacher, device, dtype, fast) for fast in (False, True)}
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     runs = {"stage2": run_stage2, "phases": run_phases, "stage1": run_stage1, "gas2": run_gas2}
     for section in [s.strip() for s in SECTIONS.split(",") if s.strip()]:
