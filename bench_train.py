@@ -189,7 +189,8 @@ def stage2_step(model, student, teacher, loader, opt, accum, device, autocast):
 
 def run_stage2(cpu_teacher, teachers, device, autocast):
     emit("\n## stage 2 (accumulate_kl + clip + AdamW), tokens/s\n")
-    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | losses (first steps) |\n|---|---|---|---|---|---|---|---|---|---|")
+    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | losses (first steps) |\n"
+         "|---|---|---|---|---|---|---|---|---|---|")
     T = STAGE2_SEQ_LEN
     results = {}
     for spec_str in SPECS:
@@ -266,7 +267,8 @@ def profile_table(prof, label: str, steps: int, tokens: int):
 def run_phases(cpu_teacher, teachers, device, autocast):
     """One stage-2 step split by CUDA events, and the profiler's kernel kinds, eager vs fast."""
     emit("\n## stage 2 step phases (ms per optimizer step, GPU time between CUDA events)\n")
-    emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |\n|---|---|---|---|---|---|---|---|---|")
+    emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |\n"
+         "|---|---|---|---|---|---|---|---|---|")
     T, micro = STAGE2_SEQ_LEN, BASE_MICRO_BATCH
     accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
     profs = []
@@ -330,7 +332,8 @@ def run_phases(cpu_teacher, teachers, device, autocast):
 
 def run_stage1(cpu_teacher, teachers, device, autocast):
     emit("\n## stage 1 rotation step (LatentCache target + student layer + layer_mse + AdamW), one GDN layer\n")
-    emit("| path | micro | T | tok/s | x eager | MFU | compile s | ETA 30 layers x 6.3M |\n|---|---|---|---|---|---|---|---|")
+    emit("| path | micro | T | tok/s | x eager | MFU | compile s | ETA 30 layers x 6.3M |\n"
+         "|---|---|---|---|---|---|---|---|")
     T, layer, base = STAGE1_SEQ_LEN, STAGE1_LAYER, None
     spec = parse_spec("gdn", LAYERS)
     for fast, micro in configs(STAGE1_MICRO_BATCHES[0], STAGE1_MICRO_BATCHES):
@@ -373,7 +376,8 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
 
 def run_gas2(cpu_teacher, teachers, device, autocast):
     emit("\n## GA-S2 candidates (build + train GAS2_TOKENS each; val scoring not included)\n")
-    emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |\n|---|---|---|---|---|---|---|")
+    emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |\n"
+         "|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
     for fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
