@@ -97,3 +97,22 @@ def test_training_forwards_build_no_kv_cache(monkeypatch):
     h_t = teacher_hidden(teacher, x)
     KLStudent(student)(x, x, h_t, teacher.lm_head.weight)
     assert seen == [False, False]
+
+
+def test_bench_train_smoke_runs_every_section_and_paths_agree(tmp_path, monkeypatch):
+    import bench_train
+    monkeypatch.setattr(bench_train, "lines", [])
+    for name, value in dict(SMOKE=True, DEVICE="cpu", OUT_DIR=str(tmp_path), SECTIONS="stage2,phases,stage1,gas2").items():
+        monkeypatch.setattr(bench_train, name, value)
+    smoke = {}
+    bench_train.smoke_settings(smoke)
+    for name in smoke:  # main() applies them to the module: monkeypatch restores them afterwards
+        monkeypatch.setattr(bench_train, name, getattr(bench_train, name))
+    bench_train.main()
+    text = (tmp_path / "bench_train.md").read_text()
+    rows = [r.split("|") for r in text.splitlines() if r.startswith("| stage2 |")]
+    assert len(rows) == 4 and {r[3].strip() for r in rows} == {"eager", "fast"}
+    for spec in {r[2] for r in rows}:  # same init and batches: the fast path's losses are the eager ones
+        losses = [r[10].split() for r in rows if r[2] == spec]
+        assert losses[0] == losses[1] and len(losses[0]) == 3
+    assert "ETA 30 layers" in text and "ETA 30 candidates" in text and "| all-gdn | fast |" in text
