@@ -24,7 +24,7 @@ import time
 import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
-from hybrid.config import apply_overrides
+from hybrid.common import run_script
 
 # -----------------------------------------------------------------------------
 TEACHER = "embedded"            # teacher spec (resolved like prepare.py) or HF dir
@@ -172,5 +172,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from hybrid.checkpoint import atomic_write_bytes
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.common import run_script
+from hybrid.config import config_dict, dumps
 from hybrid.model.op_gdn import gdn, gdn_chunked
 from hybrid.model.op_gla import gla, gla_chunked
 from hybrid.model.op_rwkv7 import rwkv7, rwkv7_chunked
@@ -320,5 +321,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -10,7 +10,7 @@ weights) and random token batches, through the library's own training code:
            and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
   stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
   gas2     GA-S2 candidates as select_layers.train_spec (build + train); eager = a teacher forward
-           per micro-step; fast = hybrid.fastpath.TeacherTargets (teacher once per batch, shared by
+           per micro-step; fast = hybrid.stage2.TeacherTargets (teacher once per batch, shared by
            all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
   kpad     fla's GDN chunk kernel fwd+bwd at K=64 (fla #640 guard lifted: speed only) vs the
            dispatcher's K=64->128 padding (op_gdn._pad_k).
@@ -31,52 +31,54 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybrid.capture import LatentCache, layer_call
-from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
-from hybrid.kl import KLStudent, accumulate_kl, stage2_param_groups, teacher_hidden
+from hybrid.common import run_script
+from hybrid.config import config_dict, dumps
+from hybrid.fastpath import compile_layers
 from hybrid.losses import chunked_distill_loss, layer_mse
-from hybrid.surgery import build_student, parse_spec
-from hybrid.train_loop import adamw
+from hybrid.model.spec import parse_spec
+from hybrid.optim import adamw, optimizer_step
+from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, stage2_param_groups, teacher_hidden
+from hybrid.surgery import build_student
 
 # -----------------------------------------------------------------------------
 # Model (SmolLM2-135M)
-LAYERS = 30
-HIDDEN = 576
-HEADS = 9
-KV_HEADS = 3
-INTERMEDIATE = 1536
-VOCAB = 49152
+LAYERS = 30                     # decoder layers
+HIDDEN = 576                    # model width
+HEADS = 9                       # query heads (head_dim = HIDDEN // HEADS)
+KV_HEADS = 3                    # key/value heads (GQA)
+INTERMEDIATE = 1536             # MLP width
+VOCAB = 49152                   # vocabulary size
 # What to run
 DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
 SECTIONS = "copy,stage2,phases,stage1,gas2,kpad"  # comma list, run in this order
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
 PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
 # Stage 2
-STAGE2_SEQ_LEN = 2048
+STAGE2_SEQ_LEN = 2048           # tokens per row
 BASE_MICRO_BATCH = 16           # the eager baseline's micro-batch (distill.py's default)
 FAST_MICRO_BATCHES = (16, 32)   # micro-batches tried on the fast path
 STAGE2_STEP_TOKENS = 2**16      # tokens per optimizer step (grad accumulation derived)
 STEPS = 5                       # timed optimizer steps per configuration
 WARMUP = 2                      # untimed steps first (the first one compiles)
-KL_CHUNK_TOKENS = 4096
+KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL
 # Stage 1 (rotation)
-STAGE1_SEQ_LEN = 512
-STAGE1_MICRO_BATCHES = (16, 64)
-STAGE1_STEP_TOKENS = 2**16
+STAGE1_SEQ_LEN = 512            # tokens per row
+STAGE1_MICRO_BATCHES = (16, 64)  # eager baseline at the first; fast at each
+STAGE1_STEP_TOKENS = 2**16      # tokens per optimizer step
 STAGE1_LAYER = 5                # the layer trained (GDN)
 STAGE1_TOKENS_PER_LAYER = 96 * 2**16  # 6.3M, the budget
 # GA-S2
-GAS2_SEQ_LEN = 512
-GAS2_MICRO_BATCHES = (16, 64)
+GAS2_SEQ_LEN = 512              # tokens per row (select_layers.py's SEQ_LEN)
+GAS2_MICRO_BATCHES = (16, 64)   # eager baseline at the first; fast at each
 GAS2_STEP_TOKENS = 2**15        # select_layers.py's TOTAL_BATCH_TOKENS
 GAS2_TOKENS = 16 * 2**15        # tokens per candidate (0.52M)
 GAS2_CANDIDATES = 3             # candidates timed per path (ETA scales to 30)
 # Hardware
 PEAK_TFLOPS = 790.0             # H200 dense bf16 matmul, measured
-OUT_DIR = "runs/bench_train"
+OUT_DIR = "runs/bench_train"    # bench_train.md and profile_*.txt go here
 PROFILE = True                  # phases: also the torch.profiler kernel tables
 SMOKE = False                   # tiny model and batches on CPU
-SEED = 0
+SEED = 0                        # model init and random batches
 # -----------------------------------------------------------------------------
 
 lines: list[str] = []
@@ -181,9 +183,7 @@ def stage2_setup(cpu_teacher, spec, device, fast: bool):
 
 def stage2_step(model, student, teacher, loader, opt, accum, device, autocast):
     loss = accumulate_kl(model, teacher, loader, accum, device, autocast)
-    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(opt, student.parameters(), 1.0)
     return loss
 
 
@@ -295,9 +295,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
                         ev()
                         (loss / accum).backward()
                     ev()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                optimizer_step(opt, student.parameters(), 1.0)
                 ev()
 
             for _ in range(WARMUP):
@@ -358,9 +356,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
                 with autocast:
                     out = layer_call(block, cache.latents[idx], cache.pe, cache.pos)
                 (layer_mse(out, target) / accum).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, 1.0)
             sync(device)
             times.append(time.time() - t0)
         dt = sorted(times[WARMUP:])[len(times[WARMUP:]) // 2]
@@ -383,7 +379,6 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
     for fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
         accum = max(1, GAS2_STEP_TOKENS // (micro * T))
         teacher = teachers[fast]
-        w_t = teacher.lm_head.weight
         targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
         secs, train_secs = [], []
         for c in range(GAS2_CANDIDATES):
@@ -401,13 +396,9 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
             sync(device)
             t1 = time.time()
             for step in range(steps):
-                if fast:
-                    loss = accumulate_kl_cached(model, targets, step * accum, accum, w_t, autocast)
-                else:
-                    loss = accumulate_kl(model, teacher, loader, accum, device, autocast)
-                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                loss = accumulate_kl(model, teacher, loader, accum, device, autocast, targets=targets,
+                                     first=step * accum)  # targets None (eager): a teacher forward per micro-step
+                optimizer_step(opt, student.parameters(), 1.0)
             float(loss)
             sync(device)
             secs.append(time.time() - t0)
@@ -423,10 +414,10 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
 
 def run_kpad(device):
     emit("\n## GDN kernel at K=64: fla #640 padding to K=128 vs unpadded (guard lifted; speed only)\n")
-    from hybrid.model.op_gdn import _fla, gdn
-    import fla.ops.common.chunk_o as chunk_o
-    chunk_fn, _ = _fla()
-    chunk_o.TRITON_ABOVE_3_7_1 = True
+    from hybrid.model.op_common import fla_module
+    from hybrid.model.op_gdn import gdn
+    chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
+    fla_module("fla.ops.common.chunk_o").TRITON_ABOVE_3_7_1 = True
     B, T, H, D = BASE_MICRO_BATCH, STAGE2_SEQ_LEN, HEADS, HIDDEN // HEADS
     g0 = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, generator=g0) for _ in range(3))
@@ -494,6 +485,6 @@ def main():
             (run_copy if section == "copy" else run_kpad)(device)
         print(f"[{section}: {time.time() - t0:.0f} s]", flush=True)
 
+
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -18,7 +18,9 @@ Launch:
   python distill.py --stage=2 --init=runs/stage1 --spec="gdn;softmax=3,11,19,27"
   torchrun --standalone --nproc_per_node=8 distill.py --stage=2 ...
 Reads models/<teacher>/ and data/<name>/*.bin (prepare.py); writes RUN_DIR/{config.json,
-log.txt, metrics.jsonl, ckpt/step_*.pt, ckpt/final_*.pt}.
+log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt} (a rotation's step_k.pt holds only the
+k-th trained layer's parameters; README says what a run needs on disk). Re-running the same command
+continues the run (RESUME=auto); a run dir holding another run's checkpoints is refused, not mixed with.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
 """
 
@@ -26,25 +28,28 @@ import ast
 import json
 import os
 import time
+from typing import NamedTuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
-from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, latest_checkpoint, load_checkpoint,
-                               load_state_strict, save_checkpoint)
-from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, rng_state, seed_all, set_rng_state)
-from hybrid.config import apply_overrides, config_dict, dumps
+from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
+                               module_state, resume_point, save_checkpoint, save_partial)
+from hybrid.common import (Progress, RunLogger, all_mean, autocast_dtype, average_gradients, barrier,
+                           broadcast_parameters, cleanup_dist, env_info, format_tokens, init_dist, interrupt_message,
+                           is_master, print0, rng_state, run_script, seed_all, set_rng_state, val_label)
+from hybrid.config import check_choice, config_dict
 from hybrid.fastpath import compile_layers
-from hybrid.kl import KLStudent, accumulate_kl, evaluate_kl, stage2_param_groups
 from hybrid.losses import layer_mse
+from hybrid.model.spec import check_options
+from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
-from hybrid.student import seed_from, untie_embeddings
-from hybrid.surgery import build_student, mixer_parameters, parse_spec
-from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import (adamw, all_mean, average_gradients, broadcast_parameters, cosine_lr, grad_accum_steps,
-                               set_lr)
+from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
+from hybrid.student import Artifact, rebuild_student, seed_from
+from hybrid.surgery import mixer_parameters, read_spec
+from hybrid.teacher import check_positions, load_teacher, resolve_teacher
 
 # -----------------------------------------------------------------------------
 # What to distill
@@ -54,7 +59,7 @@ DATA_DIR = "data/debian"        # shards from prepare.py
 SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
 MIXER_OPTIONS = "{}"            # mixer keyword options (dict literal): conv_size (gdn), gate_rank (gla), window (swa)
 INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
-RUN_DIR = "runs/distill"
+RUN_DIR = "runs/distill"        # config.json, log.txt, metrics.jsonl, stage1.png / stage2.png, ckpt/
 # Stage 1
 STAGE1_MODE = "rotation"        # "rotation": one layer at a time | "all": all layers at once
 LAYERS = "all"                  # stage-1 layers: "all" (every non-softmax layer) or "0,4,8"
@@ -76,7 +81,7 @@ MICRO_BATCH = 16                # rows per rank per micro-step
 TOTAL_BATCH_TOKENS = 2**15      # tokens per optimizer step, all ranks
 LR = 1e-3                       # stage 1 LR; stage 2 LR for non-mixer parameters is LR / 10
 MIN_LR_FRAC = 0.1               # cosine floor as a fraction of the LR
-WARMUP_STEPS = 20
+WARMUP_STEPS = 20               # linear warm-up steps, capped at 10% of a run (a layer in rotation)
 WEIGHT_DECAY = 0.0
 GRAD_CLIP = 1.0
 # Evaluation, logging, checkpoints
@@ -85,12 +90,15 @@ EVAL_BATCHES = 8                # val batches of MICRO_BATCH x SEQ_LEN per rank
 LOG_EVERY = 10
 SAVE_EVERY = 500                # stage 2 steps; stage 1 saves after every layer
 KEEP_CHECKPOINTS = 2
-RESUME = ""                     # "" | "auto" (latest in RUN_DIR) | a checkpoint path
+RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one | "" : start fresh | a checkpoint path
 SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of student and teacher (GPU only; hybrid/fastpath.py)
 PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
+# settings that cannot change what a run computes: a checkpoint written with any other setting
+# different is refused on resume (hybrid.checkpoint.resume_point)
+_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE")
 
 
 def smoke_settings(g: dict) -> None:
@@ -98,12 +106,24 @@ def smoke_settings(g: dict) -> None:
              EVAL_BATCHES=1, LOG_EVERY=1, EVAL_EVERY=2, SAVE_EVERY=2, WARMUP_STEPS=1, LATENT_CACHE_TOKENS=512)
 
 
-def read_spec(spec: str, n_layers: int) -> list[str]:
-    """SPEC may name a selection.json from select_layers.py (its "chosen_spec")."""
-    if spec.endswith(".json"):
-        with open(spec) as f:
-            spec = json.load(f)["chosen_spec"]
-    return parse_spec(spec, n_layers)
+def check_settings() -> dict:
+    """What a user can get wrong in the settings, checked before anything is loaded or written (a
+    missing --resume path is resume_point's to name); -> --mixer_options as a dict every key of which
+    some mixer takes."""
+    check_choice("stage", STAGE, (1, 2))
+    check_choice("stage1_mode", STAGE1_MODE, ("rotation", "all"))
+    check_choice("target", TARGET, ("layer", "attn"))
+    for name, path, fix in (("spec", SPEC if SPEC.endswith(".json") else "", "run select_layers.py first"),
+                            ("init", INIT, "run stage 1 first")):
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{name}={path}: no such file or folder; {fix}")
+    try:
+        options = ast.literal_eval(MIXER_OPTIONS)
+    except (ValueError, SyntaxError):
+        options = None
+    if not isinstance(options, dict):
+        raise ValueError(f"--mixer_options={MIXER_OPTIONS}: expected a dict literal, e.g. \"{{'window': 512}}\"")
+    return check_options(options)
 
 
 def stage1_layers(spec: list[str]) -> list[int]:
@@ -132,20 +152,34 @@ def log_line(step, total, loss, lr, dt, tokens, extra=""):
             f"tok/s {format_tokens(tokens / max(dt, 1e-9))} | mem {mem:.1f}GB")
 
 
-def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
-    layers, call = stage1_layers(ctx["spec"]), (layer_call if TARGET == "layer" else attention_call)
+class Run(NamedTuple):
+    """What every stage reads about this process and run (read-only)."""
+    device: torch.device
+    world_size: int
+    accum: int                      # micro-steps per optimizer step
+    autocast: object                # bf16 autocast on GPU, a no-op on CPU
+    log: RunLogger
+    config: dict                    # the checkpoint `config`: artifact fields + settings
+
+
+def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -> dict:
+    """Layer-wise rotation over the stage-1 layers; -> {"val_mse": {layer: held-out MSE}}."""
+    layers, call = stage1_layers(spec), (layer_call if TARGET == "layer" else attention_call)
     done = ckpt["layers_done"] if ckpt else []
+    val_mse = dict(ckpt.get("val_mse", {})) if ckpt else {}
     B, T = MICRO_BATCH, SEQ_LEN
-    n_cache = max(1, min(STEPS_PER_LAYER * ctx["accum"], LATENT_CACHE_TOKENS // (B * T)))
+    n_cache = max(1, min(STEPS_PER_LAYER * run.accum, LATENT_CACHE_TOKENS // (B * T)))
     if ckpt:  # the cache is rebuilt from the same batches: the loader state saved before filling it
         loader.load_state_dict(ckpt["cache_loader"])
     cache_loader_state = loader.state_dict()
     t0 = time.time()
-    cache = LatentCache(teacher, [loader.next_batch()[0] for _ in range(n_cache)], ctx["device"])
-    vcache = LatentCache(teacher, [x for x, _ in val], ctx["device"])
+    cache = LatentCache(teacher, [loader.next_batch()[0] for _ in range(n_cache)], run.device)
+    vcache = LatentCache(teacher, [x for x, _ in val], run.device)
     print0(f"latent cache: {n_cache} batches x {B}x{T} tokens per rank ({n_cache * B * T * cache.latents[0].shape[-1] * cache.latents[0].element_size() / 2**20:.0f} MiB), "
-           f"{STEPS_PER_LAYER * ctx['accum']} micro-steps per layer ({STEPS_PER_LAYER * ctx['accum'] / n_cache:.1f} passes over the cache)")
-    step_tokens = B * T * ctx["accum"] * ctx["world_size"]
+           f"{STEPS_PER_LAYER * run.accum} micro-steps per layer ({STEPS_PER_LAYER * run.accum / n_cache:.1f} passes over the cache)")
+    step_tokens = B * T * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STEPS_PER_LAYER)
+    prog = Progress(len(layers) * STEPS_PER_LAYER, "stage 1 rotation", "layer-step", start=len(done) * STEPS_PER_LAYER)
     for n, i in enumerate(layers):
         if i in done:
             continue
@@ -154,97 +188,107 @@ def stage1_rotation(ctx, teacher, student, loader, val, ckpt):
         block = student.model.layers[i]
         params = layer_params(student, i)
         broadcast_parameters(params)
-        opt = adamw([{"params": params}], LR, WEIGHT_DECAY, ctx["device"])
+        opt = adamw([{"params": params}], LR, WEIGHT_DECAY, run.device)
         t_layer = time.time()
         for step in range(STEPS_PER_LAYER):
             t1 = time.time()
-            lr = cosine_lr(step, STEPS_PER_LAYER, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-            set_lr(opt, lr, LR)
-            loss_sum = torch.zeros((), device=ctx["device"])
-            for micro in range(ctx["accum"]):
-                idx = (step * ctx["accum"] + micro) % len(cache)
+            scale = cosine_lr(step, STEPS_PER_LAYER, warmup, 1.0, MIN_LR_FRAC)
+            set_lr(opt, scale)
+            loss_sum = torch.zeros((), device=run.device)
+            for micro in range(run.accum):
+                idx = (step * run.accum + micro) % len(cache)
                 target = cache.targets(idx, TARGET)
-                with ctx["autocast"]:
+                with run.autocast:
                     out = call(block, cache.latents[idx], cache.pe, cache.pos)
-                loss = layer_mse(out, target) / ctx["accum"]
+                loss = layer_mse(out, target) / run.accum
                 loss.backward()
                 loss_sum += loss.detach()
             average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, params, GRAD_CLIP)
             if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
                 loss_v = all_mean(loss_sum).item()
-                ctx["log"].log(log_line(step, STEPS_PER_LAYER, loss_v, lr, time.time() - t1, step_tokens,
-                                        f" | layer {i}/{len(ctx['spec'])}"),
-                               {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": lr})
-        with torch.no_grad(), ctx["autocast"]:
+                run.log.log(log_line(step, STEPS_PER_LAYER, loss_v, LR * scale, time.time() - t1, step_tokens,
+                                     f" | layer {i}/{len(spec)}") + " | " + prog.line(n * STEPS_PER_LAYER + step + 1),
+                            {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": LR * scale})
+        with torch.no_grad(), run.autocast:
             vloss = sum(layer_mse(call(block, vcache.latents[j], vcache.pe, vcache.pos), vcache.targets(j, TARGET))
                         for j in range(len(vcache))) / len(vcache)
         vloss = all_mean(vloss).item()
         done = done + [i]
-        ctx["log"].log(f"layer {i} done ({n + 1}/{len(layers)}) | val mse {vloss:.6f} | {time.time() - t_layer:.1f}s",
-                       {"stage": 1, "layer": i, "val_mse": vloss, "layer_seconds": time.time() - t_layer})
-        ctx["val_mse"][str(i)] = vloss
-        save(ctx, student, None, {"layers_done": done, "cache_loader": cache_loader_state}, step=len(done))
+        val_mse[str(i)] = vloss
+        run.log.log(f"layer {i} done ({n + 1}/{len(layers)}) | val mse {vloss:.6f} | {time.time() - t_layer:.1f}s",
+                    {"stage": 1, "layer": i, "val_mse": vloss, "layer_seconds": time.time() - t_layer})
+        if is_master():  # only what this layer changed: a resume rebuilds the rest from the teacher and seed
+            prefix = f"model.layers.{i}." + ("" if TRAIN_MLP else "self_attn.")
+            save_partial(RUN_DIR, len(done), module_state(student, prefix), {
+                "optim": None, "config": run.config, "rng": rng_state(), "layers_done": done,
+                "cache_loader": cache_loader_state, "val_mse": val_mse})
+        barrier()
     print0(f"stage 1 rotation: {len(layers)} layers in {time.time() - t0:.1f}s")
+    return {"val_mse": val_mse}
 
 
-def stage1_all(ctx, teacher, student, loader, val, ckpt):
-    layers = stage1_layers(ctx["spec"])
+def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -> dict:
+    """Every stage-1 layer at once on one teacher forward per batch; -> {"val_mse": {"mean": MSE}}."""
+    layers = stage1_layers(spec)
     call = layer_call if TARGET == "layer" else attention_call
     params = [p for i in layers for p in layer_params(student, i)]
     broadcast_parameters(params)
-    opt = adamw([{"params": params}], LR, WEIGHT_DECAY, ctx["device"])
+    opt = adamw([{"params": params}], LR, WEIGHT_DECAY, run.device)
     start = 0
     if ckpt:
-        opt.load_state_dict(ckpt["optim"])
+        load_optimizer(opt, ckpt["optim"])
         loader.load_state_dict(ckpt["loader"])
         start = ckpt["step"]
-    step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+    step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STAGE1_STEPS)
+    prog = Progress(STAGE1_STEPS, "stage 1 all layers", start=start)
 
     def mean_loss(x):
-        caps = capture_all_layers(teacher, x.to(ctx["device"]), layers, TARGET)
+        caps = capture_all_layers(teacher, x.to(run.device), layers, TARGET)
         pe, pos = rope_for(teacher, caps[layers[0]][0])
-        with ctx["autocast"]:
+        with run.autocast:
             return sum(layer_mse(call(student.model.layers[i], caps[i][0], pe, pos), caps[i][1]) for i in layers) / len(layers)
 
     for step in range(start, STAGE1_STEPS):
         t1 = time.time()
-        lr = cosine_lr(step, STAGE1_STEPS, WARMUP_STEPS, LR, LR * MIN_LR_FRAC)
-        set_lr(opt, lr, LR)
-        loss_sum = torch.zeros((), device=ctx["device"])
-        for _ in range(ctx["accum"]):
-            loss = mean_loss(loader.next_batch()[0]) / ctx["accum"]
+        scale = cosine_lr(step, STAGE1_STEPS, warmup, 1.0, MIN_LR_FRAC)
+        set_lr(opt, scale)
+        loss_sum = torch.zeros((), device=run.device)
+        for _ in range(run.accum):
+            loss = mean_loss(loader.next_batch()[0]) / run.accum
             loss.backward()
             loss_sum += loss.detach()
         average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, params, GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            ctx["log"].log(log_line(step, STAGE1_STEPS, loss_v, lr, time.time() - t1, step_tokens, " | all layers"),
-                           {"stage": 1, "step": step, "loss": loss_v, "lr": lr})
+            run.log.log(log_line(step, STAGE1_STEPS, loss_v, LR * scale, time.time() - t1, step_tokens, " | all layers")
+                        + " | " + prog.line(step + 1),
+                        {"stage": 1, "step": step, "loss": loss_v, "lr": LR * scale})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE1_STEPS - 1:
-            save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+            save(run, student, opt, {"loader": loader.state_dict()}, step=step + 1)
     with torch.no_grad():
         vloss = all_mean(sum(mean_loss(x) for x, _ in val) / len(val)).item()
-    ctx["log"].log(f"stage 1 all layers | val mse {vloss:.6f} (mean over layers)", {"stage": 1, "val_mse": vloss})
+    run.log.log(f"stage 1 all layers | val mse {vloss:.6f} (mean over layers)", {"stage": 1, "val_mse": vloss})
+    return {"val_mse": {"mean": vloss}}
 
 
-def stage2(ctx, teacher, student, loader, val, ckpt):
+def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
+    """Full-model KL distillation; -> the last held-out metrics (val_kl, val_ppl, teacher_ppl, top1_agreement)."""
     student.requires_grad_(True)  # every student parameter trains in stage 2
-    opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
+    opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, run.device)
     model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
-    if ctx["world_size"] > 1:
-        model = DDP(model, device_ids=[ctx["device"].index] if ctx["device"].type == "cuda" else None)
-    start = 0
+    if run.world_size > 1:
+        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    start, metrics = 0, {}
     if ckpt:
-        opt.load_state_dict(ckpt["optim"])
+        load_optimizer(opt, ckpt["optim"])
         loader.load_state_dict(ckpt["loader"])
-        start = ckpt["step"]
-    step_tokens = MICRO_BATCH * SEQ_LEN * ctx["accum"] * ctx["world_size"]
+        start, metrics = ckpt["step"], ckpt.get("val_metrics", {})
+    step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
+    warmup = capped_warmup(WARMUP_STEPS, STAGE2_STEPS)
+    prog = Progress(STAGE2_STEPS, "stage 2", start=start)
     prof = None
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
@@ -253,30 +297,32 @@ def stage2(ctx, teacher, student, loader, val, ckpt):
             prof.__enter__()
         if prof is not None and step == start + 8:
             prof.__exit__(None, None, None)
-            write_profile(prof, ctx)
+            write_profile(prof)
             prof = None
         t1 = time.time()
-        scale = cosine_lr(step, STAGE2_STEPS, WARMUP_STEPS, 1.0, MIN_LR_FRAC)
-        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
-        loss_sum = accumulate_kl(model, teacher, loader, ctx["accum"], ctx["device"], ctx["autocast"])
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        scale = cosine_lr(step, STAGE2_STEPS, warmup, 1.0, MIN_LR_FRAC)
+        set_lr(opt, scale)
+        loss_sum = accumulate_kl(model, teacher, loader, run.accum, run.device, run.autocast)
+        optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            ctx["log"].log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens),
-                           {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
-                            "tok_per_s": step_tokens / (time.time() - t1)})
+            run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens)
+                        + " | " + prog.line(step + 1),
+                        {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
+                         "train_tokens": (step + 1) * step_tokens,
+                         "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
-            metrics = evaluate_kl(teacher, student, val, ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS)
-            ctx["log"].log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
-                           f"(teacher {metrics['teacher_ppl']:.2f})", {"stage": 2, "step": step, **metrics})
-            ctx["final_metrics"] = metrics
+            r = held_out_kl(student, teacher, val, run.device, run.autocast, KL_CHUNK_TOKENS, reduce=True)
+            metrics = {k: r[k] for k in ("val_kl", "val_ppl", "teacher_ppl", "top1_agreement")}
+            run.log.log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
+                        f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, run.world_size)}",
+                        {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
-            save(ctx, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+            save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
+    return metrics
 
 
-def write_profile(prof, ctx) -> None:
+def write_profile(prof) -> None:
     """The top ops of the profiled steps, by device time (GPU) or CPU time, to stdout and RUN_DIR/profile.txt."""
     key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30)
@@ -286,45 +332,60 @@ def write_profile(prof, ctx) -> None:
             f.write(table)
 
 
-def save(ctx, student, opt, extra: dict, step: int) -> None:
+def save(run: Run, student, opt, extra: dict, step: int) -> None:
     if is_master():
         state = {"model": student.state_dict(), "optim": opt.state_dict() if opt else None, "step": step,
-                 "config": ctx["artifact"], "rng": rng_state(), **extra}
+                 "config": run.config, "rng": rng_state(), **extra}
         save_checkpoint(RUN_DIR, step, state, keep=KEEP_CHECKPOINTS)
     barrier()
 
 
-def main():
+def main() -> dict:
     if SMOKE:
         smoke_settings(globals())
+    options = check_settings()
+    cfg = config_dict(globals())
+    resume, ckpt = resume_point(RUN_DIR, RESUME, cfg, _UNCHANGING)
+    if resume is not None and os.path.abspath(resume) == os.path.abspath(final_path(RUN_DIR)):
+        summary_path = os.path.join(RUN_DIR, "summary.json")  # written just before final.pt
+        print0(f"{RUN_DIR} is a finished run with these settings ({resume}); nothing to do, {summary_path} keeps "
+               "its metrics (pass a new --run_dir to run again)")
+        if not os.path.exists(summary_path):
+            return {}
+        with open(summary_path) as f:
+            return json.load(f)
     rank, local_rank, world_size, device = init_dist()
     dtype = autocast_dtype(device)
     seed_all(SEED)
-    cfg = config_dict(globals())
     teacher_dir = resolve_teacher(TEACHER) if is_master() else None
     barrier()
     teacher_dir = teacher_dir or resolve_teacher(TEACHER)
+    check_positions(teacher_dir, SEQ_LEN)
     teacher, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank, world_size, vocab_size=teacher.config.vocab_size)
     check_tokenizer(loader.manifest, tokenizer, DATA_DIR)
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, rank, world_size)
-    n_layers = teacher.config.num_hidden_layers
-    spec = read_spec(SPEC, n_layers)
-    resume = latest_checkpoint(RUN_DIR) if RESUME == "auto" else RESUME
-    source = load_checkpoint(resume or INIT) if (resume or INIT) else None  # the run resumed, or the seed
+    spec = read_spec(SPEC, teacher.config.num_hidden_layers)
+    source = ckpt if ckpt is not None else (load_checkpoint(INIT) if INIT else None)  # the run resumed, or the seed
+    source_art = Artifact.from_config(source.get("config"), resume or INIT) if source else None
     # a student built from a checkpoint keeps its mixer shapes; MIXER_OPTIONS may add to them
-    options = {**((source or {}).get("config", {}).get("mixer_options") or {}), **ast.literal_eval(MIXER_OPTIONS)}
-    student = build_student(teacher, spec, **options)
-    if STAGE == 2 and UNTIE_EMBEDDINGS:
-        untie_embeddings(student)
-    ckpt = source if resume else None
-    if resume:
-        load_state_strict(student, ckpt["model"], f"student ({resume})")
+    art = Artifact(teacher=teacher_dir, hybrid_spec=spec,
+                   mixer_options={**(source_art.mixer_options if source_art else {}), **options},
+                   untied=STAGE == 2 and UNTIE_EMBEDDINGS,
+                   target=source_art.target if STAGE == 2 and source_art else TARGET,
+                   stage=STAGE, stage1_mode=STAGE1_MODE if STAGE == 1 else None)
+    student = rebuild_student(art, teacher)  # a rotation's partial checkpoint lands on it: untrained layers stay
+    if ckpt is not None:
+        load_state_strict(student, ckpt["model"], f"student ({resume})", partial=ckpt.get("partial", False))
         set_rng_state(ckpt["rng"])
-        print0(f"resuming from {resume} (step {ckpt['step']})")
+        print0(f"resuming {resume} (step {ckpt['step']}): same settings as this command")
     elif INIT:
-        seeded = seed_from(student, source["model"], source["config"]["hybrid_spec"], spec)
+        if not source_art.hybrid_spec:
+            raise ValueError(f"--init={INIT}: a plain model (train.py on a teacher), not a student; pass a "
+                             "distill.py checkpoint or run dir")
+        seeded = seed_from(student, source["model"], source_art.hybrid_spec, spec)
         print0(f"seeded layers {seeded} from {INIT}")
+    del source
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
     if COMPILE:  # in place: state-dict keys stay free of _orig_mod.
@@ -332,36 +393,32 @@ def main():
         compile_layers(teacher)
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    artifact = {"teacher": teacher_dir, "hybrid_spec": spec, "mixer_options": options,
-                "untied": STAGE == 2 and UNTIE_EMBEDDINGS,
-                "stage": STAGE, "stage1_mode": STAGE1_MODE if STAGE == 1 else None, "resolved": cfg}
-    log = RunLogger(RUN_DIR, is_master())
+    run = Run(device, world_size, accum, autocast, RunLogger(RUN_DIR, is_master()), art.to_config(cfg))
     info = env_info(device, world_size, dtype)
     n_train = sum(p.numel() for p in mixer_parameters(student))
     n_total = sum(p.numel() for p in student.parameters())
-    print0(dumps({**cfg, "env": info}))
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"spec: {','.join(spec)} | accum {accum} | mixer params {n_train / 1e6:.2f}M of {n_total / 1e6:.1f}M | "
            f"dtype {info['dtype']} ({'bf16 autocast on GPU' if dtype != torch.float32 else 'fp32 on CPU'})")
     if is_master():
-        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**artifact, "env": info})
-    ctx = dict(device=device, world_size=world_size, accum=accum, autocast=autocast, spec=spec, log=log,
-               artifact=artifact, val_mse={}, final_metrics={})
+        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**run.config, "env": info})
     t0 = time.time()
     if STAGE == 1:
-        (stage1_rotation if STAGE1_MODE == "rotation" else stage1_all)(ctx, teacher, student, loader, val, ckpt)
-    elif STAGE == 2:
-        stage2(ctx, teacher, student, loader, val, ckpt)
+        stage = stage1_rotation if STAGE1_MODE == "rotation" else stage1_all
+        metrics = stage(run, teacher, student, spec, loader, val, ckpt)
     else:
-        raise ValueError(f"--stage={STAGE}: expected 1 or 2")
+        metrics = stage2(run, teacher, student, loader, val, ckpt)
+    summary = {"stage": STAGE, "seconds": time.time() - t0, "val_mse": {}, **metrics}
     if is_master():
-        summary = {"stage": STAGE, "seconds": time.time() - t0, "val_mse": ctx["val_mse"], **ctx["final_metrics"]}
         atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
-        atomic_torch_save({"model": student.state_dict(), "config": artifact, "step": 0}, final_path(RUN_DIR))
+        atomic_torch_save({"model": student.state_dict(), "config": run.config, "step": 0}, final_path(RUN_DIR))
+        plot_run(RUN_DIR)
     barrier()
     print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")
     cleanup_dist()
+    return summary
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main, lambda: interrupt_message(
+        RUN_DIR, "run the same command again (--resume=auto, the default, continues from there)"))

@@ -1,40 +1,88 @@
 #!/usr/bin/env bash
 # The whole pipeline on one machine: prepare -> stage 1 -> layer selection -> stage 2 -> export -> eval.
 # Usage: ./distill.sh [--name=value ...]     overrides go to both distill.py stages (e.g. --seq_len=1024)
+#   ./distill.sh --help                      this text and the environment settings below
+#   ./distill.sh  (the same command again)   continues after an interrupt (finished stages and jobs are reused)
 #   NPROC=8 ./distill.sh                     processes per stage (default: number of GPUs, else 1)
-#   TEACHER=HuggingFaceTB/SmolLM2-135M DATA=fineweb-edu RUN=runs/smollm2 K=8 ./distill.sh
+#   TEACHER=HuggingFaceTB/SmolLM2-135M DATA=fineweb-edu RUN=runs/smollm2 ./distill.sh
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
 # useful model) and says so; on GPUs the budgets are real (stage 1 ~100M tokens at 512, stage 2
-# ~200M tokens at 2048 for SmolLM2-135M; see README).
+# ~200M tokens at 2048 for SmolLM2-135M; see README). Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PY:-.venv/bin/python}
-TEACHER=${TEACHER:-embedded}
-DATA=${DATA:-debian}
-RUN=${RUN:-runs/hybrid}
-MIXER=${MIXER:-gdn}
+# Environment settings (VAR=value ./distill.sh)
+PY=${PY:-.venv/bin/python}      # the Python that has torch and transformers (setup_cuda.sh makes .venv)
+TEACHER=${TEACHER:-embedded}    # HF id | local HF dir | .gguf | embedded (SmolLM2-135M-Instruct, offline)
+DATA=${DATA:-debian}            # debian (offline documentation corpus) | fineweb-edu | a text file or folder
+RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
+MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
+if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-
+  echo; echo "Environment settings (name=default  meaning):"
+  grep -E '^[A-Z]+=\$\{[A-Z]+:-[^}]*\}[[:space:]]+#' "$0" | sed -E 's/^([A-Z]+)=\$\{[A-Z]+:-([^}]*)\}[[:space:]]*#[[:space:]]*/  \1=\2\t/' | expand -t 24
+  echo "  NPROC=<GPUs, else 1>  processes per stage (1: plain python, >1: torchrun)"
+  exit 0
+fi
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
 NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
-launch() { $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "$@"; }
+# one process runs the script itself; N go through torchrun, whose own traceback on Ctrl-C is caught
+# (the scripts print one line saying where they stopped)
+TORCHRUN='import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.run import main
+try:
+    main()
+except SignalException:
+    sys.exit(130)'
+launch() { if [ "$NPROC" -eq 1 ]; then $PY "$@"; else $PY -c "$TORCHRUN" --standalone --nproc_per_node="$NPROC" "$@"; fi; }
+T0=$(date +%s)
+STAGE="setup"
+elapsed() { local s=$(( $(date +%s) - T0 )); printf '%dm%02ds' $(( s / 60 )) $(( s % 60 )); }
+stage() { STAGE="$2"; echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
+trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); run the same command again to continue (finished stages are reused)" >&2; exit 130' INT TERM
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
+  # Budget for <= 15 min on an idle 2-core machine (CPU-seconds per unit, python -m experiments.cpu_costs:
+  # a stage-1 layer step of 512 tokens 0.22, a stage-2 step of 256 tokens 4.6, a selection step of 128
+  # tokens 2.6, a 2-prompt recall generation at 512 tokens 3.9-5.1): stage 1 trains each of the
+  # 30 layers for 10 steps; stage 2 takes 24 steps of 256 tokens; eval scores the same 2x2x128 val
+  # windows as stage 2 (so KL and perplexity agree) and recall at 256/512 tokens, 2 samples per task
   PREP=()
-  S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=20 --eval_batches=2 --log_every=5)
+  S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=10 --eval_batches=2 --log_every=10 --keep_checkpoints=1)
   SEL=(--smoke=True)
-  S2=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --stage2_steps=40 --eval_every=20 --eval_batches=2 --log_every=5)
-  EVAL=(--smoke=True)
+  S2=(--seq_len=128 --micro_batch=2 --total_batch_tokens=256 --stage2_steps=24 --eval_every=12 --eval_batches=2 --log_every=4 --keep_checkpoints=1)
+  EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
 else
   PREP=()
   S1=(--seq_len=512 --micro_batch=32 --total_batch_tokens=65536 --stage1_mode=all --stage1_steps=1500)    # ~100M tokens
   SEL=()
   S2=(--seq_len=2048 --micro_batch=8 --total_batch_tokens=131072 --stage2_steps=1500)                     # ~200M tokens
-  EVAL=()
+  EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8)   # the val windows stage 2 scores (on 1 process)
 fi
+stage "1/6" "prepare data and teacher"
 $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="data/$DATA" "${PREP[@]}"
+stage "2/6" "stage 1, attention alignment"
 launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="data/$DATA" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
+stage "3/6" "layer selection (GA-S2)"
 launch select_layers.py --init="$RUN/stage1" --data_dir="data/$DATA" --run_dir="$RUN/select" "${SEL[@]}"
+stage "4/6" "stage 2, logit distillation"
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="data/$DATA" --init="$RUN/stage1" \
   --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" "$@"
+stage "5/6" "export"
 $PY export.py --checkpoint="$RUN/stage2" --out_dir="$RUN/export"
+stage "6/6" "evaluation"
 $PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="data/$DATA" --out_dir="$RUN/eval" "${EVAL[@]}"
-echo "distill.sh: done. Hybrid model: $RUN/export (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); report: $RUN/eval"
+trap - INT TERM
+echo
+echo "== done in $(elapsed) =="
+echo "  stage 1      $RUN/stage1/   (log.txt, stage1.png, ckpt/final.pt)"
+echo "  selection    $RUN/select/selection.json  $RUN/select/selection.png"
+echo "  stage 2      $RUN/stage2/   (log.txt, stage2.png, ckpt/final.pt)"
+echo "  model        $RUN/export/   AutoModelForCausalLM.from_pretrained('$RUN/export', trust_remote_code=True)"
+echo "  tokenizer    $RUN/export/tokenizer/   AutoTokenizer.from_pretrained('$RUN/export/tokenizer')"
+echo "  evaluation   $RUN/eval/eval.md  $RUN/eval/recall.png"
+echo "  speed        python bench.py --hybrid=$RUN/export   (GPU; writes runs/bench/)"
+DISK=$(du -sh "$RUN" 2>/dev/null | cut -f1 || true)
+echo "  disk         ${DISK:-?} under $RUN"
+HYBRID_ROW=$(grep -m1 '^| hybrid ' "$RUN/eval/eval.md" 2>/dev/null || true)
+[ -z "$HYBRID_ROW" ] || echo "  result       (model | KL | ppl | top-1 | recall)  $HYBRID_ROW"

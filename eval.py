@@ -22,12 +22,13 @@ import time
 import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
-from hybrid.common import format_tokens, print0, seed_all
-from hybrid.config import apply_overrides
-from hybrid.kl import evaluate_kl
+from hybrid.common import Progress, print0, run_script, seed_all, val_label
+from hybrid.plots import plot_recall
+from hybrid.stage2 import held_out_kl
 from hybrid.recall_score import read_suite, retention, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 from hybrid.shards import read_tokens, load_manifest, val_batches
+from hybrid.student import is_export, load_student
 
 # -----------------------------------------------------------------------------
 MODELS = "teacher"              # comma list: teacher | export dir | checkpoint, each optionally name=path
@@ -69,13 +70,10 @@ def load_model(path: str, teacher, dtype: torch.dtype, device: torch.device):
     """teacher | an export folder | a distill checkpoint -> a causal LM with .model and .lm_head."""
     if path == "teacher":
         return teacher
-    if os.path.isfile(os.path.join(path, "config.json")):
-        from transformers import AutoModelForCausalLM
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
+    if is_export(path):  # loaded in the eval dtype, as shipped
+        return load_student(path, device=device, dtype=dtype)[0]
     if os.path.isfile(path) or os.path.isdir(os.path.join(path, "ckpt")):
-        from hybrid.student import load_student
-        student, _, _ = load_student(path)
-        return student.to(device=device, dtype=dtype).eval()
+        return load_student(path)[0].to(device=device, dtype=dtype).eval()
     raise FileNotFoundError(f"model {path!r}: not 'teacher', an export folder (config.json) or a distill checkpoint "
                             f"(.pt or a run dir with ckpt/); run export.py or distill.py first")
 
@@ -128,26 +126,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        scores = r.get("recall", {}).get("scores")
-        if not scores:
-            continue
-        lengths = sorted({int(L) for t in scores.values() for L in t})
-        means = [sum(t[str(L)] for t in scores.values() if str(L) in t) / sum(str(L) in t for t in scores.values())
-                 for L in lengths]
-        ax.plot(lengths, means, marker="o", label=name)
-    ax.set(xscale="log", xlabel="prompt tokens", ylabel="recall score (mean over tasks)", ylim=(0, 1.02))
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
-
-
 def main():
     global SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES
     if SMOKE:
@@ -161,14 +139,17 @@ def main():
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)
     max_context = getattr(teacher.config, "max_position_embeddings", None)
     suite = recall_suite(tokenizer, max_context) if RECALL else None
-    results = {}
-    for name, path in parse_models(MODELS):
+    results, models = {}, parse_models(MODELS)
+    groups = len({(r["task"], r["length"]) for r in read_suite(suite)}) if suite else 0
+    prog = Progress(len(models) * (groups + 1), "eval", unit="task")  # each model: the KL pass + its recall tasks
+    for name, path in models:
         t0 = time.time()
         model = load_model(path, teacher, dtype, device)
-        r = {"path": path, **evaluate_kl(teacher, model, val, device, autocast, reduce=False)}
+        r = {"path": path, **held_out_kl(model, teacher, val, device, autocast)}
+        print0(f"{name:14s} | kl {r['val_kl']:.4f} | {val_label(val)} | {prog.line(prog.done + 1)}")
         if suite:
             r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,
-                                     log=lambda line, n=name: print0(f"{n:14s} | {line}"))
+                                     log=lambda line, n=name: print0(f"{n:14s} | {line} | {prog.line(prog.done + 1)}"))
         r["seconds"] = time.time() - t0
         results[name] = r
         print0(f"{name:14s} | kl {r['val_kl']:.4f} | ppl {r['val_ppl']:.2f} (teacher {r['teacher_ppl']:.2f}) | "
@@ -183,10 +164,9 @@ def main():
     table = markdown(results)
     atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
     if suite:
-        plot(results, os.path.join(OUT_DIR, "recall.png"))
-    print0(f"val tokens {format_tokens(meta['val_tokens'])}\n" + table)
+        plot_recall(os.path.join(OUT_DIR, "recall.png"), results)
+    print0(f"{val_label(val)}\n" + table)
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

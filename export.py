@@ -7,6 +7,8 @@ student, and writes OUT_DIR/ with
                          model_type "hybrid" and auto_map (AutoConfig, AutoModelForCausalLM)
   model.safetensors      the student's weights in DTYPE, under the teacher's own names
   generation_config.json, tokenizer files (the teacher's)
+  tokenizer/             the same tokenizer files alone: AutoTokenizer.from_pretrained(OUT_DIR + "/tokenizer")
+                         loads it as the stock tokenizer it is, without trust_remote_code
   modeling_hybrid.py     the HF wrapper + HybridCache (hybrid/model/modeling_hybrid.py), and, copied
   mixers.py ...          verbatim, every file it imports relatively (mixers.py, mixer_base.py,
   op_*.py                op_gdn.py, ...): one source of truth for every mixer
@@ -31,8 +33,8 @@ import time
 import torch
 
 from hybrid.checkpoint import load_state_strict
-from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.student import load_student
+from hybrid.common import run_script
+from hybrid.student import EXPORT_TOKENIZER_DIR, load_export, load_student
 from hybrid.surgery import decoder_layers, model_spec
 
 # -----------------------------------------------------------------------------
@@ -51,14 +53,6 @@ GENERATE_TOKENS = 8             # greedy tokens whose cached decoding must equal
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hybrid", "model", "modeling_hybrid.py")
 _AUTO_MAP = {"AutoConfig": "modeling_hybrid.HybridConfig", "AutoModelForCausalLM": "modeling_hybrid.HybridForCausalLM"}
-_REQUIRED_FILES = ("config.json", "model.safetensors", "modeling_hybrid.py", "mixers.py")
-
-
-def student_from_checkpoint(path: str, teacher: str = "", models_dir: str = "models"):
-    """-> (student in float32 on CPU, tokenizer, spec, options), through hybrid.student.load_student."""
-    student, tokenizer, ckpt = load_student(path, teacher=teacher, models_dir=models_dir)
-    cfg = ckpt["config"]
-    return student, tokenizer, model_spec(student), dict(cfg.get("mixer_options") or {})
 
 
 def print_weight_map(student) -> None:
@@ -103,6 +97,7 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
     model.config.dtype = dtype
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(os.path.join(tmp, EXPORT_TOKENIZER_DIR))
     for path in code_files():
         shutil.copy(path, os.path.join(tmp, os.path.basename(path)))
     if os.path.exists(out_dir):
@@ -110,24 +105,6 @@ def write_export(model, tokenizer, out_dir: str, dtype: torch.dtype) -> None:
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def check_export_dir(path: str) -> None:
-    """Clear errors for a folder that is not an export (before transformers gives a vaguer one)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such folder; create an export with `python export.py --out_dir={path}`")
-    missing = [f for f in _REQUIRED_FILES if not os.path.exists(os.path.join(path, f))]
-    if missing:
-        raise FileNotFoundError(f"{path}: missing {missing}; not a complete hybrid export, re-run "
-                                f"`python export.py --out_dir={path}`")
-
-
-def load_export(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """-> (model, tokenizer) from an export folder, through transformers' remote-code loader."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    check_export_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
 
 def prompt_ids(tokenizer, prompt: str, vocab_size: int) -> torch.Tensor:
@@ -174,8 +151,9 @@ def main() -> dict:
     t0 = time.time()
     if DTYPE not in _DTYPES:
         raise ValueError(f"--dtype={DTYPE}: expected one of {sorted(_DTYPES)}")
-    print(dumps(config_dict(globals())))
-    student, tokenizer, spec, options = student_from_checkpoint(CHECKPOINT, TEACHER, MODELS_DIR)
+    print(f"export: {CHECKPOINT} -> {OUT_DIR} ({DTYPE} weights)")
+    student, tokenizer, art = load_student(CHECKPOINT, teacher=TEACHER, models_dir=MODELS_DIR)
+    spec, options = model_spec(student), art.mixer_options
     print(f"student: {','.join(spec)} | {sum(p.numel() for p in student.parameters()) / 1e6:.2f}M params"
           f"{' | options ' + str(options) if options else ''}")
     print_weight_map(student)
@@ -186,10 +164,9 @@ def main() -> dict:
     result = verify(OUT_DIR, student, _DTYPES[DTYPE], prompt_ids(tokenizer, PROMPT, student.config.vocab_size),
                     ATOL, GENERATE_TOKENS)
     print(f"done in {time.time() - t0:.1f}s; load with AutoModelForCausalLM.from_pretrained({OUT_DIR!r}, "
-          "trust_remote_code=True)")
+          f"trust_remote_code=True) and AutoTokenizer.from_pretrained({os.path.join(OUT_DIR, EXPORT_TOKENIZER_DIR)!r})")
     return {"out_dir": OUT_DIR, "spec": spec, "files": files, **result}
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

@@ -35,10 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from hybrid.checkpoint import atomic_write_json
-from hybrid.common import format_tokens
-from hybrid.config import apply_overrides, config_dict
+from hybrid.common import format_tokens, run_script
+from hybrid.config import config_dict
 from hybrid.corpus import DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
-from hybrid.shards import load_manifest, sha256_file, tokenizer_info, verify_shards, version_for_vocab, write_shard
+from hybrid.shards import (load_manifest, record_verified, sha256_file, tokenizer_info, verify_shards,
+                           version_for_vocab, write_shard)
 from hybrid.teacher import load_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -127,7 +128,9 @@ class SplitWriter:
         name = f"{self.split}_{len(self.shards):06d}.bin"
         path = os.path.join(self.out_dir, name)
         write_shard(path, np.concatenate(self.buf), self.vocab_size)
-        self.shards.append({"file": name, "split": self.split, "n_tokens": self.n_buf, "sha256": sha256_file(path),
+        sha = sha256_file(path)
+        record_verified(self.out_dir, {name: sha})  # hashed just now: the first training start skips it
+        self.shards.append({"file": name, "split": self.split, "n_tokens": self.n_buf, "sha256": sha,
                             "end": list(end), "sources": self.src})
         self.written += self.n_buf
         self.buf, self.n_buf, self.src = [], 0, {}
@@ -149,6 +152,34 @@ def resume_shards(out_dir: str, progress: dict) -> dict:
                 break
             keep[split].append(e)
     return keep
+
+
+def finished_manifest(out_dir: str, fingerprint: str, progress_path: str) -> dict | None:
+    """The manifest of a finished, intact data set in out_dir (nothing to do), or None. A damaged one
+    (a shard changed or missing, an unreadable manifest) becomes progress.json, so that this run
+    rebuilds it from the first bad shard of each split; other settings are refused."""
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        manifest = load_manifest(out_dir)
+    except ValueError as e:  # unreadable JSON or missing keys: rebuild everything
+        print(f"{path}: unreadable ({str(e).split(';')[0][:120]}); rebuilding {out_dir}/")
+        os.remove(path)
+        return None
+    if manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"{out_dir}/ holds shards made with other settings (fingerprint "
+                         f"{manifest.get('fingerprint')} != {fingerprint}); pass --out_dir=<new dir> or delete it")
+    try:
+        verify_shards(out_dir, full=True)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{str(e).split(';')[0]}: rebuilding the shards of {out_dir}/ from the first bad one")
+        atomic_write_json(progress_path, manifest)  # the manifest lists what a resume keeps (those that verify)
+        os.remove(path)
+        return None
+    print(f"{out_dir}/ is complete and verified ({format_tokens(manifest['splits']['train']['n_tokens'])} train "
+          f"tokens); nothing to do")
+    return manifest
 
 
 def main() -> dict:
@@ -173,16 +204,10 @@ def main() -> dict:
                     sources=[[n, info] for n, info, _ in sources])
     fingerprint = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
 
-    if os.path.exists(os.path.join(out_dir, "manifest.json")):
-        manifest = load_manifest(out_dir)
-        if manifest.get("fingerprint") != fingerprint:
-            raise ValueError(f"{out_dir}/ holds shards made with other settings (fingerprint "
-                             f"{manifest.get('fingerprint')} != {fingerprint}); pass --out_dir=<new dir> or delete it")
-        verify_shards(out_dir, full=True)
-        print(f"{out_dir}/ is complete and verified ({format_tokens(manifest['splits']['train']['n_tokens'])} train "
-              f"tokens); nothing to do")
-        return manifest
     progress_path = os.path.join(out_dir, "progress.json")
+    manifest = finished_manifest(out_dir, fingerprint, progress_path)
+    if manifest is not None:
+        return manifest
     shards = {s: [] for s in _SPLITS}
     if os.path.exists(progress_path):
         with open(progress_path) as f:
@@ -268,5 +293,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

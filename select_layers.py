@@ -39,20 +39,19 @@ import time
 
 import torch
 
-from hybrid.checkpoint import atomic_write_json, load_checkpoint
+from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
-                           is_master, print0, seed_all)
-from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
-from hybrid.kl import KLStudent, stage2_param_groups
+                           interrupt_message, is_master, print0, run_script, seed_all)
+from hybrid.config import config_dict
+from hybrid.fastpath import compile_layers
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
-                              rank_layers, run_jobs, spec_id, stage1_mse, teacher_targets, top_k, uniform_layers,
-                              val_kl, with_softmax)
+                              rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
-from hybrid.student import seed_from, untie_embeddings
-from hybrid.surgery import SOFTMAX, build_student
+from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
+from hybrid.student import Artifact, rebuild_student, seed_from
+from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
-from hybrid.train_loop import adamw, cosine_lr, grad_accum_steps, set_lr
 
 # -----------------------------------------------------------------------------
 # Inputs and outputs
@@ -89,11 +88,11 @@ SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
-ALL_METHODS = ("ga_s2", "zero_shot", "halving", "early", "uniform", "mse", "greedy", "ablation")
-# settings a stored job result depends on: a mismatch on rerun is an error, not a silent reuse
-RESULT_KEY = ("INIT", "TEACHER", "DATA_DIR", "CANDIDATE_TOKENS", "SEQ_LEN", "MICRO_BATCH", "TOTAL_BATCH_TOKENS",
-              "LR_MIXER", "LR", "MIN_LR_FRAC", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TEMPERATURE",
-              "EVAL_BATCHES", "SEED", "EARLY_FRAC", "HALVING_FRAC")
+# settings that cannot change a stored job result (candidates/<job>.json); every other setting is part
+# of the key stored with each result, and a result with another key is an error, not a silent reuse
+# (COMPILE: compiled layers change only float rounding, as in distill.py)
+_UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE",
+               "COMPILE")
 
 
 def smoke_settings(g: dict) -> None:
@@ -110,44 +109,44 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
     over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
     seed_all(SEED)  # every candidate starts from the same RNG state
-    student = build_student(ctx["teacher_ref"], spec, **ctx["mixer_options"])
-    if ctx["untied"]:
-        untie_embeddings(student)
+    student = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
     student.requires_grad_(True).to(ctx["device"]).train()
     if COMPILE:
         compile_layers(student)
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
-    w_t, accum = ctx["teacher"].lm_head.weight, ctx["accum"]
+    accum = ctx["accum"]
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):
         t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
-        set_lr(opt, scale, 1.0)  # each group's base_lr times the schedule
-        loss_sum = accumulate_kl_cached(model, ctx["targets"], step * accum, accum, w_t, ctx["autocast"])
-        torch.nn.utils.clip_grad_norm_(student.parameters(), GRAD_CLIP)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        set_lr(opt, scale)
+        # every candidate trains on the same batches: the teacher's states come from the shared cache
+        loss_sum = accumulate_kl(model, ctx["teacher"], None, accum, ctx["device"], ctx["autocast"],
+                                 targets=ctx["targets"], first=step * accum)
+        optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == steps - 1:
             losses.append((step, loss_sum.item()))
             print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, time.time() - t1,
                            TOTAL_BATCH_TOKENS), flush=True)
         if step + 1 in eval_at:
-            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS,
-                          **val_kl(student, ctx["val"], ctx["h_val"], w_t, ctx["device"], ctx["autocast"],
-                                   KL_CHUNK_TOKENS)})
+            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS, **score(ctx, student)})
     return {"spec": spec, "steps": steps, "schedule_steps": schedule_steps, "train_tokens": steps * TOTAL_BATCH_TOKENS,
             "eval_tokens": len(evals) * ctx["eval_tokens"], "losses": losses, "evals": evals}
 
 
+def score(ctx, student) -> dict:
+    """The held-out KL of one student on the shared val batches -> {"kl", "std", "per_batch"}."""
+    r = held_out_kl(student, ctx["teacher"], ctx["val"], ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS,
+                    h_teacher=ctx["h_val"])
+    return {"kl": r["val_kl"], "std": r["val_kl_std"], "per_batch": r["val_kl_per_batch"]}
+
+
 def eval_spec(ctx, spec: list[str]) -> dict:
     """Zero-shot held-out KL of a spec (stage-1 mixers and teacher attention, no training)."""
-    student = ctx["switcher"].set(spec)
-    return {"spec": spec, "train_tokens": 0, "eval_tokens": ctx["eval_tokens"],
-            **val_kl(student, ctx["val"], ctx["h_val"], ctx["teacher"].lm_head.weight, ctx["device"],
-                     ctx["autocast"], KL_CHUNK_TOKENS)}
+    return {"spec": spec, "train_tokens": 0, "eval_tokens": ctx["eval_tokens"], **score(ctx, ctx["switcher"].set(spec))}
 
 
 def eval_jobs(ctx, specs: list[list[str]]) -> list[dict]:
@@ -195,7 +194,7 @@ def run_halving(ctx):
     schedule = halving_schedule(len(ctx["candidates"]), ctx["steps_full"], HALVING_FRAC)
     survivors, rounds, all_jobs = list(ctx["candidates"]), [], []
     for r, (n, steps) in enumerate(schedule):
-        jobs = [(f"halving_r{r}_layer_{l:02d}", functools.partial(
+        jobs = [(f"halving_s{steps}_layer_{l:02d}", functools.partial(
             train_spec, ctx, with_softmax(ctx["stage1_spec"], [l]), steps, steps, [steps], f"halving r{r} layer {l:02d}"))
             for l in survivors[:n]]
         res = run_jobs(jobs, ctx["cand_dir"], ctx["key"])
@@ -247,26 +246,60 @@ def run_mse(ctx):
     return method_result(ctx, {l: v["nmse"] for l, v in m.items()}, None, True, [job], extra)
 
 
-def main():
-    if SMOKE:
-        smoke_settings(globals())
-    rank, local_rank, world_size, device = init_dist()
-    dtype = autocast_dtype(device)
-    seed_all(SEED)
-    cfg = config_dict(globals())
+def run_zero_shot(ctx, methods):
+    res = eval_jobs(ctx, [with_softmax(ctx["stage1_spec"], [l]) for l in ctx["candidates"]])
+    return {"zero_shot": method_result(ctx, {l: r["kl"] for l, r in zip(ctx["candidates"], res)},
+                                       {l: r["std"] for l, r in zip(ctx["candidates"], res)}, False, res)}
+
+
+def run_uniform(ctx, methods):
+    return {"uniform": method_result(ctx, None, None, False, [],
+                                     tops={str(k): uniform_layers(ctx["candidates"], k) for k in ctx["ks"]})}
+
+
+def run_ablation_greedy(ctx, methods):
+    """Ablation (only layer l linear) and greedy removal, which starts from the ablation's evaluations."""
+    cands = ctx["candidates"]
+    res = eval_jobs(ctx, [with_softmax(ctx["stage1_spec"], [c for c in cands if c != l] + ctx["already_softmax"])
+                          for l in cands])  # only l linear (non-candidates keep their stage-1 mixer)
+    out = {}
+    if "ablation" in methods:
+        out["ablation"] = method_result(ctx, {l: r["kl"] for l, r in zip(cands, res)},
+                                        {l: r["std"] for l, r in zip(cands, res)}, True, res)
+    if "greedy" in methods:
+        out["greedy"] = run_greedy(ctx, res)
+    return out
+
+
+# method name -> function(ctx, methods) -> {method: result}; one function may answer for several
+# methods from the same jobs (ga_s2 + early, ablation + greedy)
+METHOD_RUNNERS = {"ga_s2": run_ga_s2, "early": run_ga_s2, "zero_shot": run_zero_shot,
+                  "halving": lambda ctx, methods: {"halving": run_halving(ctx)}, "uniform": run_uniform,
+                  "mse": lambda ctx, methods: {"mse": run_mse(ctx)}, "ablation": run_ablation_greedy,
+                  "greedy": run_ablation_greedy}
+
+
+def check_methods() -> list[str]:
     methods = [m.strip() for m in METHODS.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ALL_METHODS]
+    bad = [m for m in methods if m not in METHOD_RUNNERS]
     if bad or PRIMARY not in methods:
-        raise ValueError(f"--methods={METHODS}: unknown {bad} or PRIMARY={PRIMARY!r} missing; choose from {ALL_METHODS}")
+        raise ValueError(f"--methods={METHODS}: unknown {bad} or PRIMARY={PRIMARY!r} missing; choose from "
+                         f"{tuple(METHOD_RUNNERS)}")
+    return methods
+
+
+def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Load the stage-1 student and the teacher, check the candidates -> the read-only context of every method."""
     ckpt = load_checkpoint(INIT)
-    ccfg = ckpt.get("config", {})
-    if "hybrid_spec" not in ccfg or "teacher" not in ccfg:
-        raise ValueError(f"{INIT}: checkpoint config lacks 'hybrid_spec'/'teacher'; pass a stage-1 checkpoint "
-                         "written by `python distill.py --stage=1`")
-    stage1_spec = list(ccfg["hybrid_spec"])
-    teacher_dir = resolve_teacher(TEACHER or ccfg["teacher"]) if is_master() else None
+    art = Artifact.from_config(ckpt.get("config"), INIT)
+    if not art.hybrid_spec:
+        raise ValueError(f"{INIT}: a plain model, not a student; pass a stage-1 checkpoint written by "
+                         "`python distill.py --stage=1`")
+    stage1_spec = list(art.hybrid_spec)
+    teacher_dir = resolve_teacher(TEACHER or art.teacher) if is_master() else None
     barrier()  # rank 0 converts/downloads a teacher spec once; the others then find it
-    teacher_dir = teacher_dir or resolve_teacher(TEACHER or ccfg["teacher"])
+    teacher_dir = teacher_dir or resolve_teacher(TEACHER or art.teacher)
+    art = art.replace(teacher=teacher_dir)
     teacher_ref, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
     check_tokenizer(load_manifest(DATA_DIR), tokenizer, DATA_DIR)
     n_layers = teacher_ref.config.num_hidden_layers
@@ -279,79 +312,55 @@ def main():
     k_frac = min(len(candidates), max(1, round(FRACTION * n_layers)))
     if len(ks) != len(KS) or not candidates:
         raise ValueError(f"--ks={KS}: every K must be <= the {len(candidates)} candidate (non-softmax) layers of {INIT}")
+    steps_full = CANDIDATE_TOKENS // TOTAL_BATCH_TOKENS
+    if steps_full < 1:
+        raise ValueError(f"CANDIDATE_TOKENS={CANDIDATE_TOKENS} < TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS}")
     # the reference teacher stays fp32 on CPU (students are built from it); the scoring one moves to device
     teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
         load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
     teacher.to(device=device, dtype=dtype)
     if COMPILE:
         compile_layers(teacher)
-    base = build_student(teacher_ref, stage1_spec, **(ccfg.get("mixer_options") or {}))
-    if ccfg.get("untied"):
-        untie_embeddings(base)
-    base.load_state_dict(ckpt["model"], strict=True)
-    switcher = SpecSwitcher(base.to(device).eval(), teacher_ref, stage1_spec)
+    base = rebuild_student(art, teacher_ref)
+    load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
-    steps_full = CANDIDATE_TOKENS // TOTAL_BATCH_TOKENS
-    if steps_full < 1:
-        raise ValueError(f"CANDIDATE_TOKENS={CANDIDATE_TOKENS} < TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS}")
-    init_run_dir = INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT)))
-    ctx = dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
-               teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec,
-               mixer_options=dict(ccfg.get("mixer_options") or {}),
-               untied=bool(ccfg.get("untied")), candidates=candidates, ks=ks + ([k_frac] if k_frac not in ks else []),
-               already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX], switcher=switcher,
-               # every candidate trains on one data order: the teacher runs once per batch for all of them
-               targets=TeacherTargets(teacher, ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN), device),
-               val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
-               accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
-               early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),
-               key={k: cfg[k] for k in RESULT_KEY}, init_run_dir=init_run_dir,
-               target=ccfg.get("resolved", {}).get("TARGET", "layer"))
-    log = RunLogger(RUN_DIR, is_master())
-    info = env_info(device, world_size, dtype)
-    print0(dumps({**cfg, "env": info}))
-    print0(f"{len(candidates)} candidates of {n_layers} layers over {world_size} rank(s) | GA-S2 {steps_full} steps x "
-           f"{TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, accum {ctx['accum']}) | "
-           f"val {len(val)} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} (fraction {FRACTION} -> {k_frac})")
-    if is_master():
-        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**cfg, "env": info, "stage1_spec": stage1_spec})
-    t_all, results, wall, logged = time.time(), {}, {}, set()
-    for m in methods:  # ga_s2 and early share their runs; greedy starts from the ablation evaluations
-        t0 = time.time()
-        if m in results:
+    return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+                teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec, art=art,
+                teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
+                ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
+                already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],
+                switcher=SpecSwitcher(base.to(device).eval(), teacher_ref, stage1_spec),
+                # every candidate trains on one data order (rank 0 of 1): the teacher runs once per batch for all
+                targets=TeacherTargets(teacher, ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN), device),
+                val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
+                accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
+                early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),
+                key=result_settings(cfg, _UNCHANGING),
+                init_run_dir=INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT))),
+                target=art.target)
+
+
+def run_methods(ctx, methods: list[str], log: RunLogger) -> tuple[dict, dict]:
+    """-> ({method: result}, {method: wall seconds}), logging each method as it finishes."""
+    results, wall = {}, {}
+    for m in methods:
+        if m in results:  # answered by an earlier method's runner (early with ga_s2, greedy with ablation)
             continue
-        if m in ("ga_s2", "early"):
-            results.update(run_ga_s2(ctx, methods))
-        elif m == "zero_shot":
-            res = eval_jobs(ctx, [with_softmax(stage1_spec, [l]) for l in candidates])
-            results[m] = method_result(ctx, {l: r["kl"] for l, r in zip(candidates, res)},
-                                       {l: r["std"] for l, r in zip(candidates, res)}, False, res)
-        elif m == "halving":
-            results[m] = run_halving(ctx)
-        elif m == "uniform":
-            results[m] = method_result(ctx, None, None, False, [], tops={str(k): uniform_layers(candidates, k)
-                                                                         for k in ctx["ks"]})
-        elif m == "mse":
-            results[m] = run_mse(ctx)
-        elif m in ("ablation", "greedy"):
-            res = eval_jobs(ctx, [with_softmax(stage1_spec, [c for c in candidates if c != l] + ctx["already_softmax"])
-                                  for l in candidates])  # only l linear (non-candidates keep their stage-1 mixer)
-            if "ablation" in methods:
-                results["ablation"] = method_result(ctx, {l: r["kl"] for l, r in zip(candidates, res)},
-                                                    {l: r["std"] for l, r in zip(candidates, res)}, True, res)
-            if "greedy" in methods:
-                results["greedy"] = run_greedy(ctx, res)
-        for done in results:
-            wall.setdefault(done, time.time() - t0)
-        for name in (x for x in results if x not in logged):
-            r = results[name]
-            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | {wall[name]:.1f}s | "
-                    f"top-{k_frac} {r['top'][str(k_frac)]} | ranking {r['ranking']}",
+        t0 = time.time()
+        for name, r in METHOD_RUNNERS[m](ctx, methods).items():
+            results[name], wall[name] = r, time.time() - t0
+            log.log(f"method {name} | train tokens {format_tokens(r['train_tokens'])} | job seconds "
+                    f"{r['job_seconds']:.1f} (wall {wall[name]:.1f}, incl. work shared with other methods) | "
+                    f"top-{ctx['k_frac']} {r['top'][str(ctx['k_frac'])]} | ranking {r['ranking']}",
                     {"method": name, "seconds": wall[name], "train_tokens": r["train_tokens"], "scores": r["scores"],
                      "ranking": r["ranking"], "top": r["top"]})
-            logged.add(name)
-    # the zero-shot KL of each method's chosen hybrid (one evaluation per distinct set)
-    sets = {(m, k): with_softmax(stage1_spec, r["top"][k]) for m, r in results.items() for k in r["top"]}
+    return results, wall
+
+
+def score_sets(ctx, results: dict) -> None:
+    """Add each method's set_kl (zero-shot KL of its top-K hybrid, one evaluation per distinct set) and,
+    with SET_TOKENS > 0, set_trained_kl (after SET_TOKENS of stage 2)."""
+    sets = {(m, k): with_softmax(ctx["stage1_spec"], r["top"][k]) for m, r in results.items() for k in r["top"]}
     for (m, k), r in zip(sets, eval_jobs(ctx, list(sets.values()))):
         results[m].setdefault("set_kl", {})[k] = r["kl"]
     if SET_TOKENS > 0:
@@ -361,33 +370,61 @@ def main():
         res = run_jobs(list(dict(jobs).items()), ctx["cand_dir"], ctx["key"])
         for ((m, k), _), (name, _) in zip(sets.items(), jobs):
             results[m].setdefault("set_trained_kl", {})[k] = res[name]["evals"][-1]["kl"]
+
+
+def print_table(ctx, results: dict, chosen: list[int]) -> None:
+    k_frac = ctx["k_frac"]
+    print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
+           " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
+    for m, r in results.items():
+        print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "
+               f"{r['wall_seconds']:>8.1f} " +
+               " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
+               f"  {r['top'][str(k_frac)]}")
+    print0(f"chosen ({PRIMARY}, {k_frac} softmax): {chosen} -> {os.path.join(RUN_DIR, 'selection.json')}")
+
+
+def main() -> dict:
+    if SMOKE:
+        smoke_settings(globals())
+    methods = check_methods()
+    rank, local_rank, world_size, device = init_dist()
+    dtype = autocast_dtype(device)
+    seed_all(SEED)
+    cfg = config_dict(globals())
+    ctx = setup(cfg, device, dtype)
+    log, info = RunLogger(RUN_DIR, is_master()), env_info(device, world_size, dtype)
+    print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
+    print0(f"{len(ctx['candidates'])} candidates of {ctx['n_layers']} layers over {world_size} rank(s) | GA-S2 "
+           f"{ctx['steps_full']} steps x {TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, "
+           f"accum {ctx['accum']}) | val {len(ctx['val'])} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} "
+           f"(fraction {FRACTION} -> {ctx['k_frac']})")
+    if is_master():
+        atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**cfg, "env": info, "stage1_spec": ctx["stage1_spec"]})
+    t_all = time.time()
+    results, wall = run_methods(ctx, methods, log)
+    score_sets(ctx, results)
     primary = results[PRIMARY]
     for m, r in results.items():
         r["jaccard"] = {k: jaccard(r["top"][k], primary["top"][k]) for k in r["top"]}
         r["wall_seconds"] = wall[m]
         r["token_ratio"] = r["train_tokens"] / max(1, primary["train_tokens"])
-    chosen = primary["top"][str(k_frac)]
-    selection = {"schema_version": 1, "init": INIT, "teacher": teacher_dir, "n_layers": n_layers,
-                 "stage1_spec": stage1_spec, "candidates": candidates, "primary": PRIMARY, "ks": ks,
-                 "fraction": FRACTION, "k_fraction": k_frac, "chosen": chosen,
-                 "chosen_spec": with_softmax(stage1_spec, chosen), "methods": results, "settings": cfg,
+    chosen, k_frac = primary["top"][str(ctx["k_frac"])], ctx["k_frac"]
+    selection = {"schema_version": 1, "init": INIT, "teacher": ctx["teacher_dir"], "n_layers": ctx["n_layers"],
+                 "stage1_spec": ctx["stage1_spec"], "candidates": ctx["candidates"], "primary": PRIMARY,
+                 "ks": ctx["ks"], "fraction": FRACTION, "k_fraction": k_frac, "chosen": chosen,
+                 "chosen_spec": with_softmax(ctx["stage1_spec"], chosen), "methods": results, "settings": cfg,
                  "world_size": world_size, "wall_seconds": time.time() - t_all, "env": info}
     if is_master():
         atomic_write_json(os.path.join(RUN_DIR, "selection.json"), selection)
-        plot_selection(os.path.join(RUN_DIR, "selection.png"), results, n_layers,
+        plot_selection(os.path.join(RUN_DIR, "selection.png"), results, ctx["n_layers"],
                        {m: r["top"][str(k_frac)] for m, r in results.items()})
-        print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'seconds':>8} " +
-               " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
-        for m, r in results.items():
-            print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} " +
-                   " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
-                   f"  {r['top'][str(k_frac)]}")
-        print0(f"chosen ({PRIMARY}, {k_frac} softmax): {chosen} -> {os.path.join(RUN_DIR, 'selection.json')}")
+        print_table(ctx, results, chosen)
     barrier()
     cleanup_dist()
     return selection
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main, lambda: interrupt_message(
+        None, f"re-run the same command: finished jobs in {os.path.join(RUN_DIR, 'candidates')} are reused"))

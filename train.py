@@ -19,7 +19,8 @@ Launch (from the repo root):
                   --micro_batch=2 --total_batch_tokens=512 --max_steps=5 --eval_batches=2 --run_dir=runs/smoke
   1 GPU:      python train.py --checkpoint=runs/distill --run_dir=runs/stage3
   8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py --checkpoint=runs/distill
-Resume a killed run: the same command plus --resume=auto (or --resume=<checkpoint .pt>).
+Resume a killed run: the same command again (--resume=auto is the default; it refuses a run dir whose
+checkpoints were written with other settings), or --resume=<checkpoint .pt>.
 
 Reads:  DATA_DIR/{train,val}_*.bin + manifest.json; the teacher dir (models/<name>/); CHECKPOINT.
 Writes: RUN_DIR/config.json (resolved config, environment, parameter counts), log.txt,
@@ -38,8 +39,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
-from hybrid.config import apply_overrides, config_dict, dumps
-from hybrid.train_loop import adamw, all_mean, cosine_lr, grad_accum_steps, set_lr
+from hybrid.common import all_mean
+from hybrid.config import config_dict
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.student import Artifact, rebuild_student
 
 # -----------------------------------------------------------------------------
 # Model
@@ -65,57 +68,37 @@ LOG_EVERY = 10                  # optimizer steps between log lines (.item() syn
 SAVE_EVERY = 500                # optimizer steps between checkpoints (and one at the end)
 KEEP_CHECKPOINTS = 3            # newest checkpoints kept in RUN_DIR/ckpt; 0 = all
 RUN_DIR = "runs/train"          # config.json, log.txt, metrics.jsonl, ckpt/
-RESUME = ""                     # "" (fresh) | "auto" (latest in RUN_DIR, if any) | path to a .pt
+RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one | "" : start fresh | a .pt
 # System
 SEED = 1337                     # same on every rank, set before building modules
 COMPILE = False                 # torch.compile the model (worth it on GPU; slow to start on CPU)
 DTYPE = "auto"                  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
 # -----------------------------------------------------------------------------
+# settings that cannot change what a run computes: a checkpoint written with any other setting
+# different is refused on resume (hybrid.checkpoint.resume_point)
+_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "COMPILE")
 
 
-def resume_path() -> str | None:
-    """The checkpoint to resume from: None for a fresh run."""
-    if RESUME == "":
-        return None
-    if RESUME == "auto":
-        return checkpoint.latest_checkpoint(RUN_DIR)  # None on the first launch: start fresh
-    if not os.path.exists(RESUME):
-        raise FileNotFoundError(f"--resume={RESUME} does not exist; pass a checkpoint .pt, a run dir, "
-                                f"or --resume=auto to continue the latest checkpoint in --run_dir={RUN_DIR}")
-    return RESUME
+def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, Artifact]:
+    """-> (model in fp32 on CPU, tokenizer, artifact).
 
-
-def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, dict]:
-    """-> (model in fp32 on CPU, tokenizer, artifact {"teacher", "hybrid_spec", "untied"}).
-
-    `source` is a checkpoint (resume or CHECKPOINT) whose config fixes the teacher dir, the
-    per-layer mixer spec and untied embeddings; its weights are loaded strictly. Without one,
-    MODEL and INIT decide (a plain decoder: hybrid_spec None).
+    `source` is a checkpoint (resume or CHECKPOINT) whose config fixes the artifact (teacher dir,
+    per-layer mixer spec, untied embeddings); its weights are loaded strictly. Without one, MODEL
+    and INIT decide (a plain decoder: hybrid_spec None).
     """
     from hybrid.teacher import load_teacher, resolve_teacher
     if source is not None:
-        cfg = source.get("config", {})
-        if "teacher" not in cfg:
-            raise ValueError(f"checkpoint config has no 'teacher' (keys: {sorted(cfg)}); "
-                             f"expected a checkpoint written by distill.py or train.py")
-        art = {"teacher": cfg["teacher"], "hybrid_spec": cfg.get("hybrid_spec"), "untied": bool(cfg.get("untied")),
-               "mixer_options": dict(cfg.get("mixer_options") or {})}
+        art = Artifact.from_config(source.get("config"), "checkpoint")
     else:
         # rank 0 converts/downloads the teacher once; the others find it ready after the barrier
         teacher_dir = resolve_teacher(MODEL) if master else None
         common.barrier()
-        art = {"teacher": teacher_dir or resolve_teacher(MODEL), "hybrid_spec": None, "untied": False, "mixer_options": {}}
-    model, tokenizer = load_teacher(art["teacher"], dtype=torch.float32)
+        art = Artifact(teacher=teacher_dir or resolve_teacher(MODEL), hybrid_spec=None)
+    model, tokenizer = load_teacher(art.teacher, dtype=torch.float32)
     if source is None and INIT == "scratch":
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    if art["hybrid_spec"]:
-        from hybrid.surgery import build_student
-        art["hybrid_spec"] = list(art["hybrid_spec"])
-        model = build_student(model, art["hybrid_spec"], **art["mixer_options"])
-    if art["untied"]:
-        from hybrid.student import untie_embeddings
-        untie_embeddings(model)
+    model = rebuild_student(art, model)
     if source is not None:
         checkpoint.load_state_strict(model, source["model"])
     model.requires_grad_(True)  # load_teacher freezes the teacher; here every weight trains
@@ -170,16 +153,21 @@ def main() -> None:
 
     # ---- model: fresh, fine-tuned from CHECKPOINT, or resumed ----
     common.seed_all(SEED)
-    resume_from = resume_path()
-    resume = checkpoint.load_checkpoint(resume_from) if resume_from else None
+    settings = {**cfg, "world_size": world_size, "grad_accum": grad_accum}
+    resume_from, resume = checkpoint.resume_point(RUN_DIR, RESUME, settings, _UNCHANGING)
+    if resume is not None and resume["step"] >= MAX_STEPS:
+        common.print0(f"{RUN_DIR} is a finished run with these settings ({resume_from}, step {resume['step']}); "
+                      "nothing to do (pass a new --run_dir to run again)")
+        common.cleanup_dist()
+        return
     # a resume checkpoint wins over CHECKPOINT: it already holds the teacher, spec and trained weights
     source = resume if resume is not None or not CHECKPOINT else checkpoint.load_checkpoint(CHECKPOINT)
     model, tokenizer, artifact = build_model(source, master)
     del source
     model.to(device)
     raw_model = model  # unwrapped and uncompiled: what checkpoints store (no module./_orig_mod. prefixes)
-    spec = artifact["hybrid_spec"]
-    run_config = {**cfg, **artifact, "world_size": world_size, "grad_accum": grad_accum}
+    spec = artifact.hybrid_spec
+    run_config = artifact.to_config(settings)
 
     # ---- data ----
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank=rank, world_size=world_size,
@@ -197,7 +185,7 @@ def main() -> None:
     optim = make_optimizer(raw_model, device)
     start_step = 0
     if resume is not None:
-        optim.load_state_dict(resume["optim"])
+        load_optimizer(optim, resume["optim"])
         loader.load_state_dict(resume["loader"])
         common.set_rng_state(resume["rng"])
         start_step = resume["step"]
@@ -216,13 +204,14 @@ def main() -> None:
         checkpoint.atomic_write_json(os.path.join(RUN_DIR, "config.json"),
                                      {"config": run_config, "env": env,
                                       "params": {"trainable": n_train, "total": n_total}})
-    common.print0(dumps(run_config))
+    common.print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     common.print0(f"env: {env}")
     common.print0(f"dtype: {env['dtype']} (--dtype={DTYPE}; auto = bf16 autocast on GPU, fp32 on CPU where bf16 is slow)")
     common.print0(f"params: {n_train:,} trainable / {n_total:,} total | spec: {spec or 'plain ' + type(raw_model).__name__}")
     common.print0(f"batch: {TOTAL_BATCH_TOKENS:,} tokens/step = {MICRO_BATCH} rows x {SEQ_LEN} tokens x "
                   f"{world_size} ranks x {grad_accum} micro-steps | val: {len(val) * world_size} batches")
-    common.print0(f"{'resuming from ' + resume_from + ' at' if resume_from else 'starting at'} step {start_step}")
+    common.print0(f"resuming {resume_from} at step {start_step}: same settings as this command" if resume_from
+                  else f"starting at step {start_step}")
 
     # ---- training loop ----
     t_last, steps_since = time.time(), 0
@@ -233,8 +222,9 @@ def main() -> None:
             logger.log(f"step {step:05d}/{MAX_STEPS:05d} | val_loss {val_loss:.6f}", {"step": step, "val_loss": val_loss})
             t_last = time.time()  # keep eval time out of dt and tok/s
 
-        lr = cosine_lr(step, MAX_STEPS, WARMUP_STEPS, LR, MIN_LR)
-        set_lr(optim, lr, LR)
+        scale = cosine_lr(step, MAX_STEPS, WARMUP_STEPS, 1.0, MIN_LR / LR)
+        set_lr(optim, scale)
+        lr = LR * scale
         loss_accum = torch.zeros((), device=device)
         for micro in range(grad_accum):
             x, y = loader.next_batch()
@@ -248,9 +238,7 @@ def main() -> None:
                 loss.backward()
             loss_accum += loss.detach()
             del logits, loss
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), GRAD_CLIP if GRAD_CLIP > 0 else float("inf"))
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        norm = optimizer_step(optim, raw_model.parameters(), GRAD_CLIP)
         steps_since += 1
 
         if step % LOG_EVERY == 0 or last:
@@ -281,5 +269,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    common.run_script(globals(), main, lambda: common.interrupt_message(
+        RUN_DIR, "run the same command again (--resume=auto, the default, continues from there)"))

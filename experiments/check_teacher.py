@@ -10,7 +10,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hybrid.config import apply_overrides
+from hybrid.common import run_script
 
 GGUF = ""
 TEACHER = "models/SmolLM2-135M-Instruct.Q4_1"
@@ -35,5 +35,4 @@ def main():
 
 
 if __name__ == "__main__":
-    apply_overrides(globals())
-    main()
+    run_script(globals(), main)

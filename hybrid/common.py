@@ -1,20 +1,30 @@
-"""Process setup shared by the scripts: torchrun init, rank-0 printing, seeding, run logging.
+"""Process setup shared by the scripts: the entry point (run_script: overrides, --help, one-line user
+errors and interrupts), torchrun init, rank-0 printing, seeding, run logging.
 
 One code path for 1 process and N: `init_dist()` reads torchrun's environment when present
 (nccl on GPU, gloo on CPU, so a 2-process test runs on a laptop) and otherwise returns a
 single-process world.
 """
 
+import glob
 import json
 import os
 import platform
 import random
+import signal
 import subprocess
+import sys
 import time
+import traceback
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from hybrid.config import apply_overrides
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def init_dist() -> tuple[int, int, int, torch.device]:
@@ -117,6 +127,107 @@ def format_tokens(n: float) -> str:
     return f"{n:.0f}"
 
 
+def format_duration(seconds: float) -> str:
+    """45s | 2m10s | 1h05m: short enough for a log line, precise enough to plan by."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def val_label(batches: list, world_size: int = 1) -> str:
+    """Which held-out slice a number comes from, for its log line: "val 8x4x128 = 4.1k tokens (first
+    windows of the val shards, rank-strided over 2 ranks)". Same settings -> same windows."""
+    n, (B, T) = len(batches), tuple(batches[0][0].shape)
+    ranks = f", rank-strided over {world_size} ranks" if world_size > 1 else ""
+    return f"val {n}x{B}x{T} = {format_tokens(n * B * T * world_size)} tok from the start of the val shards{ranks}"
+
+
+_current_progress: list = []  # the newest Progress: where an interrupted run says it stopped
+
+
+class Progress:
+    """Percent done and ETA of a loop over `total` units (steps, layer-steps, jobs, tasks).
+
+    `line(done)` -> "37% | ETA 2m10s" for the end of a fixed-format log line. The rate is measured
+    from construction (or the first `line` after a resume at `start`), so a resumed run's ETA is
+    its own. The newest Progress is also what run_script names when a run is interrupted.
+    """
+
+    def __init__(self, total: int, label: str, unit: str = "step", start: int = 0):
+        self.total, self.label, self.unit, self.start, self.done = max(1, total), label, unit, start, start
+        self.t0 = time.time()
+        _current_progress[:] = [self]
+
+    def eta(self, done: int) -> float | None:
+        rate = (done - self.start) / max(time.time() - self.t0, 1e-9)
+        return (self.total - done) / rate if rate > 0 else None
+
+    def line(self, done: int) -> str:
+        self.done = done
+        eta = self.eta(done)
+        return f"{100 * done / self.total:.0f}% | ETA {format_duration(eta) if eta is not None else '?'}"
+
+    def where(self) -> str:
+        return f"{self.label} ({self.done} of {self.total} {self.unit}s done at the last log line)"
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def interrupt_message(run_dir: str | None, resume: str) -> str:
+    """One line: where the run stopped, its newest checkpoint, and how to continue."""
+    where = f" during {_current_progress[0].where()}" if _current_progress else ""
+    ckpts = sorted(glob.glob(os.path.join(run_dir, "ckpt", "*.pt"))) if run_dir else []
+    newest = max(ckpts, key=os.path.getmtime) if ckpts else None
+    saved = f"; newest checkpoint {newest}" if newest else ("; no checkpoint saved yet" if run_dir else "")
+    return f"interrupted{where}{saved}; to continue: {resume}"
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """True when the innermost frame of e's traceback is this repo's code (not a library's)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(_REPO + os.sep) \
+        and f"{os.sep}.venv{os.sep}" not in frames[-1].filename
+
+
+def run_script(g: dict, main: Callable[[], object], interrupted: Callable[[], str] | None = None,
+               argv: list[str] | None = None) -> None:
+    """Every script's entry point: `if __name__ == "__main__": run_script(globals(), main, ...)`.
+
+    --help prints the settings and exits 0; then the --name=value overrides (apply_overrides), then
+    main(). Every rank ends the same way and only rank 0 prints, so torchrun shows one line, not a
+    traceback per rank:
+      a ValueError or FileNotFoundError raised by this repo's code is a user error (a bad setting, a
+      missing file): `error: ...` on stderr and exit 2; one raised inside a library keeps its
+      traceback (it may be a bug);
+      Ctrl-C or SIGTERM (torchrun, schedulers): the line interrupted() returns (called then, so it
+      sees the overridden settings; default: where the run stopped, re-run the command), exit 130."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        apply_overrides(g, argv)
+        main()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun follows Ctrl-C with SIGTERM: one message
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rank0:
+            line = interrupted() if interrupted else interrupt_message(None, "re-run the same command")
+            print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)  # no process-group teardown: the other ranks are stopping too
+    except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_us(e):
+            raise
+        if rank0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, previous)
+
+
 class RunLogger:
     """Rank 0 echoes fixed-format lines to runs/<run>/log.txt and dicts to metrics.jsonl."""
 
@@ -137,3 +248,37 @@ class RunLogger:
         if metrics is not None:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"time": round(time.time() - self.t0, 3), **metrics}) + "\n")
+
+
+# ----------------------------------------------------------------------------- collectives (no-ops on one process)
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """all_reduce(AVG) the grads of params that are not under DDP (stage 1 trains one layer at a
+    time: broadcasting it once and averaging its grads is simpler than DDP with unused params)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Make every rank hold rank 0's values (cheap insurance next to a shared seed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar tensor over ranks (for logging and validation)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value

@@ -160,10 +160,3 @@ def chunked_distill_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor
     loss, kl, ce = _ChunkedDistill.apply(h_s2, w_s, h_t2, w_t.detach(), tgt, weights, float(temperature),
                                          float(ce_weight), int(chunk_tokens), fused)
     return loss, {"kl": kl, "ce": ce}
-
-
-def fla_kl_loss(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """fla's fused KL(teacher || student) (CUDA only; temperature 1, no mask, no CE): the fast path
-    that `chunked_distill_loss` is checked against on the GPU."""
-    from fla.modules import FusedKLDivLoss  # lazy: fla needs triton and a GPU
-    return FusedKLDivLoss()(h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1]), w_s, w_t)

@@ -43,20 +43,6 @@ def score_generation(answers: list[str], generated: str) -> float:
     return sum(a.lower() in text for a in answers) / len(answers)
 
 
-def score_mqar(predictions, input_ids, answer_positions: list[int]) -> float:
-    """predictions[t] = the model's next-token prediction after reading input_ids[:t + 1]. (T,) each.
-
-    The value at position p is predicted at p - 1: accuracy of predictions[p - 1] == input_ids[p].
-    """
-    pred = torch.as_tensor(predictions).reshape(-1)
-    ids = torch.as_tensor(input_ids).reshape(-1)
-    pos = torch.as_tensor(answer_positions, dtype=torch.long)
-    if pred.numel() != ids.numel() or pos.min() < 1 or pos.max() >= ids.numel():
-        raise ValueError(f"mqar: {pred.numel()} predictions for {ids.numel()} tokens with answer positions "
-                         f"in [{int(pos.min())}, {int(pos.max())}]; expected one prediction per token, positions >= 1")
-    return (pred[pos - 1] == ids[pos]).float().mean().item()
-
-
 @torch.no_grad()
 def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
     """The argmax of the logits at positions[b] (the prediction of token p + 1) for each row of input_ids (B, T).
@@ -162,20 +148,3 @@ def retention(student_scores: dict, teacher_scores: dict) -> dict:
             if ss is not None:
                 out.setdefault(task, {})[L] = ss / ts if ts > 0 and not math.isnan(ts) else None
     return out
-
-
-def format_scores(results: dict, teacher: dict | None = None) -> str:
-    """A plain-text table: one row per task, one column per length (and retention vs the teacher)."""
-    scores = results.get("scores", results)
-    lengths = sorted({int(L) for by_len in scores.values() for L in by_len})
-    ret = retention(results, teacher) if teacher is not None else {}
-    lines = [f"{'task':16s}" + "".join(f"{L:>14d}" for L in lengths)]
-    for task, by_len in scores.items():
-        cells = []
-        for L in lengths:
-            v = by_len.get(str(L))
-            r = ret.get(task, {}).get(str(L))
-            cell = "-" if v is None else f"{v:.3f}" + (f" ({r:.2f})" if r is not None else "")
-            cells.append(f"{cell:>14s}")
-        lines.append(f"{task:16s}" + "".join(cells))
-    return "\n".join(lines)

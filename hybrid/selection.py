@@ -9,7 +9,7 @@ Independent jobs (one candidate layer each) go round-robin over the ranks of a t
 DDP; each finished job is written atomically to <out_dir>/<name>.json and is not rerun. Zero-shot
 evaluations of many specs share one student whose layers hold both a stage-1 mixer and a copy of
 the teacher attention (`SpecSwitcher`), so no module is copied per evaluation. The teacher's val
-hidden states are computed once (`teacher_targets`) and reused by every evaluation.
+hidden states are computed once (`stage2.teacher_targets`) and reused by every evaluation.
 """
 
 import copy
@@ -26,9 +26,8 @@ from torch import nn
 
 from .capture import attention_call, capture_all_layers, layer_call, rope_for
 from .checkpoint import atomic_write_json
-from .common import world
-from .kl import teacher_hidden
-from .losses import chunked_distill_loss
+from .common import Progress, print0, world
+from .plots import pyplot, save_figure
 from .surgery import SOFTMAX, decoder_layers, swap_attention
 
 
@@ -139,12 +138,15 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
     # one run per name: the same job listed twice (two methods choosing the same set) would otherwise
     # go to two ranks, which then race to rename the same .tmp file
     pending = list({name: (name, fn) for name, fn in jobs if name not in done}.values())
-    mine = {}
-    for name, fn in pending[rank::world_size]:
+    mine, share = {}, pending[rank::world_size]
+    prog = Progress(len(share), f"selection, {len(jobs)} jobs ({len(jobs) - len(pending)} reused)", unit="job")
+    for n, (name, fn) in enumerate(share):
         t0 = time.time()
         result = {**fn(), "job": name, "seconds": time.time() - t0, "rank": rank, "key": key}
         atomic_write_json(os.path.join(out_dir, name + ".json"), result)
         mine[name] = result
+        if result["seconds"] >= 2 or n + 1 == len(share):  # quick zero-shot jobs would flood the log
+            print0(f"job {name} done | {result['seconds']:.1f}s | rank 0: {n + 1}/{len(share)} jobs | {prog.line(n + 1)}")
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
@@ -156,30 +158,6 @@ def run_jobs(jobs: list[tuple[str, Callable[[], dict]]], out_dir: str, key: dict
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def teacher_targets(teacher: nn.Module, batches: list, device: torch.device) -> list[torch.Tensor]:
-    """The teacher's final hidden states (B, T, C) for each (x, y) batch, computed once."""
-    return [teacher_hidden(teacher, x.to(device)) for x, _ in batches]
-
-
-@torch.no_grad()
-def val_kl(student: nn.Module, batches: list, h_teacher: list[torch.Tensor], w_teacher: torch.Tensor,
-           device: torch.device, autocast, chunk_tokens: int = 4096) -> dict:
-    """Held-out KL(teacher || student) at temperature 1 per batch -> {"kl": mean, "std": std over
-    batches, "per_batch": [...]}. Not reduced over ranks: each rank scores its own student."""
-    was_training = student.training
-    student.eval()
-    per_batch = []
-    for (x, _), h_t in zip(batches, h_teacher):
-        with autocast:
-            h_s = student.model(input_ids=x.to(device), use_cache=False).last_hidden_state.to(h_t.dtype)
-        _, parts = chunked_distill_loss(h_s, student.lm_head.weight.detach(), h_t, w_teacher, chunk_tokens=chunk_tokens)
-        per_batch.append(float(parts["kl"]))
-    student.train(was_training)
-    t = torch.tensor(per_batch, dtype=torch.float64)
-    return {"kl": float(t.mean()), "std": float(t.std()) if len(per_batch) > 1 else 0.0, "per_batch": per_batch}
-
-
 class SpecSwitcher:
     """One stage-1 student whose layers can each run the stage-1 mixer or the teacher's attention.
 
@@ -227,13 +205,18 @@ def stage1_mse(teacher: nn.Module, student: nn.Module, batches: list, layers: li
 
 
 # ----------------------------------------------------------------------------- plot
+# the y-axis of each method's panel: what its score measures
+SCORE_LABELS = {"ga_s2": "held-out KL\nafter training", "early": "held-out KL\n(early stop)",
+                "halving": "held-out KL\n(round 0)", "zero_shot": "held-out KL\n(no training)",
+                "ablation": "held-out KL\n(only l linear)", "mse": "stage-1 MSE\n(normalised)",
+                "greedy": "removal order\n(0 = made linear first)"}
+
+
 def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, list[int]]) -> None:
     """One bar panel per method with per-layer scores (`methods[m]["scores"]` keyed by str(layer),
     `methods[m]["direction"]`); the layers in chosen[m] are drawn in a second colour. Written
     atomically (path.tmp.png, then rename)."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     scored = [m for m, r in methods.items() if r.get("scores")]
     if not scored:
         return
@@ -245,12 +228,16 @@ def plot_selection(path: str, methods: dict, n_layers: int, chosen: dict[str, li
         ax.bar(xs, [scores[str(x)] for x in xs], color=colors,
                yerr=[spread.get(str(x), 0.0) for x in xs] if spread else None)
         better = "lower" if methods[m]["direction"] == "lower" else "higher"
-        ax.set_title(f"{m} ({better} = keep softmax; red = chosen)", fontsize=9)
+        ax.set_title(f"{m}: {better} = keep softmax; red = chosen", fontsize=9)
+        lo = min(scores[str(x)] - spread.get(str(x), 0.0) for x in xs)
+        hi = max(scores[str(x)] + spread.get(str(x), 0.0) for x in xs)
+        if lo > 0 and hi - lo < 0.5 * hi:  # close scores (KLs of 2.1 to 2.2): zoom in so they differ visibly
+            ax.set_ylim(max(0.0, lo - (hi - lo) - 0.01 * hi), hi + 0.3 * (hi - lo) + 0.01 * hi)
+        label = SCORE_LABELS.get(m, "score")
+        ax.set_ylabel(label + ("\n(nats/token)" if "KL" in label else ""), fontsize=8)
         ax.set_xticks(range(n_layers))
+        ax.set_xlim(-0.6, n_layers - 0.4)
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

@@ -8,7 +8,9 @@ A shard is a header of 256 int32 (`[0]` magic 20240520, `[1]` version, `[2]` n_t
 the tokens: version 1 = uint16 (vocab <= 65536, NanoGPT/llm.c compatible), version 2 = uint32 (Llama-3,
 Qwen). The version is chosen from the vocab size; ids that do not fit raise, never wrap silently.
 manifest.json records the tokenizer (name, vocab size, EOS id, vocab fingerprint), the dtype, the
-sources, and per shard its n_tokens and sha256.
+sources, and per shard its n_tokens and sha256. A loader checks every shard's bytes against that
+sha256 before it reads them; verified.json remembers which files were hashed, so a start rehashes
+only new or changed files.
 """
 
 import bisect
@@ -103,25 +105,67 @@ def load_manifest(data_dir: str) -> dict:
     return manifest
 
 
+VERIFIED = "verified.json"  # per data dir: shards whose bytes were hashed and matched the manifest
+
+
+def _file_id(path: str) -> list[int]:
+    """What changes when a file is rewritten or edited: size, inode, mtime, ctime (ns)."""
+    st = os.stat(path)
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _read_verified(data_dir: str) -> dict:
+    try:
+        with open(os.path.join(data_dir, VERIFIED)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: everything gets hashed once more
+
+
+def record_verified(data_dir: str, files: dict[str, str]) -> None:
+    """Remember that each file (name -> sha256) was hashed just now, keyed by its file id, so the next
+    start skips rehashing it. Best effort: a read-only data dir just means hashing at every start."""
+    stamps = _read_verified(data_dir)
+    for name, sha in files.items():
+        stamps[name] = {"sha256": sha, "file_id": _file_id(os.path.join(data_dir, name))}
+    tmp = os.path.join(data_dir, f"{VERIFIED}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(stamps, f, indent=1, sort_keys=True)
+        os.replace(tmp, os.path.join(data_dir, VERIFIED))
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def verify_shards(data_dir: str, split: str | None = None, full: bool = False) -> list[str]:
     """Check every shard of the manifest (one split or all) exists with the recorded header and size;
-    full=True also compares sha256 (reads every byte). Returns the paths; raises ValueError naming the file."""
+    full=True also checks its bytes against the manifest's sha256. A shard hashed before and unchanged
+    since (same size, inode, mtime, ctime: data_dir/verified.json) is not hashed again; delete that file
+    to force a rehash. Returns the paths; raises ValueError naming the file."""
     manifest = load_manifest(data_dir)
     entries = [e for e in manifest["shards"] if split is None or e["split"] == split]
     if split is not None and not entries:
         splits = sorted({e["split"] for e in manifest["shards"]})
         raise ValueError(f"{data_dir}/manifest.json lists no {split!r} shards (splits: {splits}); {FIX}")
     paths = []
+    stamps = _read_verified(data_dir) if full else {}
+    hashed = {}
     for e in entries:
         path = os.path.join(data_dir, e["file"])
         h = read_header(path)
         if h["n_tokens"] != e["n_tokens"] or h["dtype"] != manifest["dtype"]:
             raise ValueError(f"{path}: header says {h['n_tokens']} tokens of {h['dtype']}, manifest.json says "
                              f"{e['n_tokens']} of {manifest['dtype']}; shard and manifest disagree, {FIX}")
-        if full and sha256_file(path) != e["sha256"]:
-            raise ValueError(f"{path}: sha256 differs from manifest.json; the file changed after it was "
-                             f"written, {FIX}")
+        stamp = stamps.get(e["file"], {})
+        if full and (stamp.get("sha256") != e["sha256"] or stamp.get("file_id") != _file_id(path)):
+            if sha256_file(path) != e["sha256"]:
+                raise ValueError(f"{path}: sha256 differs from manifest.json; the file changed after it was "
+                                 f"written, {FIX}")
+            hashed[e["file"]] = e["sha256"]
         paths.append(path)
+    if hashed:
+        record_verified(data_dir, hashed)
     return paths
 
 
@@ -145,7 +189,7 @@ class ShardLoader:
             raise ValueError(f"{data_dir}/manifest.json: tokens from a vocab of {self.manifest['vocab_size']}, "
                              f"but the model has {vocab_size} embeddings; shards made with another tokenizer, "
                              f"re-run `python prepare.py --teacher=<this model>`")
-        self.paths = verify_shards(data_dir, split)  # cheap: headers and sizes, no hashing
+        self.paths = verify_shards(data_dir, split, full=True)  # hashed once, then cached in verified.json
         self.n_windows = [(read_header(p)["n_tokens"] - 1) // (B * T) for p in self.paths]
         self.total = sum(self.n_windows)
         if self.total == 0:

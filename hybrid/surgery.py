@@ -12,13 +12,29 @@ saved with the config (checkpoints, exports). Works on any HF decoder whose laye
 """
 
 import copy
+import json
+import os
 
 from torch import nn
 
-from .model.spec import SOFTMAX, install_mixers, parse_spec  # noqa: F401  (parse_spec re-exported)
+from .model.spec import SOFTMAX, install_mixers, parse_spec
 
 SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm) style decoders"
 LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
+
+
+def read_spec(spec: str, n_layers: int) -> list[str]:
+    """parse_spec, where `spec` may also name a selection.json from select_layers.py (its "chosen_spec")."""
+    if spec.endswith(".json"):
+        if not os.path.exists(spec):
+            raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first or pass a spec "
+                                    "like 'gdn;softmax=3,7'")
+        with open(spec) as f:
+            chosen = json.load(f).get("chosen_spec")
+        if chosen is None:
+            raise ValueError(f"--spec={spec}: no 'chosen_spec' in it; expected a selection.json of select_layers.py")
+        spec = chosen
+    return parse_spec(spec, n_layers)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -52,16 +68,6 @@ def swap_attention(model: nn.Module, idx: int, module: nn.Module) -> nn.Module:
     layers[idx].self_attn = module
     _record_spec(model)
     return old
-
-
-def restore_attention(student: nn.Module, teacher: nn.Module, idx: int) -> nn.Module:
-    """Put a copy of the teacher's attention back in the student's layer idx (grads follow the
-    student's other teacher-copied weights); returns the replaced module."""
-    attn = copy.deepcopy(decoder_layers(teacher)[idx].self_attn)
-    ref = next(decoder_layers(student)[idx].parameters(), None)
-    if ref is not None:
-        attn = attn.to(device=ref.device, dtype=ref.dtype)
-    return swap_attention(student, idx, attn)
 
 
 def build_student(teacher: nn.Module, spec: str | list[str], **options) -> nn.Module:

@@ -32,7 +32,7 @@ def make_teacher_dir(path: str, layers: int = 2, seed: int = 0) -> str:
 
 def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 4000, seed: int = 0) -> str:
     """Shards of a repeated random 61-token cycle with some EOS noise: learnable in a few steps."""
-    from hybrid.shards import tokenizer_info, write_shard
+    from hybrid.shards import sha256_file, tokenizer_info, write_shard
     rng = np.random.default_rng(seed)
     pattern = rng.integers(1, VOCAB, size=61)
     shards = []
@@ -41,10 +41,21 @@ def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 400
         tokens[rng.integers(0, n, size=n // 50)] = 0
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": ""})
+        sha = sha256_file(os.path.join(data_dir, name))
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha})
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump({**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}, f)
     return data_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
+    for each other made steps 10-100x slower (8 ms -> 1.7 s). Subprocess tests set OMP_NUM_THREADS=1."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

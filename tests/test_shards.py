@@ -194,3 +194,43 @@ def test_val_batches(tmp_path):
     v0, v1 = (val_batches(root, 2, 16, 100, rank=r, world_size=2) for r in range(2))
     assert len(v0) == len(v1) == 4  # the same count on every rank
     assert torch.equal(v1[0][0], v[1][0])
+
+
+def test_loader_checks_shard_bytes_and_caches_the_check(tmp_path, monkeypatch):
+    import hybrid.shards as shards
+    root = make_dataset(tmp_path)
+    path = os.path.join(root, "train_000001.bin")
+    with open(path, "r+b") as f:  # one flipped byte, same size: headers and sizes still agree
+        f.seek(HEADER_INTS * 4 + 11)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ValueError, match=r"train_000001\.bin: sha256 differs.*prepare\.py"):
+        ShardLoader(root, "train", 2, 8)
+    with pytest.raises(ValueError, match=r"val_000000\.bin: sha256 differs"):
+        vpath = os.path.join(root, "val_000000.bin")
+        with open(vpath, "r+b") as f:
+            f.seek(HEADER_INTS * 4)
+            f.write(b"\xff\xff")
+        val_batches(root, 2, 8, 1)
+
+    root = make_dataset(tmp_path / "good")
+    calls = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    ShardLoader(root, "train", 2, 8)
+    assert len(calls) == 3 and os.path.exists(os.path.join(root, shards.VERIFIED))
+    calls.clear()
+    ShardLoader(root, "train", 2, 8)
+    val_batches(root, 2, 8, 1)
+    assert len(calls) == 1  # the train shards are not hashed again; val is hashed once
+    path = os.path.join(root, "train_000002.bin")
+    with open(path, "r+b") as f:
+        f.seek(HEADER_INTS * 4 + 2)
+        f.write(b"\x07\x00")
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edit a second later
+    calls.clear()
+    with pytest.raises(ValueError, match=r"train_000002\.bin: sha256 differs"):
+        ShardLoader(root, "train", 2, 8)
+    assert calls == [path]  # only the changed file was hashed

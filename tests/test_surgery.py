@@ -7,7 +7,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hybrid.surgery import (build_student, decoder_layers, mixer_parameters, model_spec, parse_spec,
-                            restore_attention, swap_attention)
+                            read_spec, swap_attention)
+from hybrid.selection import SpecSwitcher
 from test_mixers import FAMILIES, VOCAB, tiny_teacher
 
 
@@ -51,15 +52,17 @@ def test_swapping_layer_i_leaves_upstream_unchanged(name, family):
         assert decoder_layers(student)[i].self_attn.window == 3
 
 
-def test_restore_attention_brings_back_teacher_logits():
+def test_switching_back_to_teacher_attention_brings_back_teacher_logits():
     teacher = tiny_teacher("qwen2_bias")
     student = build_student(teacher, "gdn;rwkv7=1")
     assert model_spec(student) == ["gdn", "rwkv7"]
+    switcher = SpecSwitcher(student, teacher, ["gdn", "rwkv7"])
     with torch.no_grad():
         assert not torch.allclose(student(ids()).logits, teacher(ids()).logits)
-        old = restore_attention(student, teacher, 0)
+        old = decoder_layers(student)[0].self_attn
+        switcher.set(["softmax", "rwkv7"])
         assert old.mixer_name == "gdn" and model_spec(student) == ["softmax", "rwkv7"]
-        restore_attention(student, teacher, 1)
+        switcher.set(["softmax", "softmax"])
         assert torch.equal(student(ids()).logits, teacher(ids()).logits)
     assert student.config.hybrid_spec == ["softmax", "softmax"]
     gla = build_student(teacher, "gla")
@@ -132,3 +135,14 @@ def test_unknown_architectures_give_a_clear_error():
             self.model.layers = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(ValueError, match=r"Toy: no decoder layers.*self_attn\.\{q,k,v,o\}_proj"):
         decoder_layers(Toy())
+
+
+def test_read_spec_names_a_bad_selection_file(tmp_path):
+    path = tmp_path / "selection.json"
+    with pytest.raises(FileNotFoundError, match=r"selection\.json: no such file; run select_layers\.py"):
+        read_spec(str(path), 4)
+    path.write_text('{"methods": {}}')
+    with pytest.raises(ValueError, match=r"no 'chosen_spec' in it"):
+        read_spec(str(path), 4)
+    path.write_text('{"chosen_spec": "gdn;softmax=1"}')
+    assert read_spec(str(path), 4) == ["gdn", "softmax", "gdn", "gdn"]

@@ -15,7 +15,7 @@ import torch
 
 import train
 from hybrid import checkpoint
-from hybrid.shards import tokenizer_info, write_shard
+from hybrid.shards import sha256_file, tokenizer_info, write_shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
@@ -49,26 +49,17 @@ def tiny(tmp_path_factory):
         tokens[rng.integers(0, n, size=n // 50)] = 0  # some EOS noise
         name = f"{split}_000000.bin"
         write_shard(os.path.join(data_dir, name), tokens, VOCAB)
-        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": ""})
+        sha = sha256_file(os.path.join(data_dir, name))
+        shards.append({"file": name, "split": split, "n_tokens": n, "sha256": sha})
     manifest = {**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return {"model": model_dir, "data": data_dir}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine OpenMP threads that wait
-    for each other made steps 10-100x slower (8 ms -> 1.7 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, LR=1e-2, MIN_LR=1e-3, WARMUP_STEPS=2,
                 MAX_STEPS=6, WEIGHT_DECAY=0.1, GRAD_CLIP=1.0, EVAL_EVERY=3, EVAL_BATCHES=2, LOG_EVERY=1,
-                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, RESUME="", CHECKPOINT="", INIT="pretrained", SEED=1337,
+                SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, CHECKPOINT="", INIT="pretrained", SEED=1337,
                 COMPILE=False, DTYPE="fp32")
 
 
@@ -99,7 +90,7 @@ def test_loss_falls(tiny, tmp_path, monkeypatch):
     assert loss[19] < loss[0] - 1.0, loss
     assert val[20] < val[0] - 1.0, val
     cfg = json.load(open(tmp_path / "config.json"))
-    assert cfg["config"]["teacher"] == tiny["model"] and cfg["config"]["grad_accum"] == 2
+    assert cfg["config"]["teacher"] == tiny["model"] and cfg["config"]["settings"]["grad_accum"] == 2
     assert cfg["params"]["trainable"] == cfg["params"]["total"] > 0
     ck = checkpoint.load_checkpoint(str(tmp_path))  # the final step is always saved
     assert ck["step"] == 20 and ck["config"]["hybrid_spec"] is None
@@ -167,7 +158,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path, monkeypatch):
     np.testing.assert_allclose([two[s] for s in range(4)], [one[s] for s in range(4)], rtol=1e-5)
     np.testing.assert_allclose(list(metrics(tmp_path / "two", "val_loss").values()),
                                list(metrics(tmp_path / "one", "val_loss").values()), rtol=1e-5)
-    assert json.load(open(tmp_path / "two" / "config.json"))["config"]["grad_accum"] == 1
+    assert json.load(open(tmp_path / "two" / "config.json"))["config"]["settings"]["grad_accum"] == 1
 
 
 def test_cli_smoke(tiny, tmp_path):
@@ -222,3 +213,21 @@ def test_finetune_hybrid_checkpoint(tiny, tmp_path, monkeypatch):
     assert out["config"]["hybrid_spec"] == spec and out["step"] == 3
     new = surgery.build_student(teacher, spec)
     checkpoint.load_state_strict(new, out["model"])  # a train.py checkpoint rebuilds the same way
+
+
+def test_rerun_of_a_finished_run_and_of_another_runs_dir(tiny, tmp_path, monkeypatch):
+    """The same command again continues (here: the run is finished, nothing is redone); other
+    result-changing settings in the same run dir are refused by name; --resume='' never mixes."""
+    assert train.RESUME == "auto"
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2)
+    train.main()
+    lines = open(tmp_path / "metrics.jsonl").read()
+    train.main()
+    assert open(tmp_path / "metrics.jsonl").read() == lines
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2, LR=3e-3)
+    with pytest.raises(ValueError, match=r"other result-changing settings: LR \(0.01 there, 0.003 here\)"):
+        train.main()
+    configure(monkeypatch, tiny, tmp_path, MAX_STEPS=2, RESUME="")
+    with pytest.raises(ValueError, match="another run's checkpoints"):
+        train.main()
+    assert [os.path.basename(p) for p in checkpoint.list_checkpoints(str(tmp_path))] == ["step_000002.pt"]

@@ -13,6 +13,15 @@ IMPLS = ("auto", "recurrent", "chunked", "fla")
 _warned_no_fla: set[str] = set()
 
 
+def fla_module(name: str):
+    """An fla module, imported now (lazily: fla needs triton and a GPU). Through __import__, not an
+    import statement, so transformers' remote-code loader does not make fla a requirement of an export."""
+    module = __import__(name)
+    for part in name.split(".")[1:]:
+        module = getattr(module, part)
+    return module
+
+
 def fla_kernels(op: str, x: torch.Tensor, impl: str, load) -> tuple | None:
     """The fla kernels `load()` (no arguments) returns when they should run, else None (use the torch forms).
 
@@ -34,6 +43,25 @@ def fla_kernels(op: str, x: torch.Tensor, impl: str, load) -> tuple | None:
             warnings.warn(f"fla not importable ({e}); using the torch chunked {op} on GPU (slow)")
             _warned_no_fla.add(op)
         return None
+
+
+def pick_kernel(op: str, x: torch.Tensor, impl: str, module: str, chunk_name: str,
+                recurrent_name: str) -> str | tuple:
+    """The one kernel dispatcher of the op files: -> "recurrent" | "chunked" (the torch forms) or
+    fla's (chunk_fn, fused_recurrent_fn) from fla's `module`.
+
+    impl "recurrent" | "chunked" force a torch form; "auto" picks fla for CUDA/ROCm tensors when it
+    imports, else the recurrent loop for a single token (x: (B, T, ...), T == 1) and the chunked
+    form otherwise; "fla" forces fla (CUDA tensors and flash-linear-attention required)."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl={impl!r}; expected one of {IMPLS}")
+    if impl in ("recurrent", "chunked"):
+        return impl
+    kernels = fla_kernels(op, x, impl, lambda: (getattr(fla_module(module), chunk_name),
+                                                getattr(fla_module(module), recurrent_name)))
+    if kernels is None:
+        return "recurrent" if x.shape[1] == 1 else "chunked"
+    return kernels
 
 
 def needs_grad(*xs: torch.Tensor | None) -> bool:

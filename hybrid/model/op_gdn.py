@@ -22,7 +22,7 @@ package: export.py copies it beside the exported modeling file.
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad
+from .op_common import compute_dtype, fla_module, needs_grad, pick_kernel
 
 def _check(q, k, v, g, beta, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
@@ -127,22 +127,11 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _fla():
-    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    except ImportError:
-        raise
-    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-
-
 def _fla_hopper_bug() -> bool:
     """fla #640: on Hopper with 3.4 <= Triton < 3.7.1, fla's gated chunk_bwd_dqkwg miscompiles at
     block width 64 (wrong dk/dg) and fla 0.6 refuses the whole GDN backward there. The issue's
     bisection shows widths 32 and 128 are correct. Seen on the H100 with torch 2.11 / Triton 3.6."""
-    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
-        import fla.utils as fu
-    except ImportError:
-        raise
+    fu = fla_module("fla.utils")
     return bool(getattr(fu, "IS_NVIDIA_HOPPER", False) and getattr(fu, "TRITON_ABOVE_3_4_0", False)
                 and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
 
@@ -153,11 +142,7 @@ def _pad_k(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     are read, or to the output, and their grads are sliced off. fla's blanket guard, which it checks
     in the backward, is lifted once: every gated call that reaches it from here is padded. Costs
     ~1.3x the kernel time, far cheaper than the torch fallback (15-60x)."""
-    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
-        import fla.ops.common.chunk_o as chunk_o
-    except ImportError:
-        raise
-    chunk_o.TRITON_ABOVE_3_7_1 = True
+    fla_module("fla.ops.common.chunk_o").TRITON_ABOVE_3_7_1 = True
     K = q.shape[-1]
     pad = (0, 128 - K)
     return F.pad(q, pad), F.pad(k, pad), K
@@ -173,19 +158,14 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     for training on Hopper with Triton < 3.7.1, see _pad_k); on CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
     force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
     """
-    if impl not in IMPLS:
-        raise ValueError(f"gdn: impl={impl!r}; expected one of {IMPLS}")
-    if impl == "recurrent":
+    kernel = pick_kernel("GDN", q, impl, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                         "fused_recurrent_gated_delta_rule")
+    if kernel == "recurrent":
         return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if impl == "chunked":
+    if kernel == "chunked":
         return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
-    kernels = fla_kernels("GDN", q, impl, _fla)
     grad = needs_grad(q, k, v, g, beta, initial_state)
-    if kernels is None:
-        if q.shape[1] == 1:
-            return gdn_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
-        return gdn_chunked(q, k, v, g, beta, scale, initial_state, output_final_state)
-    chunk_fn, recurrent_fn = kernels
+    chunk_fn, recurrent_fn = kernel
     _check(q, k, v, g, beta, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # one dtype for q/k/v: under autocast F.normalize returns fp32 q/k beside bf16 v, which fla's dots reject

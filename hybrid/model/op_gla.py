@@ -15,7 +15,7 @@ package: export.py copies it beside the exported modeling file.
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad, pair_scores
+from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel
 
 def _check(q, k, v, g, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -93,14 +93,6 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _fla():
-    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
-        from fla.ops.gla import chunk_gla, fused_recurrent_gla
-    except ImportError:
-        raise
-    return chunk_gla, fused_recurrent_gla
-
-
 def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         scale: float | None = None, initial_state: torch.Tensor | None = None,
         output_final_state: bool = False, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,18 +102,12 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     decode step without autograd); on CPU the recurrent loop for T == 1 and the chunked form
     otherwise. "recurrent" | "chunked" force a torch path, "fla" forces fla.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"gla: impl={impl!r}; expected one of {IMPLS}")
-    if impl == "recurrent":
+    kernel = pick_kernel("GLA", q, impl, "fla.ops.gla", "chunk_gla", "fused_recurrent_gla")
+    if kernel == "recurrent":
         return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
-    if impl == "chunked":
+    if kernel == "chunked":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
-    kernels = fla_kernels("GLA", q, impl, _fla)
-    if kernels is None:
-        if q.shape[1] == 1:
-            return gla_recurrent(q, k, v, g, scale, initial_state, output_final_state)
-        return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
-    chunk_fn, recurrent_fn = kernels
+    chunk_fn, recurrent_fn = kernel
     _check(q, k, v, g, initial_state)
     grad = needs_grad(q, k, v, g, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # chunk_gla asserts fp32

@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .op_common import IMPLS, compute_dtype, fla_kernels, needs_grad, pair_scores
+from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel
 
 def _check(r, w, k, v, a, b, initial_state) -> None:
     if r.dim() != 4 or any(x.shape != r.shape for x in (w, k, a, b)) or v.dim() != 4 or v.shape[:3] != r.shape[:3]:
@@ -116,14 +116,6 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-def _fla():
-    try:  # transformers' remote-code loader skips imports inside try: exports load without fla
-        from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
-    except ImportError:
-        raise
-    return chunk_rwkv7, fused_recurrent_rwkv7
-
-
 def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
           scale: float = 1.0, initial_state: torch.Tensor | None = None, output_final_state: bool = False,
           impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -133,18 +125,12 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     decode step without autograd); on CPU the recurrent loop for T == 1 and the chunked form
     otherwise. "recurrent" | "chunked" force a torch path, "fla" forces fla.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"rwkv7: impl={impl!r}; expected one of {IMPLS}")
-    if impl == "recurrent":
+    kernel = pick_kernel("RWKV-7", r, impl, "fla.ops.rwkv7", "chunk_rwkv7", "fused_recurrent_rwkv7")
+    if kernel == "recurrent":
         return rwkv7_recurrent(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    if impl == "chunked":
+    if kernel == "chunked":
         return rwkv7_chunked(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    kernels = fla_kernels("RWKV-7", r, impl, _fla)
-    if kernels is None:
-        if r.shape[1] == 1:
-            return rwkv7_recurrent(r, w, k, v, a, b, scale, initial_state, output_final_state)
-        return rwkv7_chunked(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    chunk_fn, recurrent_fn = kernels
+    chunk_fn, recurrent_fn = kernel
     _check(r, w, k, v, a, b, initial_state)
     grad = needs_grad(r, w, k, v, a, b, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()

@@ -1,0 +1,52 @@
+"""The one held-out KL: its KL equals the training loss's KL; precomputed teacher states change nothing."""
+
+import contextlib
+
+import torch
+
+from hybrid.losses import chunked_distill_loss
+from hybrid.optim import adamw, cosine_lr, load_optimizer, optimizer_step, set_lr
+from hybrid.shards import val_batches
+from hybrid.stage2 import held_out_kl, stage2_param_groups, teacher_hidden, teacher_targets
+from hybrid.surgery import build_student
+from hybrid.teacher import load_teacher
+
+
+def test_held_out_kl_agrees_with_the_training_kl(tiny_setup):
+    teacher, _ = load_teacher(tiny_setup["model"])
+    student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"])
+    val = val_batches(tiny_setup["data"], 2, 32, 3)
+    cpu, plain = torch.device("cpu"), contextlib.nullcontext()
+    r = held_out_kl(student, teacher, val, cpu, plain, chunk_tokens=7)
+    again = held_out_kl(student, teacher, val, cpu, plain, chunk_tokens=64, h_teacher=teacher_targets(teacher, val, cpu))
+    torch.testing.assert_close(torch.tensor(again["val_kl_per_batch"]), torch.tensor(r["val_kl_per_batch"]))
+    with torch.no_grad():
+        ref = [float(chunked_distill_loss(student.model(input_ids=x).last_hidden_state, student.lm_head.weight,
+                                          teacher_hidden(teacher, x), teacher.lm_head.weight)[1]["kl"]) for x, _ in val]
+    torch.testing.assert_close(torch.tensor(r["val_kl_per_batch"]), torch.tensor(ref), rtol=1e-5, atol=1e-7)
+    assert abs(r["val_kl"] - sum(ref) / 3) < 1e-6
+    assert r["val_kl_std"] > 0 and 0 <= r["top1_agreement"] < 1 and r["val_ppl"] > 1
+    same = held_out_kl(teacher, teacher, val, cpu, plain)
+    assert abs(same["val_kl"]) < 1e-6 and same["top1_agreement"] == 1.0 and same["val_ppl"] == same["teacher_ppl"]
+
+
+def test_one_lr_convention_and_optimizer_step(tiny_setup):
+    teacher, _ = load_teacher(tiny_setup["model"])
+    student = build_student(teacher, ["gdn", "softmax", "gla", "gdn"]).requires_grad_(True)
+    opt = adamw(stage2_param_groups(student, 1e-3, 1e-4), 1e-3, 0.0, torch.device("cpu"))
+    scale = cosine_lr(5, 10, 2, 1.0, 0.1)
+    set_lr(opt, scale)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3 * scale, 1e-4 * scale]
+    x = torch.randint(0, 256, (1, 8))
+    student(input_ids=x).logits.square().mean().backward()
+    before = [p.detach().clone() for p in student.parameters()]
+    norm = optimizer_step(opt, student.parameters(), 0.0)  # 0 = no clipping (not: clip to zero)
+    assert norm > 0 and all(p.grad is None for p in student.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, student.parameters()))
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        del g["base_lr"]  # an older checkpoint's groups
+    fresh = adamw(stage2_param_groups(student, 1e-3, 1e-4), 1e-3, 0.0, torch.device("cpu"))
+    load_optimizer(fresh, state)
+    set_lr(fresh, 1.0)
+    assert [g["lr"] for g in fresh.param_groups] == [1e-3, 1e-4]

@@ -1,0 +1,192 @@
+"""A new user's first hour: the export's tokenizer loads without trust_remote_code, progress lines,
+the interrupt message, and the plots (written, non-empty, atomically)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_export_tokenizer_loads_without_remote_code(tmp_path):
+    """AutoTokenizer on the export's tokenizer/ folder, stdin closed, no trust_remote_code: it loads
+    the stock tokenizer without the "run the custom code?" prompt and encodes like the teacher's."""
+    import export
+    from hybrid.surgery import build_student
+    from hybrid.teacher import load_teacher
+    from tests.conftest import make_teacher_dir
+    teacher_dir = make_teacher_dir(str(tmp_path / "teacher"), layers=2)
+    teacher, tokenizer = load_teacher(teacher_dir)
+    student = build_student(teacher, ["gdn", "softmax"])
+    out = str(tmp_path / "out")
+    export.write_export(export.hybrid_model(student, ["gdn", "softmax"], {}), tokenizer, out, torch.float32)
+    code = ("import sys; from transformers import AutoTokenizer; "
+            "t = AutoTokenizer.from_pretrained(sys.argv[1]); print(t('t5 t7 t9', add_special_tokens=False).input_ids)")
+    run = subprocess.run([sys.executable, "-c", code, os.path.join(out, "tokenizer")], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "custom code" not in run.stdout + run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == tokenizer("t5 t7 t9", add_special_tokens=False).input_ids
+    from hybrid.student import load_export
+    _, loaded = load_export(out)  # the library's loader prefers the same subfolder
+    assert os.path.normpath(loaded.name_or_path) == os.path.join(out, "tokenizer")
+
+
+def test_format_duration_and_progress(monkeypatch):
+    from hybrid import common
+    assert [common.format_duration(s) for s in (0.4, 45, 130, 3600 + 5 * 60 + 9)] == ["0s", "45s", "2m10s", "1h05m"]
+    now = [1000.0]
+    monkeypatch.setattr(common.time, "time", lambda: now[0])
+    prog = common.Progress(200, "stage 2", start=50)  # resumed at step 50: the rate counts only this run
+    now[0] += 30.0
+    assert prog.line(80) == "40% | ETA 2m00s"  # 30 steps in 30 s, 120 left
+    assert prog.where() == "stage 2 (80 of 200 steps done at the last log line)"
+    assert common.Progress(10, "x").line(0) == "0% | ETA ?"
+
+
+def test_interrupt_message_names_progress_and_newest_checkpoint(tmp_path):
+    from hybrid import common
+    run = tmp_path / "run"
+    (run / "ckpt").mkdir(parents=True)
+    assert common.interrupt_message(str(run), "add --resume=auto").endswith("no checkpoint saved yet; to continue: "
+                                                                          "add --resume=auto")
+    for i, name in enumerate(["step_000100.pt", "step_000200.pt"]):
+        (run / "ckpt" / name).write_bytes(b"x")
+        os.utime(run / "ckpt" / name, (1000 + i, 1000 + i))
+    prog = common.Progress(500, "stage 2")
+    prog.line(217)
+    msg = common.interrupt_message(str(run), "add --resume=auto to the same command")
+    assert msg == (f"interrupted during stage 2 (217 of 500 steps done at the last log line); newest checkpoint "
+                   f"{run}/ckpt/step_000200.pt; "
+                   "to continue: add --resume=auto to the same command")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_run_script_one_line_on_interrupt(tmp_path, sig):
+    """A script under run_script, stopped by Ctrl-C or SIGTERM: exit 130, one line, no traceback."""
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom hybrid.common import Progress, interrupt_message, run_script\n"
+                      "def main():\n    p = Progress(1000, 'stage 1 rotation', 'layer-step')\n"
+                      "    for i in range(1000):\n        print(p.line(i + 1), flush=True)\n        time.sleep(0.05)\n"
+                      "run_script(globals(), main, lambda: interrupt_message(None, 'add --resume=auto'))\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.stdout.readline()  # running
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("interrupted during stage 1 rotation (") and "layer-steps done" in err
+    assert err.strip().endswith("to continue: add --resume=auto")
+
+
+
+def test_run_script_interrupt_prints_on_rank_0_only(tmp_path):
+    """Under torchrun every rank gets the signal: rank 1 exits 130 silently, rank 0 says the one line."""
+    script = tmp_path / "loop.py"
+    script.write_text("import time\nfrom hybrid.common import run_script\n"
+                      "def main():\n    print('up', flush=True)\n    time.sleep(60)\n"
+                      "run_script(globals(), main)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": REPO, "RANK": "1"})
+    assert proc.stdout.readline() == "up\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "", err
+
+def _metrics(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+        f.write('{"torn": ')  # a run killed mid-write leaves half a line
+
+
+def test_plots_written_beside_metrics(tmp_path):
+    from hybrid.plots import plot_recall, plot_run, read_metrics
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    s1.mkdir()
+    s2.mkdir()
+    _metrics(s1 / "metrics.jsonl", [{"stage": 1, "layer": l, "step": s, "loss": 1.0 / (s + 1 + l)}
+                                    for l in range(3) for s in range(5)] +
+             [{"stage": 1, "layer": l, "val_mse": 0.1 * (l + 1)} for l in range(3)])
+    _metrics(s2 / "metrics.jsonl", [{"stage": 2, "step": s, "loss": 2.0 / (s + 1), "train_tokens": 512 * (s + 1)}
+                                    for s in range(10)] + [{"stage": 2, "step": 9, "val_kl": 0.3, "val_ppl": 12.0,
+                                                            "teacher_ppl": 10.0, "train_tokens": 5120}])
+    assert len(read_metrics(str(s1 / "metrics.jsonl"))) == 18
+    assert plot_run(str(s1)) == str(s1 / "stage1.png") and plot_run(str(s2)) == str(s2 / "stage2.png")
+    scores = {"passkey": {"256": 0.0, "1024": 0.0}}
+    out = plot_recall(str(tmp_path / "recall.png"), {"teacher": {"recall": {"scores": scores}},
+                                                      "hybrid": {"recall": {"scores": scores}}})
+    for path in (s1 / "stage1.png", s2 / "stage2.png", tmp_path / "recall.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert out and not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    assert plot_run(str(tmp_path)) is None  # no metrics.jsonl: nothing to plot, no error
+
+
+def _fake_python(tmp_path):
+    """A stand-in for $PY that logs its arguments: 0 GPUs for the probe, success for every stage."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nif [[ "$1" = -c && "$2" = *device_count* ]]; then echo 0; exit 0; fi\necho "$*" >> {log}\n')
+    fake.chmod(0o755)
+    return str(fake), log
+
+
+def test_distill_sh_help_runs_nothing(tmp_path):
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh"), "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake}, timeout=60)
+    assert out.returncode == 0 and not log.exists(), out.stderr
+    assert "Usage: ./distill.sh" in out.stdout
+    assert "TEACHER=embedded" in out.stdout and "the linear mixer of every non-softmax layer" in out.stdout
+
+
+def test_distill_sh_stage_headers_and_summary(tmp_path):
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh"), "--seq_len=64"], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    headers = [line for line in out.stdout.splitlines() if line.startswith("== stage")]
+    assert [h.split()[2] for h in headers] == [f"{i}/6:" for i in range(1, 7)]
+    assert all("| elapsed " in h for h in headers)
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["prepare.py", "distill.py", "select_layers.py", "distill.py", "export.py",
+                                             "eval.py"]  # one process: no torchrun
+    assert "--stage=1" in calls[1] and calls[1].endswith("--seq_len=64") and calls[3].endswith("--seq_len=64")
+    summary = out.stdout.split("== done in")[1]
+    for item in ("selection.json", "export/tokenizer", "eval.md", "recall.png", "stage1.png", "stage2.png",
+                 "bench.py"):
+        assert item in summary, item
+
+
+def test_distill_sh_torchrun_for_several_processes(tmp_path):
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "NPROC": "2", "RUN": str(tmp_path / "run")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()  # the torchrun wrapper is a multi-line -c program
+    assert text.count("from torch.distributed.run import main") == 3  # stage 1, selection, stage 2
+    assert "--nproc_per_node=2 distill.py --stage=1" in text and "--nproc_per_node=2 select_layers.py" in text
+
+
+def test_warmup_capped_to_the_budget(capsys):
+    from hybrid.optim import capped_warmup, cosine_lr
+    assert capped_warmup(20, 2000) == 20 and "warm-up" not in capsys.readouterr().out  # a long run: as asked
+    assert capped_warmup(20, 20) == 2 and "capped at 10% of the 20-step run" in capsys.readouterr().out
+    assert capped_warmup(20, 5) == 1
+    lrs = [cosine_lr(s, 20, capped_warmup(20, 20), 1e-3, 1e-4) for s in range(20)]
+    assert max(lrs) == pytest.approx(1e-3) and lrs[-1] < 2e-4  # reaches the peak, then decays
+
+
+def test_val_label_names_the_slice():
+    from hybrid.common import val_label
+    batches = [(torch.zeros(2, 128, dtype=torch.long), None)] * 3
+    assert val_label(batches) == "val 3x2x128 = 768 tok from the start of the val shards"
+    assert val_label(batches, 2).endswith("rank-strided over 2 ranks") and "1.54k tok" in val_label(batches, 2)
