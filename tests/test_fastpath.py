@@ -109,7 +109,8 @@ def test_training_forwards_build_no_kv_cache(monkeypatch):
 def test_bench_train_smoke_runs_every_section_and_paths_agree(tmp_path, monkeypatch):
     import bench_train
     monkeypatch.setattr(bench_train, "lines", [])
-    for name, value in dict(SMOKE=True, DEVICE="cpu", OUT_DIR=str(tmp_path), SECTIONS="stage2,phases,stage1,gas2").items():
+    settings = dict(SMOKE=True, DEVICE="cpu", OUT_DIR=str(tmp_path), SECTIONS="stage2,phases,stage1,gas2")
+    for name, value in settings.items():
         monkeypatch.setattr(bench_train, name, value)
     smoke = {}
     bench_train.smoke_settings(smoke)

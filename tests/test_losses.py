@@ -102,7 +102,8 @@ def test_fused_chunk_math_equals_reference_values_and_grads(temperature, ce_weig
     mask = torch.rand(B, T) > 0.3 if use_mask else None
     out = {}
     for fused in (False, True):
-        loss, parts = chunked_distill_loss(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight, chunk, fused=fused)
+        loss, parts = chunked_distill_loss(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight, chunk,
+                                           fused=fused)
         out[fused] = (loss, parts["kl"], parts["ce"], *torch.autograd.grad(loss * 2.0, (h_s, w_s)))
     for a, b in zip(out[True], out[False]):
         torch.testing.assert_close(a, b)
