@@ -40,6 +40,7 @@ from hybrid.common import (Progress, RunLogger, all_mean, autocast_dtype, averag
                            broadcast_parameters, cleanup_dist, env_info, format_tokens, init_dist, interrupt_message,
                            is_master, print0, rng_state, run_script, seed_all, set_rng_state, val_label)
 from hybrid.config import check_choice, config_dict
+from hybrid.fastpath import compile_layers
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
@@ -91,7 +92,7 @@ SAVE_EVERY = 500                # stage 2 steps; stage 1 saves after every layer
 KEEP_CHECKPOINTS = 2
 RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one | "" : start fresh | a checkpoint path
 SEED = 1337
-COMPILE = False                 # torch.compile the student (GPU)
+COMPILE = True                  # torch.compile each decoder layer of student and teacher (GPU only; hybrid/fastpath.py)
 PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
@@ -277,8 +278,6 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
     """Full-model KL distillation; -> the last held-out metrics (val_kl, val_ppl, teacher_ppl, top1_agreement)."""
     student.requires_grad_(True)  # every student parameter trains in stage 2
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, run.device)
-    if COMPILE:
-        student.model.compile()  # in place: state-dict keys stay free of _orig_mod.
     model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
     if run.world_size > 1:
         model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
@@ -389,6 +388,9 @@ def main() -> dict:
     del source
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
+    if COMPILE:  # in place: state-dict keys stay free of _orig_mod.
+        compile_layers(student)
+        compile_layers(teacher)
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     run = Run(device, world_size, accum, autocast, RunLogger(RUN_DIR, is_master()), art.to_config(cfg))

@@ -43,11 +43,12 @@ from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_str
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
+from hybrid.fastpath import compile_layers
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
-from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
+from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student, seed_from
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
@@ -84,11 +85,14 @@ KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL
 EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN for every score
 LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
 SEED = 1337
+COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
 # settings that cannot change a stored job result (candidates/<job>.json); every other setting is part
 # of the key stored with each result, and a result with another key is an error, not a silent reuse
-_UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE")
+# (COMPILE: compiled layers change only float rounding, as in distill.py)
+_UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE",
+               "COMPILE")
 
 
 def smoke_settings(g: dict) -> None:
@@ -108,17 +112,20 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     student = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
     seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
     student.requires_grad_(True).to(ctx["device"]).train()
+    if COMPILE:
+        compile_layers(student)
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
-    loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN)  # rank 0 of 1: one data order for all
-    teacher, accum = ctx["teacher"], ctx["accum"]
+    accum = ctx["accum"]
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):
         t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
-        loss_sum = accumulate_kl(model, teacher, loader, accum, ctx["device"], ctx["autocast"])
+        # every candidate trains on the same batches: the teacher's states come from the shared cache
+        loss_sum = accumulate_kl(model, ctx["teacher"], None, accum, ctx["device"], ctx["autocast"],
+                                 targets=ctx["targets"], first=step * accum)
         optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == steps - 1:
             losses.append((step, loss_sum.item()))
@@ -312,6 +319,8 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
     teacher = teacher_ref if device.type == "cpu" and dtype == torch.float32 else \
         load_teacher(teacher_dir, dtype=torch.float32, device="cpu")[0]
     teacher.to(device=device, dtype=dtype)
+    if COMPILE:
+        compile_layers(teacher)
     base = rebuild_student(art, teacher_ref)
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
@@ -321,6 +330,8 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
                 already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],
                 switcher=SpecSwitcher(base.to(device).eval(), teacher_ref, stage1_spec),
+                # every candidate trains on one data order (rank 0 of 1): the teacher runs once per batch for all
+                targets=TeacherTargets(teacher, ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN), device),
                 val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
                 accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
                 early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),

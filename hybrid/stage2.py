@@ -4,6 +4,8 @@ select_layers.py (GA-S2 candidates and every KL score) and eval.py share.
     model = KLStudent(student, temperature, ce_weight, chunk_tokens)   # loss inside forward (DDP)
     opt = adamw(stage2_param_groups(student, lr_mixer, lr_other), ...)
     loss = accumulate_kl(model, teacher, loader, accum, device, autocast)  # one optimizer step's grads
+    targets = TeacherTargets(teacher, ShardLoader(...), device)  # GA-S2: one teacher forward per batch
+    loss = accumulate_kl(model, teacher, None, accum, device, autocast, targets=targets, first=step * accum)
     r = held_out_kl(student, teacher, val, device, autocast)  # r["val_kl"], r["val_kl_per_batch"], ...
 
 `held_out_kl` is the one held-out KL(teacher || student) of the toolkit: stage 2's validation,
@@ -28,14 +30,17 @@ class KLStudent(nn.Module):
     LM head) -> (loss, {"kl", "ce"}).
     """
 
-    def __init__(self, student: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 4096):
+    def __init__(self, student: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0, chunk_tokens: int = 4096,
+                 fused: bool | None = None):
         super().__init__()
         self.student, self.temperature, self.ce_weight, self.chunk_tokens = student, temperature, ce_weight, chunk_tokens
+        self.fused = fused  # chunked_distill_loss's fused: None = compiled fused chunk math on GPU, reference on CPU
 
     def forward(self, x, y, h_t, w_t):
-        h_s = self.student.model(input_ids=x).last_hidden_state.to(h_t.dtype)  # bf16 LM-head matmuls on GPU
+        # to h_t's dtype: bf16 LM-head matmuls on GPU; no KV cache (see teacher_hidden)
+        h_s = self.student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
         return chunked_distill_loss(h_s, self.student.lm_head.weight, h_t, w_t, targets=y, temperature=self.temperature,
-                                    ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens)
+                                    ce_weight=self.ce_weight, chunk_tokens=self.chunk_tokens, fused=self.fused)
 
 
 def stage2_param_groups(student: nn.Module, lr_mixer: float, lr_other: float) -> list[dict]:
@@ -50,7 +55,8 @@ def stage2_param_groups(student: nn.Module, lr_mixer: float, lr_other: float) ->
 @torch.no_grad()
 def teacher_hidden(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, T) ids -> (B, T, C) the teacher's final hidden states (after its final norm)."""
-    return teacher.model(input_ids=x).last_hidden_state
+    # no KV cache (HF builds one by default): it costs memory, and a compiled layer specialises on its state
+    return teacher.model(input_ids=x, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
@@ -60,15 +66,51 @@ def teacher_targets(teacher: nn.Module, batches: list, device: torch.device) -> 
     return [teacher_hidden(teacher, x.to(device)) for x, _ in batches]
 
 
-def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device,
-                  autocast) -> torch.Tensor:
+class TeacherTargets:
+    """(x, y, h_t) for batch i of `loader`'s fixed order, the teacher forward done once per batch.
+
+    GA-S2's candidates train on the same batches in the same order by design, so the teacher's final
+    hidden states (B, T, C) are computed the first time a candidate needs batch i and kept on `device`
+    for every later candidate (0.52M tokens of SmolLM2 = 0.6 GB in bf16): the teacher runs once per
+    batch instead of once per batch per candidate. loader: anything with next_batch() -> (x, y) ids
+    (B, T), made fresh so its order is the one every candidate sees. States beyond max_bytes are not
+    kept: those batches' states are recomputed from the kept ids on every use (the old cost, never an error).
+    """
+
+    def __init__(self, teacher: nn.Module, loader, device: torch.device, max_bytes: int = 16 * 2**30):
+        self.teacher, self.loader, self.device, self.max_bytes = teacher, loader, device, max_bytes
+        self.batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.kept_bytes = 0
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        while len(self.batches) <= i:
+            x, y = (t.to(self.device, non_blocking=True) for t in self.loader.next_batch())
+            h_t = teacher_hidden(self.teacher, x)
+            size = h_t.numel() * h_t.element_size()
+            keep = self.kept_bytes + size <= self.max_bytes
+            self.kept_bytes += size if keep else 0
+            self.batches.append((x, y, h_t if keep else None))
+        x, y, h_t = self.batches[i]
+        return x, y, (teacher_hidden(self.teacher, x) if h_t is None else h_t)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device, autocast,
+                  targets: TeacherTargets | None = None, first: int = 0) -> torch.Tensor:
     """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP:
-    then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached."""
+    then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached.
+    Each micro-step reads loader.next_batch() and runs the teacher, or, given cached `targets`
+    (GA-S2; loader unused), takes batches first .. first + accum - 1 of them."""
     w_t = teacher.lm_head.weight
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
-        x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
-        h_t = teacher_hidden(teacher, x)
+        if targets is None:
+            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            h_t = teacher_hidden(teacher, x)
+        else:
+            x, y, h_t = targets[first + micro]
         last = micro == accum - 1
         with (model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()), autocast:
             loss, _ = model(x, y, h_t, w_t)
@@ -109,7 +151,7 @@ def held_out_kl(student: nn.Module, teacher: nn.Module, batches: list, device: t
         x, y = x.to(device), y.to(device)
         h_t = teacher_hidden(teacher, x) if h_teacher is None else h_teacher[j]
         with autocast:
-            h_s = student.model(input_ids=x).last_hidden_state.to(h_t.dtype)
+            h_s = student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
         rows.append(logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens))
     student.train(was_training)
     total = sum(rows) / len(rows)

@@ -201,7 +201,7 @@ def test_cli_user_error_exit_code(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
-SCRIPTS = ["prepare", "distill", "select_layers", "train", "export", "eval", "bench", "bench_kernels"]
+SCRIPTS = ["prepare", "distill", "select_layers", "train", "export", "eval", "bench", "bench_kernels", "bench_train"]
 _SOURCE = '''"""Do a thing to tokens.
 
 Longer text.

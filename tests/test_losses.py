@@ -87,3 +87,53 @@ def test_fla_fused_kl_matches_chunked():
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-4)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,ce_weight,use_mask,chunk", [
+    (1.0, 0.0, False, 7), (2.0, 0.0, True, 5), (1.0, 0.5, True, 64), (1.5, 0.3, False, 3)])
+def test_fused_chunk_math_equals_reference_values_and_grads(temperature, ce_weight, use_mask, chunk):
+    # the GPU fast path compiles kl_ce_chunk_fused; uncompiled on CPU it must give the reference's numbers
+    torch.manual_seed(3)
+    B, T, C, V = 2, 9, 8, 41
+    h_s = torch.randn(B, T, C, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(B, T, C, dtype=torch.float64), torch.randn(V, C, dtype=torch.float64)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.rand(B, T) > 0.3 if use_mask else None
+    out = {}
+    for fused in (False, True):
+        loss, parts = chunked_distill_loss(h_s, w_s, h_t, w_t, targets, mask, temperature, ce_weight, chunk,
+                                           fused=fused)
+        out[fused] = (loss, parts["kl"], parts["ce"], *torch.autograd.grad(loss * 2.0, (h_s, w_s)))
+    for a, b in zip(out[True], out[False]):
+        torch.testing.assert_close(a, b)
+    assert out[True][1] > 0 and (ce_weight == 0 or out[True][2] > 0)
+
+
+def test_fused_chunk_function_equals_reference_in_fp32_with_bf16_grads():
+    from hybrid.losses import kl_ce_chunk_fused, kl_ce_chunk_reference
+    torch.manual_seed(4)
+    zs, zt = torch.randn(6, 300) * 4, torch.randn(6, 300) * 4
+    wt, tgt = torch.rand(6, 1), torch.randint(0, 300, (6,))
+    for tau, cw, t in ((1.0, 0.0, None), (2.0, 0.7, tgt), (1.0, 1.0, tgt)):
+        ref = kl_ce_chunk_reference(zs.clone(), zt, wt, t, tau, cw, torch.float32, torch.bfloat16)
+        got = kl_ce_chunk_fused(zs.clone(), zt, wt, t, tau, cw, torch.float32, torch.bfloat16)
+        assert got[2].dtype == torch.bfloat16
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.compile of the fused chunk)")
+def test_compiled_fused_kl_matches_reference_on_gpu():
+    torch.manual_seed(0)
+    h_s = torch.randn(2, 300, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w_s = torch.randn(5000, 64, device="cuda", requires_grad=True)
+    h_t, w_t = torch.randn(2, 300, 64, device="cuda", dtype=torch.bfloat16), torch.randn(5000, 64, device="cuda")
+    y = torch.randint(0, 5000, (2, 300), device="cuda")
+    res = {}
+    for fused in (False, None):
+        loss, _ = chunked_distill_loss(h_s, w_s, h_t, w_t, y, None, 1.5, 0.2, 256, fused=fused)
+        res[fused] = (loss, *torch.autograd.grad(loss, (h_s, w_s)))
+    for a, b in zip(res[None], res[False]):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)

@@ -177,7 +177,10 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, state: torch.Tensor | Non
     W = weight.shape[1]
     prev = x.new_zeros(B, W - 1, C) if state is None else state.to(x.dtype)
     xp = torch.cat([prev, x], dim=1)  # (B, T + W - 1, C)
-    if x.is_cuda:  # cuDNN depthwise conv: the unfold below moves W times the activations through memory
+    if torch.compiler.is_compiling():  # a sum of W shifted products fuses with its neighbours into one kernel
+        w = weight.to(x.dtype)
+        y = sum(xp[:, j:j + T] * w[:, j] for j in range(W))
+    elif x.is_cuda:  # cuDNN depthwise conv: the unfold below moves W times the activations through memory
         y = F.conv1d(xp.transpose(1, 2), weight.to(x.dtype)[:, None, :], groups=C).transpose(1, 2)
     else:  # windows (B, T, C, W) times taps: exact in any dtype (CPU's grouped conv1d is very slow in fp64)
         y = (xp.unfold(1, W, 1) * weight.to(x.dtype)).sum(-1)

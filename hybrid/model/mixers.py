@@ -24,6 +24,11 @@ from .op_gdn import gdn
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
 
+# The kernels' dispatchers (fla's Triton kernels on GPU) stay outside torch.compile: a compiled
+# decoder layer (hybrid/fastpath.py) fuses the elementwise work around them and calls them eagerly.
+# Traced, their lazy fla imports and fla's own autotuned kernels break or bloat the graph.
+gdn, gla, rwkv7 = (torch.compiler.disable(f) for f in (gdn, gla, rwkv7))
+
 
 class GatedDeltaNetMixer(TeacherInitMixer):
     """GatedDeltaNet: S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T, o_t = S_t^T q_t / sqrt(D),
