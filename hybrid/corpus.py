@@ -8,6 +8,7 @@ hybrid/rdata.py).
 """
 
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -16,9 +17,9 @@ import shutil
 import struct
 import subprocess
 import zlib
-from html.parser import HTMLParser
 from typing import Iterator
 
+from .markup import html_to_text, pod_to_text, roff_to_text
 from .rdata import read_lazyload, read_rdata
 
 Doc = tuple[str, str]  # (doc_id, text)
@@ -58,84 +59,41 @@ def fetch_deb(pkg: str, cache_dir: str) -> dict:
     return {"package": pkg, "version": version, "sha256": sha, "deb": os.path.basename(deb), "root": root}
 
 
-# ----------------------------------------------------------------------------- HTML -> text
+# ----------------------------------------------------------------------------- files -> documents
 
-BLOCK_TAGS = {"p", "div", "pre", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "blockquote",
-              "section", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "caption", "figure"}
-SKIP_TAGS = {"script", "style", "head", "nav", "noscript", "svg", "map", "button", "form"}
-SKIP_MARKS = {"navheader", "navfooter", "sphinxsidebar", "related", "nav", "hd", "ft", "sidebar", "footer",
-              "header", "global-nav", "breadcrumbs", "headerlink", "toc", "menu", "search"}
-VOID_TAGS = {"br", "img", "hr", "meta", "link", "input", "area", "base", "col", "wbr", "source"}
+def file_docs(root: str, pattern: str, skip: str | None, convert, min_chars: int = 200) -> Iterator[Doc]:
+    """One document per file under root matching the glob pattern (.gz read through), text = convert(source).
 
-
-class _TextParser(HTMLParser):
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.parts, self.stack, self.skip, self.pre = [], [], 0, 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag in VOID_TAGS:
-            if tag in ("br", "hr") and not self.skip:
-                self.parts.append("\n")
-            return
-        a = dict(attrs)
-        marks = set((a.get("class") or "").split()) | {a.get("id") or ""}
-        skip = tag in SKIP_TAGS or bool(marks & SKIP_MARKS)
-        self.stack.append((tag, skip))
-        self.skip += skip
-        self.pre += tag == "pre"
-        if tag in BLOCK_TAGS and not self.skip:
-            self.parts.append("\n\n" if tag in ("p", "pre", "h1", "h2", "h3", "h4", "table") else "\n")
-
-    def handle_startendtag(self, tag, attrs):
-        if tag in ("br", "hr") and not self.skip:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in VOID_TAGS or not any(t == tag for t, _ in self.stack):
-            return  # stray end tag
-        while self.stack:  # close unclosed children too (<li> without </li> and the like)
-            t, skip = self.stack.pop()
-            self.skip -= skip
-            self.pre -= t == "pre"
-            if t == tag:
-                break
-        if tag in BLOCK_TAGS and not self.skip:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self.skip:
-            self.parts.append(data if self.pre else re.sub(r"\s+", " ", data))
-
-
-def html_to_text(html: str) -> str:
-    """Readable text of an HTML page: scripts, styles, SVG and navigation dropped, <pre> kept verbatim."""
-    p = _TextParser()
-    p.feed(html)
-    p.close()
-    lines = [line.rstrip() for line in "".join(p.parts).split("\n")]
-    text = "\n".join(line if line.strip() else "" for line in lines)
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
-
-
-def html_docs(root: str, pattern: str, skip: str | None = None, min_chars: int = 200) -> Iterator[Doc]:
-    """One document per HTML file under root matching the glob pattern; names matching `skip` are left out."""
+    Names (relative to root) matching the regex `skip` are left out, and so are symbolic links: Debian
+    links identical files together, and man pages link each alias name to the page."""
     for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
         rel = os.path.relpath(path, root)
-        if skip and re.search(skip, rel):
+        if os.path.islink(path) or not os.path.isfile(path) or (skip and re.search(skip, rel)):
             continue
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = html_to_text(f.read())
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
+            text = convert(f.read())
         if len(text) >= min_chars:
             yield rel, text
 
 
-def text_files(root: str, pattern: str, min_chars: int = 200) -> Iterator[Doc]:
-    for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read().strip()
-        if len(text) >= min_chars:
-            yield os.path.relpath(path, root), text
+def html_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
+    """HTML pages -> text (hybrid/markup.py html_to_text)."""
+    return file_docs(root, pattern, skip, html_to_text)
+
+
+def text_files(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
+    """Plain text, reStructuredText or Markdown sources as they are."""
+    return file_docs(root, pattern, skip, str.strip)
+
+
+def man_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
+    """roff man pages (man or mdoc macros) -> text; pages that only `.so`-include another one are left out."""
+    return file_docs(root, pattern, skip, roff_to_text)
+
+
+def pod_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
+    """Perl POD documents -> text."""
+    return file_docs(root, pattern, skip, pod_to_text)
 
 
 # ----------------------------------------------------------------------------- SWORD zText Bible
@@ -150,22 +108,28 @@ def _osis_to_text(osis: str) -> str:
     return "\n".join(line.strip() for line in osis.split("\n") if line.strip())
 
 
-def ztext_docs(module_dir: str) -> Iterator[Doc]:
-    """A SWORD zText module: one document per compressed block (a book with BlockType=BOOK).
+def ztext_docs(module_dir: str, wide: bool = False) -> Iterator[Doc]:
+    """A SWORD zText/zCom module: one document per compressed block (a book or a chapter).
 
     Per testament (`ot`, `nt`): `.bzs` = block index, 12 bytes per block (uint32 LE offset into `.bzz`,
     compressed size, uncompressed size); `.bzz` = zlib streams; `.bzv` = verse index, 10 bytes per
     entry (uint32 block, uint32 offset in the uncompressed block, uint16 size) in canonical order.
+    Chapter-blocked modules use `.czs/.czv/.czz`; `wide` (zVerse4, ModDrv=zCom4) = uint32 verse sizes.
     Verse text is OSIS XML: footnotes dropped, markup stripped.
     """
+    entry = "<III" if wide else "<IIH"
     for testament in ("ot", "nt"):
-        paths = [os.path.join(module_dir, f"{testament}.{ext}") for ext in ("bzs", "bzv", "bzz")]
-        if not all(os.path.exists(p) for p in paths):
+        for kind in "bc":
+            paths = [os.path.join(module_dir, f"{testament}.{kind}{ext}") for ext in ("zs", "zv", "zz")]
+            if all(os.path.exists(p) for p in paths):
+                break
+        else:
             continue
         bzs, bzv, bzz = (open(p, "rb").read() for p in paths)
         blocks, verses = {}, {}  # block -> inflated bytes, block -> [(offset, size)] (first-seen order)
-        for i in range(len(bzv) // 10):
-            block, off, size = struct.unpack_from("<IIH", bzv, i * 10)
+        step = struct.calcsize(entry)
+        for i in range(len(bzv) // step):
+            block, off, size = struct.unpack_from(entry, bzv, i * step)
             if size == 0:
                 continue
             if block not in blocks:
@@ -176,9 +140,11 @@ def ztext_docs(module_dir: str) -> Iterator[Doc]:
                                      f"index says {usize}; damaged module, delete data/_debian/ and re-run")
                 verses[block] = []
             verses[block].append((off, size))
-        for block, spans in verses.items():  # apocrypha sit in later blocks: group by block, text order
+        # apocrypha sit in later blocks: group by block, text order; a commentary links every verse of a
+        # passage to the same entry, so each span counts once
+        for block, spans in verses.items():
             raw = blocks[block]
-            text = _osis_to_text(" ".join(raw[o:o + n].decode("utf-8", errors="replace") for o, n in sorted(spans)))
+            text = _osis_to_text(" ".join(raw[o:o + n].decode("utf-8", errors="replace") for o, n in sorted(set(spans))))
             text = re.sub(r" +([,.;:!?])", r"\1", text)
             if len(text) > 200:
                 yield f"{testament}/{block:03d}", text
