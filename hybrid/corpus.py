@@ -2,9 +2,9 @@
 
 Every source yields documents `(doc_id, text)` in a fixed order. The Debian corpus comes from the
 package registry of a fresh machine: `apt-get download <pkg>` + `dpkg-deb -x` (no install), cached
-under data/_debian/. Each package has its own extractor: reStructuredText sources, HTML pages (stdlib
-html.parser, navigation dropped), a SWORD zText Bible module, and R data files (pure-Python reader in
-hybrid/rdata.py).
+under data/_debian/. Each package has its own extractor: plain text and reStructuredText sources as they
+are, HTML pages and POD (hybrid/markup.py), man pages (hybrid/roff.py), SWORD Bible and commentary
+modules (hybrid/sword.py), and R data files (pure-Python reader in hybrid/rdata.py).
 """
 
 import glob
@@ -14,13 +14,13 @@ import json
 import os
 import re
 import shutil
-import struct
 import subprocess
-import zlib
 from typing import Iterator
 
-from .markup import html_to_text, pod_to_text, roff_to_text
-from .rdata import read_lazyload, read_rdata
+from .markup import SKIP_MARKS, html_to_text, pod_to_text
+from .rdata import austen_docs
+from .roff import roff_to_text
+from .sword import ztext_docs
 
 Doc = tuple[str, str]  # (doc_id, text)
 
@@ -76,9 +76,12 @@ def file_docs(root: str, pattern: str, skip: str | None, convert, min_chars: int
             yield rel, text
 
 
-def html_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
-    """HTML pages -> text (hybrid/markup.py html_to_text)."""
-    return file_docs(root, pattern, skip, html_to_text)
+def html_docs(root: str, pattern: str, skip: str | None = None, add_marks: tuple[str, ...] = (),
+              keep_marks: tuple[str, ...] = (), skip_prefixes: tuple[str, ...] = ()) -> Iterator[Doc]:
+    """HTML pages -> text (hybrid/markup.py html_to_text); add_marks / keep_marks: class or id names
+    dropped on top of markup.SKIP_MARKS / taken out of it, for one site's layout."""
+    marks = (SKIP_MARKS | set(add_marks)) - set(keep_marks)
+    return file_docs(root, pattern, skip, lambda html: html_to_text(html, marks, skip_prefixes))
 
 
 def text_files(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
@@ -94,98 +97,6 @@ def man_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
 def pod_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
     """Perl POD documents -> text."""
     return file_docs(root, pattern, skip, pod_to_text)
-
-
-# ----------------------------------------------------------------------------- SWORD zText Bible
-
-def _osis_to_text(osis: str) -> str:
-    osis = re.sub(r"<note\b.*?</note>", "", osis, flags=re.S)  # footnotes and cross references
-    osis = re.sub(r"<(title|chapter|div)\b[^>]*>", "\n", osis)  # headings, chapters, paragraphs break lines
-    osis = re.sub(r"</title>", "\n", osis)
-    osis = re.sub(r"<[^>]+>", "", osis)
-    osis = osis.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", '"').replace("&amp;", "&")
-    osis = re.sub(r"[ \t]+", " ", osis)
-    return "\n".join(line.strip() for line in osis.split("\n") if line.strip())
-
-
-def ztext_docs(module_dir: str, wide: bool = False) -> Iterator[Doc]:
-    """A SWORD zText/zCom module: one document per compressed block (a book or a chapter).
-
-    Per testament (`ot`, `nt`): `.bzs` = block index, 12 bytes per block (uint32 LE offset into `.bzz`,
-    compressed size, uncompressed size); `.bzz` = zlib streams; `.bzv` = verse index, 10 bytes per
-    entry (uint32 block, uint32 offset in the uncompressed block, uint16 size) in canonical order.
-    Chapter-blocked modules use `.czs/.czv/.czz`; `wide` (zVerse4, ModDrv=zCom4) = uint32 verse sizes.
-    Verse text is OSIS XML: footnotes dropped, markup stripped.
-    """
-    entry = "<III" if wide else "<IIH"
-    for testament in ("ot", "nt"):
-        for kind in "bc":
-            paths = [os.path.join(module_dir, f"{testament}.{kind}{ext}") for ext in ("zs", "zv", "zz")]
-            if all(os.path.exists(p) for p in paths):
-                break
-        else:
-            continue
-        bzs, bzv, bzz = (open(p, "rb").read() for p in paths)
-        blocks, verses = {}, {}  # block -> inflated bytes, block -> [(offset, size)] (first-seen order)
-        step = struct.calcsize(entry)
-        for i in range(len(bzv) // step):
-            block, off, size = struct.unpack_from(entry, bzv, i * step)
-            if size == 0:
-                continue
-            if block not in blocks:
-                start, csize, usize = struct.unpack_from("<III", bzs, block * 12)
-                blocks[block] = zlib.decompress(bzz[start:start + csize])
-                if len(blocks[block]) != usize:
-                    raise ValueError(f"{paths[2]}: block {block} inflates to {len(blocks[block])} bytes, "
-                                     f"index says {usize}; damaged module, delete data/_debian/ and re-run")
-                verses[block] = []
-            verses[block].append((off, size))
-        # apocrypha sit in later blocks: group by block, text order; a commentary links every verse of a
-        # passage to the same entry, so each span counts once
-        for block, spans in verses.items():
-            raw = blocks[block]
-            text = _osis_to_text(" ".join(raw[o:o + n].decode("utf-8", errors="replace") for o, n in sorted(set(spans))))
-            text = re.sub(r" +([,.;:!?])", r"\1", text)
-            if len(text) > 200:
-                yield f"{testament}/{block:03d}", text
-
-
-# ----------------------------------------------------------------------------- R data (janeaustenr)
-
-def reflow(lines: list[str]) -> str:
-    """Hard-wrapped lines -> paragraphs (blank lines separate paragraphs)."""
-    paras, cur = [], []
-    for line in lines + [""]:
-        if line is None or not line.strip():
-            if cur:
-                paras.append(" ".join(cur))
-                cur = []
-        else:
-            cur.append(line.strip())
-    return "\n\n".join(paras)
-
-
-def austen_docs(data_dir: str) -> Iterator[Doc]:
-    """The novels of janeaustenr (character vectors, one line each), one document per chapter."""
-    rdx = os.path.join(data_dir, "Rdata.rdx")
-    if os.path.exists(rdx):
-        objects = read_lazyload(rdx)
-    else:
-        objects = {}
-        for path in sorted(glob.glob(os.path.join(data_dir, "*.rd*"))):
-            objects.update(read_rdata(path))
-    for name in sorted(objects):
-        lines = objects[name]
-        if not (isinstance(lines, list) and lines and all(x is None or isinstance(x, str) for x in lines)):
-            continue
-        chapter, buf = 0, []
-        for line in lines + ["CHAPTER END"]:
-            if line and re.match(r"^\s*(CHAPTER|Chapter)\s+([IVXLC]+|\d+|END)\b", line):
-                text = reflow(buf)
-                if len(text) > 200:
-                    yield f"{name}/{chapter:03d}", text
-                chapter, buf = chapter + 1, []
-            buf.append(line)
 
 
 # ----------------------------------------------------------------------------- sources

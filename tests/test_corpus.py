@@ -1,4 +1,4 @@
-"""Text extractors of the offline Debian corpus (hybrid/markup.py, hybrid/corpus.py): tiny synthetic inputs."""
+"""Text extractors of the offline Debian corpus (hybrid/markup.py, roff.py, sword.py, corpus.py): tiny inputs."""
 
 import gzip
 import os
@@ -6,7 +6,8 @@ import struct
 import zlib
 
 from hybrid import corpus
-from hybrid.markup import pod_to_text, roff_to_text
+from hybrid.markup import pod_to_text
+from hybrid.roff import roff_to_text
 
 MAN_PAGE = r""".\" Copyright line, a comment
 '\" t
