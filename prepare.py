@@ -37,7 +37,7 @@ from tqdm import tqdm
 from hybrid.checkpoint import atomic_write_json
 from hybrid.common import format_tokens
 from hybrid.config import apply_overrides, config_dict
-from hybrid.corpus import DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
+from hybrid.corpus import DEBIAN_SMALL, DEBIAN_SOURCES, debian_documents, fineweb_documents, local_documents
 from hybrid.shards import load_manifest, sha256_file, tokenizer_info, verify_shards, version_for_vocab, write_shard
 from hybrid.teacher import load_tokenizer
 
@@ -48,7 +48,8 @@ MODELS_DIR = "models"           # where hybrid/teacher.py normalises teachers
 # Data
 DATASET = "debian"              # "debian" | "fineweb-edu" | path to a text file or folder
 OUT_DIR = ""                    # "" = data/<dataset name>[_smoke]
-DEBIAN_PACKAGES = ",".join(DEBIAN_SOURCES)  # comma-separated subset of hybrid/corpus.py DEBIAN_SOURCES
+DEBIAN_PACKAGES = ",".join(DEBIAN_SOURCES)  # comma-separated subset of hybrid/corpus.py DEBIAN_SOURCES, or
+                                            # "small" = DEBIAN_SMALL (8.7M tokens in minutes, for CPU smoke runs)
 DEBIAN_CACHE = "data/_debian"   # downloaded .deb files and their unpacked trees
 FINEWEB_SUBSET = "sample-10BT"  # FineWeb-Edu config name
 # Sizes
@@ -59,7 +60,8 @@ MAX_TOKENS = 0                  # cap on train tokens (0 = the whole source)
 MAX_DOCS_PER_SOURCE = 0         # documents taken from each source (0 = all)
 MAX_DOC_CHARS = 0               # truncate each document to this many characters (0 = no limit)
 BATCH_DOCS = 64                 # documents per tokenizer call
-SMOKE = False                   # tiny set in seconds: 4 docs of <= 6k chars per source, 4k-token shards
+SMOKE = False                   # tiny set in seconds: 4 docs of <= 6k chars per source, 4k-token shards,
+                                # the "small" Debian packages unless --debian_packages is given
 # -----------------------------------------------------------------------------
 
 _SPLITS = ("train", "val")
@@ -69,7 +71,9 @@ def open_sources(dataset: str) -> list[tuple[str, dict, object]]:
     """-> [(source name, provenance, document iterator)] in a fixed order."""
     if dataset == "debian":
         out = []
-        for pkg in [p.strip() for p in DEBIAN_PACKAGES.split(",") if p.strip()]:
+        small = DEBIAN_PACKAGES == "small" or (SMOKE and DEBIAN_PACKAGES == ",".join(DEBIAN_SOURCES))
+        names = DEBIAN_SMALL if small else DEBIAN_PACKAGES.split(",")
+        for pkg in [p.strip() for p in names if p.strip()]:
             if pkg not in DEBIAN_SOURCES:
                 raise ValueError(f"--debian_packages: unknown package {pkg!r}; known: {', '.join(DEBIAN_SOURCES)}")
             info, docs = debian_documents(pkg, DEBIAN_CACHE)

@@ -101,29 +101,99 @@ def pod_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
 
 # ----------------------------------------------------------------------------- sources
 
-# package -> (extractor, path inside the unpacked package, extractor arguments)
+D = "usr/share/doc"
+SPHINX_SKIP = r"^(_modules|_static|_images|genindex|py-modindex|search|index|contents)"
+RUSTDOC_MARKS = ("rightside", "test-arrow", "notable-traits", "trait-implementations-list", "sub-variant",
+                 "synthetic-implementations-list", "blanket-implementations-list", "implementors-list",
+                 "menu-bar", "mobile-topbar", "search-form")
+# package -> (extractor, path inside the unpacked package, extractor keyword arguments). Chosen by the
+# teacher's bits per byte on a sample (docs/data.md); English only, each manual in one version and form.
 DEBIAN_SOURCES = {
-    "python3.11-doc": (text_files, "usr/share/doc/python3.11/html/_sources", ("**/*.rst.txt",)),
-    "postgresql-doc-15": (html_docs, "usr/share/doc/postgresql-doc-15/html", ("*.html", r"^(index|bookindex)")),
-    "python-django-doc": (html_docs, "usr/share/doc/python-django-doc/html",
-                          ("**/*.html", r"^(_modules|genindex|py-modindex|search|index|contents)")),
-    "sqlite3-doc": (html_docs, "usr/share/doc/sqlite3",  # index pages, and capi3ref duplicating c3ref/
-                    ("**/*.html", r"(index|crossref|sitemap|toc|docs\.html|doclist|requirements|capi3ref"
-                                  r"|syntaxdiagrams)")),
-    "sword-text-web": (ztext_docs, "usr/share/sword/modules/texts/ztext/engWEB2015eb", ()),
-    "r-cran-janeaustenr": (austen_docs, "usr/lib/R/site-library/janeaustenr/data", ()),
+    "python3.11-doc": (text_files, f"{D}/python3.11/html/_sources", dict(pattern="**/*.rst.txt")),
+    "postgresql-doc-15": (html_docs, f"{D}/postgresql-doc-15/html", dict(pattern="*.html", skip=r"^(index|bookindex)")),
+    "python-django-doc": (html_docs, f"{D}/python-django-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "sqlite3-doc": (html_docs, f"{D}/sqlite3",  # index pages, and capi3ref duplicating c3ref/
+                    dict(pattern="**/*.html", skip=r"(index|crossref|sitemap|toc|docs\.html|doclist|requirements"
+                                                   r"|capi3ref|syntaxdiagrams)")),
+    "sword-text-web": (ztext_docs, "usr/share/sword/modules/texts/ztext/engWEB2015eb", {}),
+    "r-cran-janeaustenr": (austen_docs, "usr/lib/R/site-library/janeaustenr/data", {}),
+    # books: Bible commentaries (19th century prose)
+    "sword-comm-tdavid": (ztext_docs, "usr/share/sword/modules/comments/zcom/tdavid", dict(wide=True)),
+    "sword-comm-mhcc": (ztext_docs, "usr/share/sword/modules/comments/zcom/mhcc", {}),
+    # man pages and POD
+    "manpages": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "manpages-dev": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "freebsd-manpages": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "libssl-doc": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "perl-doc": (pod_docs, "usr/share/perl/5.36.0/pod", dict(pattern="*.pod", skip=r"delta\.pod$")),
+    # manuals as reStructuredText / AsciiDoc / vim help sources
+    "linux-doc-6.1": (text_files, f"{D}/linux-doc-6.1/Documentation",
+                      dict(pattern="**/*.rst.gz", skip=r"^(translations|ABI|devicetree|output)/")),
+    "llvm-15-doc": (text_files, f"{D}/llvm-15-doc/html/_sources", dict(pattern="**/*.txt", skip=r"^AMDGPU")),
+    "clang-15-doc": (text_files, f"{D}/clang-15/html/_sources", dict(pattern="**/*.txt")),
+    "python-sklearn-doc": (text_files, f"{D}/python-sklearn-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-statsmodels-doc": (text_files, f"{D}/python-statsmodels-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-pandas-doc": (text_files, f"{D}/python-pandas-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-astropy-doc": (text_files, f"{D}/python-astropy-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-sqlalchemy-doc": (text_files, f"{D}/python-sqlalchemy-doc/rst", dict(pattern="**/*.rst")),
+    "sphinx-doc": (text_files, f"{D}/sphinx-doc/html/_sources", dict(pattern="**/*.txt")),
+    "cmake-doc": (text_files, f"{D}/cmake-data/html/_sources", dict(pattern="**/*.txt")),
+    "ghc-doc": (text_files, f"{D}/ghc-doc/html/users_guide/_sources", dict(pattern="**/*.txt")),
+    "developers-reference": (text_files, "usr/share/developers-reference/_sources", dict(pattern="*.txt")),
+    "debian-policy": (text_files, f"{D}/debian-policy/policy.html/_sources", dict(pattern="*.txt")),
+    "git-doc": (text_files, f"{D}/git-doc", dict(pattern="**/*.txt")),
+    "vim-runtime": (text_files, "usr/share/vim/vim90/doc", dict(pattern="*.txt")),
+    # manuals as HTML
+    "rust-doc": (html_docs, f"{D}/rust-doc/html",
+                 dict(pattern="**/*.html", skip=r"^(core|alloc|src|implementors|test)/|(first|second|2018)-edition/"
+                                                r"|print\.html$|toc\.html$|404\.html$|/all\.html$|index\.html$",
+                      add_marks=RUSTDOC_MARKS, skip_prefixes=("deref-methods-",))),
+    "racket-doc": (html_docs, f"{D}/racket", dict(pattern="**/*.html", skip=r"(index|local-redirect|search|release)")),
+    "debian-handbook": (html_docs, f"{D}/debian-handbook/html/en-US", dict(pattern="*.html", skip=r"^(index|ix01)")),
+    "debian-reference-en": (html_docs, "usr/share/debian-reference", dict(pattern="*.en.html", skip=r"^index")),
+    "libreoffice-help-en-us": (html_docs, "usr/share/libreoffice/help/en-US/text", dict(pattern="**/*.html")),
+    "gimp-help-en": (html_docs, "usr/share/gimp/2.0/help/en", dict(pattern="*.html", skip=r"^(index|ix)")),
+    "nodejs-doc": (html_docs, f"{D}/nodejs/api", dict(pattern="*.html", skip=r"^(all|index)\.html")),
+    "python-scipy-doc": (html_docs, f"{D}/python-scipy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "python-sympy-doc": (html_docs, f"{D}/python-sympy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "maxima-doc": (html_docs, f"{D}/maxima-doc/html", dict(pattern="*.html", skip=r"index|contents")),
+    "octave-doc": (html_docs, f"{D}/octave/octave.html", dict(pattern="*.html", skip=r"index|XREF")),
+    "r-doc-html": (html_docs, "usr/share/R/doc/manual", dict(pattern="*.html")),
+    "lilypond-doc-html": (html_docs, f"{D}/lilypond/html/Documentation",  # each manual as one page
+                          dict(pattern="*-big-page.html", skip=r"internals|snippets|changes")),
+    "apache2-doc": (html_docs, f"{D}/apache2-doc/manual",
+                    dict(pattern="**/*.html", skip=r"^(?!en/)|index|sitemap|quickreference")),
+    "exim4-doc-html": (html_docs, f"{D}/exim4-doc-html/spec_html", dict(pattern="*.html", skip=r"index")),
+    "postfix-doc": (html_docs, f"{D}/postfix/html", dict(pattern="*.html", skip=r"index|\.[58]\.html$")),
+    "bind9-doc": (html_docs, f"{D}/bind9-doc/arm", dict(pattern="*.html", skip=r"genindex|search|index")),
+    "zsh-doc": (html_docs, f"{D}/zsh-common/html", dict(pattern="*.html", skip=r"index")),
+    "wireshark-doc": (html_docs, f"{D}/wireshark", dict(pattern="**/*.html", skip=r"index")),
+    "gnucash-docs": (html_docs, f"{D}/gnucash-docs", dict(pattern="gnucash-*-en/*.html", skip=r"index")),
+    "gnuplot-doc": (html_docs, f"{D}/gnuplot/htmldocs", dict(pattern="*.html", skip=r"index")),
+    "kicad-doc-en": (html_docs, f"{D}/kicad/help/en", dict(pattern="*.html")),
 }
+DEBIAN_SMALL = tuple(DEBIAN_SOURCES)[:6]  # the first six alone: 8.7M tokens, prepared in minutes on a CPU
 
 
 def debian_documents(pkg: str, cache_dir: str) -> tuple[dict, Iterator[Doc]]:
     """-> (provenance {package, version, sha256, deb}, documents) of one DEBIAN_SOURCES package."""
     info = fetch_deb(pkg, cache_dir)
-    extract, sub, args = DEBIAN_SOURCES[pkg]
+    extract, sub, kwargs = DEBIAN_SOURCES[pkg]
     root = os.path.join(info.pop("root"), sub)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: not in package {pkg} {info['version']}; its layout changed, "
                                 f"update DEBIAN_SOURCES in hybrid/corpus.py")
-    return info, extract(root, *args)
+    return info, _unique(extract(root, **kwargs))
+
+
+def _unique(docs: Iterator[Doc]) -> Iterator[Doc]:
+    """Drop documents whose text (whitespace aside) was already yielded: the same page under two names."""
+    seen = set()
+    for doc_id, text in docs:
+        key = hashlib.sha1(" ".join(text.split()).encode()).digest()
+        if key not in seen:
+            seen.add(key)
+            yield doc_id, text
 
 
 def local_documents(path: str) -> Iterator[Doc]:
