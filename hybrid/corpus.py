@@ -106,8 +106,8 @@ SPHINX_SKIP = r"^(_modules|_static|_images|genindex|py-modindex|search|index|con
 RUSTDOC_MARKS = ("rightside", "test-arrow", "notable-traits", "trait-implementations-list", "sub-variant",
                  "synthetic-implementations-list", "blanket-implementations-list", "implementors-list",
                  "menu-bar", "mobile-topbar", "search-form")
-# package -> (extractor, path inside the unpacked package, extractor keyword arguments). Chosen by the
-# teacher's bits per byte on a sample (docs/data.md); English only, each manual in one version and form.
+# package[:part] -> (extractor, path inside the unpacked package, extractor keyword arguments). Chosen by
+# the teacher's bits per byte on a sample (docs/data.md); English only, each manual in one version and form.
 DEBIAN_SOURCES = {
     "python3.11-doc": (text_files, f"{D}/python3.11/html/_sources", dict(pattern="**/*.rst.txt")),
     "postgresql-doc-15": (html_docs, f"{D}/postgresql-doc-15/html", dict(pattern="*.html", skip=r"^(index|bookindex)")),
@@ -138,7 +138,7 @@ DEBIAN_SOURCES = {
     "python-sqlalchemy-doc": (text_files, f"{D}/python-sqlalchemy-doc/rst", dict(pattern="**/*.rst")),
     "sphinx-doc": (text_files, f"{D}/sphinx-doc/html/_sources", dict(pattern="**/*.txt")),
     "cmake-doc": (text_files, f"{D}/cmake-data/html/_sources", dict(pattern="**/*.txt")),
-    "ghc-doc": (text_files, f"{D}/ghc-doc/html/users_guide/_sources", dict(pattern="**/*.txt")),
+    "ghc-doc:guide": (text_files, f"{D}/ghc-doc/html/users_guide/_sources", dict(pattern="**/*.txt")),
     "developers-reference": (text_files, "usr/share/developers-reference/_sources", dict(pattern="*.txt")),
     "debian-policy": (text_files, f"{D}/debian-policy/policy.html/_sources", dict(pattern="*.txt")),
     "git-doc": (text_files, f"{D}/git-doc", dict(pattern="**/*.txt")),
@@ -171,13 +171,35 @@ DEBIAN_SOURCES = {
     "gnucash-docs": (html_docs, f"{D}/gnucash-docs", dict(pattern="gnucash-*-en/*.html", skip=r"index")),
     "gnuplot-doc": (html_docs, f"{D}/gnuplot/htmldocs", dict(pattern="*.html", skip=r"index")),
     "kicad-doc-en": (html_docs, f"{D}/kicad/help/en", dict(pattern="*.html")),
+    # API references: class and function pages with their prose, member lists and navigation dropped
+    "openjdk-17-doc": (html_docs, f"{D}/openjdk-17-jre-headless/api",
+                       dict(pattern="**/*.html", skip=r"(class-use|index-files|package-tree|package-use|-summary"
+                                                      r"|allclasses|allpackages|overview-tree|deprecated|help-doc"
+                                                      r"|serialized-form|constant-values|index)",
+                            add_marks=("summary", "inherited-list", "sub-nav", "top-nav", "flex-header",
+                                       "member-summary"))),
+    "qtbase5-doc-html": (html_docs, "usr/share/qt5/doc",  # Qt never closes its header <div>: keep it
+                         dict(pattern="**/*.html", skip=r"-(members|obsolete)\.html$|examples|index|-module\.html$"
+                                                        r"|annotated|classes\.html|functions\.html|overviews",
+                              add_marks=("navigationbar", "alignedsummary", "propsummary"), keep_marks=("header",))),
+    "ghc-doc:libs": (html_docs, f"{D}/ghc-doc/html/libraries",
+                     dict(pattern="**/*.html", skip=r"(/src/|doc-index|index|ghc-9|^ghc/)",
+                          add_marks=("package-header", "module-header", "table-of-contents", "synopsis", "link",
+                                     "selflink"))),
+    "cppreference-doc-en-html": (html_docs, "usr/share/cppreference/doc/html/en",
+                                 dict(pattern="**/*.html", skip=r"index|symbol_index",
+                                      add_marks=("t-navbar", "siteSub", "contentSub", "printfooter", "catlinks"))),
+    "libboost1.81-doc": (html_docs, f"{D}/libboost1.81-doc",  # the manuals, not the generated per-header reference
+                         dict(pattern="**/*.html", skip=r"(reference|boost/|index|\.hpp\.html)")),
+    "erlang-doc": (html_docs, f"{D}/erlang-doc", dict(pattern="**/*.html", skip=r"(java/|index|release_notes"
+                                                                              r"|notes\.html|wx-)")),
 }
 DEBIAN_SMALL = tuple(DEBIAN_SOURCES)[:6]  # the first six alone: 8.7M tokens, prepared in minutes on a CPU
 
 
 def debian_documents(pkg: str, cache_dir: str) -> tuple[dict, Iterator[Doc]]:
-    """-> (provenance {package, version, sha256, deb}, documents) of one DEBIAN_SOURCES package."""
-    info = fetch_deb(pkg, cache_dir)
+    """-> (provenance {package, version, sha256, deb}, documents) of one DEBIAN_SOURCES entry."""
+    info = fetch_deb(pkg.partition(":")[0], cache_dir)
     extract, sub, kwargs = DEBIAN_SOURCES[pkg]
     root = os.path.join(info.pop("root"), sub)
     if not os.path.isdir(root):
