@@ -120,11 +120,15 @@ DEBIAN_SOURCES = {
     # books: Bible commentaries (19th century prose)
     "sword-comm-tdavid": (ztext_docs, "usr/share/sword/modules/comments/zcom/tdavid", dict(wide=True)),
     "sword-comm-mhcc": (ztext_docs, "usr/share/sword/modules/comments/zcom/mhcc", {}),
+    "sword-text-kjv": (ztext_docs, "usr/share/sword/modules/texts/ztext/engKJV2006eb", {}),  # the one other Bible
     # man pages and POD
     "manpages": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
     "manpages-dev": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
     "freebsd-manpages": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
     "libssl-doc": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "tcl8.6-doc": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "tk8.6-doc": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
+    "systemd": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
     "perl-doc": (pod_docs, "usr/share/perl/5.36.0/pod", dict(pattern="*.pod", skip=r"delta\.pod$")),
     # manuals as reStructuredText / AsciiDoc / vim help sources
     "linux-doc-6.1": (text_files, f"{D}/linux-doc-6.1/Documentation",
@@ -153,6 +157,8 @@ DEBIAN_SOURCES = {
     "debian-reference-en": (html_docs, "usr/share/debian-reference", dict(pattern="*.en.html", skip=r"^index")),
     "libreoffice-help-en-us": (html_docs, "usr/share/libreoffice/help/en-US/text", dict(pattern="**/*.html")),
     "gimp-help-en": (html_docs, "usr/share/gimp/2.0/help/en", dict(pattern="*.html", skip=r"^(index|ix)")),
+    "bash-doc": (html_docs, f"{D}/bash", dict(pattern="bashref.html")),  # bash.html is the man page
+    "gettext-doc": (html_docs, f"{D}/gettext", dict(pattern="gettext_*.html", skip=r"_(toc|abt)\.html")),
     "nodejs-doc": (html_docs, f"{D}/nodejs/api", dict(pattern="*.html", skip=r"^(all|index)\.html")),
     "python-scipy-doc": (html_docs, f"{D}/python-scipy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
     "python-sympy-doc": (html_docs, f"{D}/python-sympy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
