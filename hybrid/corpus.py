@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import subprocess
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .markup import SKIP_MARKS, html_to_text, pod_to_text
 from .rdata import austen_docs
@@ -61,7 +61,8 @@ def fetch_deb(pkg: str, cache_dir: str) -> dict:
 
 # ----------------------------------------------------------------------------- files -> documents
 
-def file_docs(root: str, pattern: str, skip: str | None, convert, min_chars: int = 200) -> Iterator[Doc]:
+def file_docs(root: str, pattern: str, skip: str | None, convert: Callable[[str], str],
+              min_chars: int = 200) -> Iterator[Doc]:
     """One document per file under root matching the glob pattern (.gz read through), text = convert(source).
 
     Names (relative to root) matching the regex `skip` are left out, and so are symbolic links: Debian
@@ -101,7 +102,7 @@ def pod_docs(root: str, pattern: str, skip: str | None = None) -> Iterator[Doc]:
 
 # ----------------------------------------------------------------------------- sources
 
-D = "usr/share/doc"
+DOC = "usr/share/doc"
 SPHINX_SKIP = r"^(_modules|_static|_images|genindex|py-modindex|search|index|contents)"
 RUSTDOC_MARKS = ("rightside", "test-arrow", "notable-traits", "trait-implementations-list", "sub-variant",
                  "synthetic-implementations-list", "blanket-implementations-list", "implementors-list",
@@ -109,15 +110,15 @@ RUSTDOC_MARKS = ("rightside", "test-arrow", "notable-traits", "trait-implementat
 # package[:part] -> (extractor, path inside the unpacked package, extractor keyword arguments). Chosen by
 # the teacher's bits per byte on a sample (docs/data.md); English only, each manual in one version and form.
 DEBIAN_SOURCES = {
-    "python3.11-doc": (text_files, f"{D}/python3.11/html/_sources", dict(pattern="**/*.rst.txt")),
-    "postgresql-doc-15": (html_docs, f"{D}/postgresql-doc-15/html", dict(pattern="*.html", skip=r"^(index|bookindex)")),
-    "python-django-doc": (html_docs, f"{D}/python-django-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
-    "sqlite3-doc": (html_docs, f"{D}/sqlite3",  # index pages, and capi3ref duplicating c3ref/
+    "python3.11-doc": (text_files, f"{DOC}/python3.11/html/_sources", dict(pattern="**/*.rst.txt")),
+    "postgresql-doc-15": (html_docs, f"{DOC}/postgresql-doc-15/html", dict(pattern="*.html", skip=r"^(index|bookindex)")),
+    "python-django-doc": (html_docs, f"{DOC}/python-django-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "sqlite3-doc": (html_docs, f"{DOC}/sqlite3",  # index pages, and capi3ref duplicating c3ref/
                     dict(pattern="**/*.html", skip=r"(index|crossref|sitemap|toc|docs\.html|doclist|requirements"
                                                    r"|capi3ref|syntaxdiagrams)")),
     "sword-text-web": (ztext_docs, "usr/share/sword/modules/texts/ztext/engWEB2015eb", {}),
     "r-cran-janeaustenr": (austen_docs, "usr/lib/R/site-library/janeaustenr/data", {}),
-    # books: Bible commentaries (19th century prose)
+    # books: Bible commentaries (18th and 19th century prose) and a second Bible
     "sword-comm-tdavid": (ztext_docs, "usr/share/sword/modules/comments/zcom/tdavid", dict(wide=True)),
     "sword-comm-mhcc": (ztext_docs, "usr/share/sword/modules/comments/zcom/mhcc", {}),
     "sword-text-kjv": (ztext_docs, "usr/share/sword/modules/texts/ztext/engKJV2006eb", {}),  # the one other Bible
@@ -131,54 +132,54 @@ DEBIAN_SOURCES = {
     "systemd": (man_docs, "usr/share/man", dict(pattern="man*/*.gz")),
     "perl-doc": (pod_docs, "usr/share/perl/5.36.0/pod", dict(pattern="*.pod", skip=r"delta\.pod$")),
     # manuals as reStructuredText / AsciiDoc / vim help sources
-    "linux-doc-6.1": (text_files, f"{D}/linux-doc-6.1/Documentation",
+    "linux-doc-6.1": (text_files, f"{DOC}/linux-doc-6.1/Documentation",
                       dict(pattern="**/*.rst.gz", skip=r"^(translations|ABI|devicetree|output)/")),
-    "llvm-15-doc": (text_files, f"{D}/llvm-15-doc/html/_sources", dict(pattern="**/*.txt", skip=r"^AMDGPU")),
-    "clang-15-doc": (text_files, f"{D}/clang-15/html/_sources", dict(pattern="**/*.txt")),
-    "python-sklearn-doc": (text_files, f"{D}/python-sklearn-doc/html/_sources", dict(pattern="**/*.rst.txt")),
-    "python-statsmodels-doc": (text_files, f"{D}/python-statsmodels-doc/html/_sources", dict(pattern="**/*.rst.txt")),
-    "python-pandas-doc": (text_files, f"{D}/python-pandas-doc/html/_sources", dict(pattern="**/*.rst.txt")),
-    "python-astropy-doc": (text_files, f"{D}/python-astropy-doc/html/_sources", dict(pattern="**/*.rst.txt")),
-    "python-sqlalchemy-doc": (text_files, f"{D}/python-sqlalchemy-doc/rst", dict(pattern="**/*.rst")),
-    "sphinx-doc": (text_files, f"{D}/sphinx-doc/html/_sources", dict(pattern="**/*.txt")),
-    "cmake-doc": (text_files, f"{D}/cmake-data/html/_sources", dict(pattern="**/*.txt")),
-    "ghc-doc:guide": (text_files, f"{D}/ghc-doc/html/users_guide/_sources", dict(pattern="**/*.txt")),
+    "llvm-15-doc": (text_files, f"{DOC}/llvm-15-doc/html/_sources", dict(pattern="**/*.txt", skip=r"^AMDGPU")),
+    "clang-15-doc": (text_files, f"{DOC}/clang-15/html/_sources", dict(pattern="**/*.txt")),
+    "python-sklearn-doc": (text_files, f"{DOC}/python-sklearn-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-statsmodels-doc": (text_files, f"{DOC}/python-statsmodels-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-pandas-doc": (text_files, f"{DOC}/python-pandas-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-astropy-doc": (text_files, f"{DOC}/python-astropy-doc/html/_sources", dict(pattern="**/*.rst.txt")),
+    "python-sqlalchemy-doc": (text_files, f"{DOC}/python-sqlalchemy-doc/rst", dict(pattern="**/*.rst")),
+    "sphinx-doc": (text_files, f"{DOC}/sphinx-doc/html/_sources", dict(pattern="**/*.txt")),
+    "cmake-doc": (text_files, f"{DOC}/cmake-data/html/_sources", dict(pattern="**/*.txt")),
+    "ghc-doc:guide": (text_files, f"{DOC}/ghc-doc/html/users_guide/_sources", dict(pattern="**/*.txt")),
     "developers-reference": (text_files, "usr/share/developers-reference/_sources", dict(pattern="*.txt")),
-    "debian-policy": (text_files, f"{D}/debian-policy/policy.html/_sources", dict(pattern="*.txt")),
-    "git-doc": (text_files, f"{D}/git-doc", dict(pattern="**/*.txt")),
+    "debian-policy": (text_files, f"{DOC}/debian-policy/policy.html/_sources", dict(pattern="*.txt")),
+    "git-doc": (text_files, f"{DOC}/git-doc", dict(pattern="**/*.txt")),
     "vim-runtime": (text_files, "usr/share/vim/vim90/doc", dict(pattern="*.txt")),
     # manuals as HTML
-    "rust-doc": (html_docs, f"{D}/rust-doc/html",
+    "rust-doc": (html_docs, f"{DOC}/rust-doc/html",
                  dict(pattern="**/*.html", skip=r"^(core|alloc|src|implementors|test)/|(first|second|2018)-edition/"
                                                 r"|print\.html$|toc\.html$|404\.html$|/all\.html$|index\.html$",
                       add_marks=RUSTDOC_MARKS, skip_prefixes=("deref-methods-",))),
-    "racket-doc": (html_docs, f"{D}/racket", dict(pattern="**/*.html", skip=r"(index|local-redirect|search|release)")),
-    "debian-handbook": (html_docs, f"{D}/debian-handbook/html/en-US", dict(pattern="*.html", skip=r"^(index|ix01)")),
+    "racket-doc": (html_docs, f"{DOC}/racket", dict(pattern="**/*.html", skip=r"(index|local-redirect|search|release)")),
+    "debian-handbook": (html_docs, f"{DOC}/debian-handbook/html/en-US", dict(pattern="*.html", skip=r"^(index|ix01)")),
     "debian-reference-en": (html_docs, "usr/share/debian-reference", dict(pattern="*.en.html", skip=r"^index")),
     "libreoffice-help-en-us": (html_docs, "usr/share/libreoffice/help/en-US/text", dict(pattern="**/*.html")),
     "gimp-help-en": (html_docs, "usr/share/gimp/2.0/help/en", dict(pattern="*.html", skip=r"^(index|ix)")),
-    "bash-doc": (html_docs, f"{D}/bash", dict(pattern="bashref.html")),  # bash.html is the man page
-    "gettext-doc": (html_docs, f"{D}/gettext", dict(pattern="gettext_*.html", skip=r"_(toc|abt)\.html")),
-    "nodejs-doc": (html_docs, f"{D}/nodejs/api", dict(pattern="*.html", skip=r"^(all|index)\.html")),
-    "python-scipy-doc": (html_docs, f"{D}/python-scipy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
-    "python-sympy-doc": (html_docs, f"{D}/python-sympy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
-    "maxima-doc": (html_docs, f"{D}/maxima-doc/html", dict(pattern="*.html", skip=r"index|contents")),
-    "octave-doc": (html_docs, f"{D}/octave/octave.html", dict(pattern="*.html", skip=r"index|XREF")),
+    "bash-doc": (html_docs, f"{DOC}/bash", dict(pattern="bashref.html")),  # bash.html is the man page
+    "gettext-doc": (html_docs, f"{DOC}/gettext", dict(pattern="gettext_*.html", skip=r"_(toc|abt)\.html")),
+    "nodejs-doc": (html_docs, f"{DOC}/nodejs/api", dict(pattern="*.html", skip=r"^(all|index)\.html")),
+    "python-scipy-doc": (html_docs, f"{DOC}/python-scipy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "python-sympy-doc": (html_docs, f"{DOC}/python-sympy-doc/html", dict(pattern="**/*.html", skip=SPHINX_SKIP)),
+    "maxima-doc": (html_docs, f"{DOC}/maxima-doc/html", dict(pattern="*.html", skip=r"index|contents")),
+    "octave-doc": (html_docs, f"{DOC}/octave/octave.html", dict(pattern="*.html", skip=r"index|XREF")),
     "r-doc-html": (html_docs, "usr/share/R/doc/manual", dict(pattern="*.html")),
-    "lilypond-doc-html": (html_docs, f"{D}/lilypond/html/Documentation",  # each manual as one page
+    "lilypond-doc-html": (html_docs, f"{DOC}/lilypond/html/Documentation",  # each manual as one page
                           dict(pattern="*-big-page.html", skip=r"internals|snippets|changes")),
-    "apache2-doc": (html_docs, f"{D}/apache2-doc/manual",
+    "apache2-doc": (html_docs, f"{DOC}/apache2-doc/manual",
                     dict(pattern="**/*.html", skip=r"^(?!en/)|index|sitemap|quickreference")),
-    "exim4-doc-html": (html_docs, f"{D}/exim4-doc-html/spec_html", dict(pattern="*.html", skip=r"index")),
-    "postfix-doc": (html_docs, f"{D}/postfix/html", dict(pattern="*.html", skip=r"index|\.[58]\.html$")),
-    "bind9-doc": (html_docs, f"{D}/bind9-doc/arm", dict(pattern="*.html", skip=r"genindex|search|index")),
-    "zsh-doc": (html_docs, f"{D}/zsh-common/html", dict(pattern="*.html", skip=r"index")),
-    "wireshark-doc": (html_docs, f"{D}/wireshark", dict(pattern="**/*.html", skip=r"index")),
-    "gnucash-docs": (html_docs, f"{D}/gnucash-docs", dict(pattern="gnucash-*-en/*.html", skip=r"index")),
-    "gnuplot-doc": (html_docs, f"{D}/gnuplot/htmldocs", dict(pattern="*.html", skip=r"index")),
-    "kicad-doc-en": (html_docs, f"{D}/kicad/help/en", dict(pattern="*.html")),
+    "exim4-doc-html": (html_docs, f"{DOC}/exim4-doc-html/spec_html", dict(pattern="*.html", skip=r"index")),
+    "postfix-doc": (html_docs, f"{DOC}/postfix/html", dict(pattern="*.html", skip=r"index|\.[58]\.html$")),
+    "bind9-doc": (html_docs, f"{DOC}/bind9-doc/arm", dict(pattern="*.html", skip=r"genindex|search|index")),
+    "zsh-doc": (html_docs, f"{DOC}/zsh-common/html", dict(pattern="*.html", skip=r"index")),
+    "wireshark-doc": (html_docs, f"{DOC}/wireshark", dict(pattern="**/*.html", skip=r"index")),
+    "gnucash-docs": (html_docs, f"{DOC}/gnucash-docs", dict(pattern="gnucash-*-en/*.html", skip=r"index")),
+    "gnuplot-doc": (html_docs, f"{DOC}/gnuplot/htmldocs", dict(pattern="*.html", skip=r"index")),
+    "kicad-doc-en": (html_docs, f"{DOC}/kicad/help/en", dict(pattern="*.html")),
     # API references: class and function pages with their prose, member lists and navigation dropped
-    "openjdk-17-doc": (html_docs, f"{D}/openjdk-17-jre-headless/api",
+    "openjdk-17-doc": (html_docs, f"{DOC}/openjdk-17-jre-headless/api",
                        dict(pattern="**/*.html", skip=r"(class-use|index-files|package-tree|package-use|-summary"
                                                       r"|allclasses|allpackages|overview-tree|deprecated|help-doc"
                                                       r"|serialized-form|constant-values|index)",
@@ -188,16 +189,16 @@ DEBIAN_SOURCES = {
                          dict(pattern="**/*.html", skip=r"-(members|obsolete)\.html$|examples|index|-module\.html$"
                                                         r"|annotated|classes\.html|functions\.html|overviews",
                               add_marks=("navigationbar", "alignedsummary", "propsummary"), keep_marks=("header",))),
-    "ghc-doc:libs": (html_docs, f"{D}/ghc-doc/html/libraries",
+    "ghc-doc:libs": (html_docs, f"{DOC}/ghc-doc/html/libraries",
                      dict(pattern="**/*.html", skip=r"(/src/|doc-index|index|ghc-9|^ghc/)",
                           add_marks=("package-header", "module-header", "table-of-contents", "synopsis", "link",
                                      "selflink"))),
     "cppreference-doc-en-html": (html_docs, "usr/share/cppreference/doc/html/en",
                                  dict(pattern="**/*.html", skip=r"index|symbol_index",
                                       add_marks=("t-navbar", "siteSub", "contentSub", "printfooter", "catlinks"))),
-    "libboost1.81-doc": (html_docs, f"{D}/libboost1.81-doc",  # the manuals, not the generated per-header reference
+    "libboost1.81-doc": (html_docs, f"{DOC}/libboost1.81-doc",  # the manuals, not the generated per-header reference
                          dict(pattern="**/*.html", skip=r"(reference|boost/|index|\.hpp\.html)")),
-    "erlang-doc": (html_docs, f"{D}/erlang-doc", dict(pattern="**/*.html", skip=r"(java/|index|release_notes"
+    "erlang-doc": (html_docs, f"{DOC}/erlang-doc", dict(pattern="**/*.html", skip=r"(java/|index|release_notes"
                                                                               r"|notes\.html|wx-)")),
 }
 DEBIAN_SMALL = tuple(DEBIAN_SOURCES)[:6]  # the first six alone: 8.7M tokens, prepared in minutes on a CPU

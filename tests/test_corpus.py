@@ -167,3 +167,32 @@ def test_ztext_chapter_blocks_wide_sizes(tmp_path):
     docs = list(corpus.ztext_docs(str(tmp_path), wide=True))
     assert len(docs) == 1 and docs[0][0] == "ot/000"
     assert docs[0][1].count("Commentary on verses") == 4  # counted once, not three times
+
+
+def test_html_docs_site_marks(tmp_path):
+    page = ('<html><body><div class="header"><div class="navigationbar">Home &gt; Classes</div>'
+            '<h1>QString</h1><p>' + "The QString class provides a Unicode string. " * 6 + '</p>'
+            '<div id="deref-methods-T-1"><p>Methods copied from the slice type.</p></div>'
+            '<table class="alignedsummary"><tr><td>int size() const</td></tr></table></div></body></html>')
+    (tmp_path / "qstring.html").write_text(page)
+    plain = dict(corpus.html_docs(str(tmp_path), "*.html"))
+    assert plain == {}  # the default drops the never-closed header <div>, and with it the whole page
+    docs = dict(corpus.html_docs(str(tmp_path), "*.html", add_marks=("navigationbar", "alignedsummary"),
+                                 keep_marks=("header",), skip_prefixes=("deref-methods-",)))
+    text = docs["qstring.html"]
+    assert text.startswith("QString\n\nThe QString class provides a Unicode string.")
+    assert "Home" not in text and "copied" not in text and "size()" not in text
+
+
+def test_debian_documents_drops_duplicates(tmp_path, monkeypatch):
+    root = tmp_path / "pkg"
+    (root / "doc").mkdir(parents=True)
+    body = "A page of documentation text, long enough to be kept. " * 5
+    (root / "doc" / "a.txt").write_text(body)
+    (root / "doc" / "b.txt").write_text(body.replace(". ", ".\n  "))  # the same text, other whitespace
+    (root / "doc" / "c.txt").write_text(body.upper())
+    monkeypatch.setattr(corpus, "fetch_deb", lambda pkg, cache: {"package": pkg, "version": "1", "root": str(root)})
+    monkeypatch.setitem(corpus.DEBIAN_SOURCES, "pkg:part", (corpus.text_files, "doc", dict(pattern="*.txt")))
+    info, docs = corpus.debian_documents("pkg:part", str(tmp_path))
+    assert info == {"package": "pkg", "version": "1"}  # the package part of the name is fetched
+    assert [d for d, _ in docs] == ["a.txt", "c.txt"]
