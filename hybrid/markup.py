@@ -6,6 +6,7 @@ navigation dropped. Used by hybrid/corpus.py for the offline Debian corpus.
 """
 
 import re
+from html.entities import name2codepoint
 from html.parser import HTMLParser
 
 # ----------------------------------------------------------------------------- HTML
@@ -79,8 +80,7 @@ def html_to_text(html: str, skip_marks: frozenset[str] = SKIP_MARKS, skip_prefix
 
 # ----------------------------------------------------------------------------- Perl POD
 
-_POD_ENTITIES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&", "apos": "'",
-                 "nbsp": " ", "copy": "\u00a9", "eacute": "\u00e9", "auml": "\u00e4", "ouml": "\u00f6"}
+_POD_ENTITIES = {"verbar": "|", "sol": "/", **{k: chr(v) for k, v in name2codepoint.items()}}
 
 
 def _pod_codes(s: str) -> str:
@@ -114,7 +114,10 @@ def _pod_codes(s: str) -> str:
             inner, end = s[start:j], j + len(close)
         inner = _pod_codes(inner)
         if code == "E":
-            inner = _POD_ENTITIES.get(inner, chr(int(inner, 0)) if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", inner) else "")
+            if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", inner):  # E<0x263A> hex, E<0351> octal, E<233> decimal
+                inner = chr(int(inner, 16 if inner.startswith("0x") else 8 if inner.startswith("0") else 10))
+            else:
+                inner = _POD_ENTITIES.get(inner, "")
         elif code in "XZ":
             inner = ""
         elif code == "L":
@@ -133,8 +136,7 @@ def pod_to_text(src: str) -> str:
         if not para.strip():
             continue
         if para.startswith("="):
-            cmd, _, rest = para[1:].partition(" ") if " " in para.split("\n")[0] else (para[1:].split("\n")[0], "", "")
-            cmd = cmd.strip()
+            cmd, rest = re.match(r"=(\S*)\s*(.*)", para, re.S).groups()
             in_pod = cmd != "cut"
             if skip_block:
                 if cmd == "end" and rest.strip().split()[:1] == [skip_block]:

@@ -98,7 +98,7 @@ perlop - Perl operators
 =head2 Operator Precedence
 
 Operators like B<and> and C<< $a <=> $b >> group; see L<perlfunc/sort> and
-L<the manual|perlsyn>. E<lt>tagE<gt> and I<nested B<codes>>.X<index entry>
+L<the manual|perlsyn>. E<lt>tagE<gt> and I<nested B<codes>>.X<index entry> CafE<eacute> E<0x263A>E<0101>E<66>.
 
     my $x = 1 + 2;
     print $x;
@@ -134,8 +134,8 @@ Back in POD.
 def test_pod():
     text = pod_to_text(POD)
     assert text.startswith("NAME\n\nperlop - Perl operators\n\nOperator Precedence\n\n")
-    assert ("Operators like and and $a <=> $b group; see sort and the manual. <tag> and nested codes.\n\n"
-            in text)
+    assert "Operators like and and $a <=> $b group; see sort and the manual. <tag> and nested codes." in text
+    assert "Caf\u00e9 \u263aAB.\n\n" in text  # entities: named, hex, octal, decimal
     assert "    my $x = 1 + 2;\n    print $x;" in text  # verbatim kept
     assert "A bullet item.\n\n-e code\n\nRuns code." in text
     assert "dropped" not in text and "code_after_cut" not in text and "index entry" not in text
