@@ -29,10 +29,13 @@ _MDOC_OPEN = {"Oo": "[", "Bo": "[", "Do": "\u201c", "Po": "(", "Qo": '"', "So": 
 _MDOC_CLOSE = {"Oc": "]", "Bc": "]", "Dc": "\u201d", "Pc": ")", "Qc": '"', "Sc": "\u2019", "Ac": ">", "Brc": "}"}
 _MDOC_NAMES = {"Bx": "BSD", "Ox": "OpenBSD", "Nx": "NetBSD", "Fx": "FreeBSD", "Bsx": "BSD/OS", "Dx": "DragonFly",
                "Ux": "UNIX", "At": "AT&T UNIX"}
+_MDOC_TEXT = _MDOC_PLAIN | set(_MDOC_QUOTES) | set(_MDOC_OPEN) | set(_MDOC_CLOSE) | set(_MDOC_NAMES)
 _DELIMS = set(".,:;)]?!")
 _SECTION = {"SH", "SS", "Sh", "Ss"}
 _BREAK = {"PP", "P", "LP", "Pp", "Lp", "sp", "br", "TP", "IP", "HP", "TQ", "RS", "RE", "Bl", "El", "It", "Rs", "Re",
           "D1", "Dl", "in", "ti"}
+_ITEMS = {"It", "TP", "IP", "TQ", "D1", "Dl"}  # a list item or a one-line display starts a new line
+_MDOC_ITEMS = {"It", "D1", "Dl"}  # ... with its text on the macro line
 _NOFILL_START, _NOFILL_END = {"nf", "EX", "Bd", "TS"}, {"fi", "EE", "Ed", "TE"}
 _FONT = {"B", "I", "R", "SM", "SB", "BR", "RB", "BI", "IB", "IR", "RI"}
 
@@ -153,6 +156,7 @@ def roff_to_text(src: str) -> str:
         if name in _SECTION:
             flush()
             paras.append(" ".join(args).strip())
+            tag_next = not args  # `.SH` alone: the heading is the next line
         elif name in _NOFILL_START:
             flush()
             nofill = True
@@ -161,13 +165,11 @@ def roff_to_text(src: str) -> str:
             nofill = False
         elif name in _BREAK:
             tag_next = name in ("TP", "TQ")
-            if name in ("It", "TP", "IP", "TQ", "D1", "Dl") or not nofill:
+            if name in _ITEMS or not nofill:
                 flush()
-            text = " ".join(args[:1] if name == "IP" else [] if name not in ("It", "D1", "Dl") else [])
-            if name in ("It", "D1", "Dl"):
-                text = _mdoc_args("No", args)
-            if text.strip():
-                cur.append(text.strip())
+            label = args[0] if name == "IP" and args else _mdoc_args("No", args) if name in _MDOC_ITEMS else ""
+            if label.strip():
+                cur.append(label.strip())
                 if name in ("It", "IP"):
                     flush()
         elif name in _FONT:
@@ -183,15 +185,11 @@ def roff_to_text(src: str) -> str:
                 flush()
         elif name in ("UR", "MT", "UE", "ME"):
             cur.extend(args[:1] if name in ("UE", "ME") else [])
-        elif name[:1].isupper() and name not in ("TH", "Dd", "Dt", "Os", "Bf", "Bk", "Nd") or name == "Nd":
-            text = _mdoc_args(name, args) if name in _MDOC_PLAIN or name in _MDOC_QUOTES or name in _MDOC_OPEN \
-                or name in _MDOC_CLOSE or name in _MDOC_NAMES else ""
-            if name == "Nd":
-                text = "\u2014 " + text
-            if text:
-                if cur and text[:1] in _DELIMS:
-                    cur[-1] += text
-                else:
-                    cur.append(text)
+        elif name in _MDOC_TEXT:
+            text = ("\u2014 " if name == "Nd" else "") + _mdoc_args(name, args)
+            if cur and text[:1] in _DELIMS:
+                cur[-1] += text
+            elif text:
+                cur.append(text)
     flush()
     return tidy("\n\n".join(p for p in paras if p))

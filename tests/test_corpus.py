@@ -25,7 +25,7 @@ signals (see
 Each signal has a \fBdisposition\fP, \(lqTerm\(rq or \[lq]Ign\[rq].
 .PP
 Second paragraph\(emwith a dash.
-.TP
+.TP 10
 .B SIGINT
 Interrupt from keyboard.
 .SS Example
@@ -46,7 +46,7 @@ def test_roff_man_macros():
     assert ("Linux supports reliable signals (see sigaction(2)). Each signal has a disposition, "
             "\u201cTerm\u201d or \u201cIgn\u201d.") in text
     assert "Second paragraph\u2014with a dash." in text
-    assert "SIGINT\n\nInterrupt from keyboard." in text  # a .TP label on its own line
+    assert "with a dash.\n\nSIGINT\n\nInterrupt from keyboard." in text  # a .TP label on its own line
     assert "Example\n\nint main(void)\n{\n    return 0;\n}\n\nAfter the example." in text  # .EX kept line by line
     assert roff_to_text(".so man3/other.3\n") == ""  # an alias page: left out
 
@@ -196,3 +196,8 @@ def test_debian_documents_drops_duplicates(tmp_path, monkeypatch):
     info, docs = corpus.debian_documents("pkg:part", str(tmp_path))
     assert info == {"package": "pkg", "version": "1"}  # the package part of the name is fetched
     assert [d for d, _ in docs] == ["a.txt", "c.txt"]
+
+
+def test_roff_heading_on_next_line():
+    text = roff_to_text(".SH\nNAME\nfoo \\- do things\n.SH DESCRIPTION\nText.\n")
+    assert text == "NAME\n\nfoo - do things\n\nDESCRIPTION\n\nText."
