@@ -14,6 +14,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}      # the Python that has torch and transformers (setup_cuda.sh makes .venv)
 TEACHER=${TEACHER:-embedded}    # HF id | local HF dir | .gguf | embedded (SmolLM2-135M-Instruct, offline)
 DATA=${DATA:-debian}            # debian (offline documentation corpus) | fineweb-edu | a text file or folder
+DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
@@ -47,7 +48,8 @@ if [ "$GPUS" -eq 0 ]; then
   # tokens 2.6, a 2-prompt recall generation at 512 tokens 3.9-5.1): stage 1 trains each of the
   # 30 layers for 10 steps; stage 2 takes 24 steps of 256 tokens; eval scores the same 2x2x128 val
   # windows as stage 2 (so KL and perplexity agree) and recall at 256/512 tokens, 2 samples per task
-  PREP=()
+  PREP=(--debian_packages=small)  # the six small Debian sources (8.7M tokens, ~2.5 min), not all ~79M
+  [ "$DATA" = debian ] && DATA_DIR=data/debian_small
   S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=10 --eval_batches=2 --log_every=10 --keep_checkpoints=1)
   SEL=(--smoke=True)
   S2=(--seq_len=128 --micro_batch=2 --total_batch_tokens=256 --stage2_steps=24 --eval_every=12 --eval_batches=2 --log_every=4 --keep_checkpoints=1)
@@ -60,18 +62,18 @@ else
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8)   # the val windows stage 2 scores (on 1 process)
 fi
 stage "1/6" "prepare data and teacher"
-$PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="data/$DATA" "${PREP[@]}"
+$PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${PREP[@]}"
 stage "2/6" "stage 1, attention alignment"
-launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="data/$DATA" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
+launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
 stage "3/6" "layer selection (GA-S2)"
-launch select_layers.py --init="$RUN/stage1" --data_dir="data/$DATA" --run_dir="$RUN/select" "${SEL[@]}"
+launch select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/6" "stage 2, logit distillation"
-launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="data/$DATA" --init="$RUN/stage1" \
+launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage1" \
   --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" "$@"
 stage "5/6" "export"
 $PY export.py --checkpoint="$RUN/stage2" --out_dir="$RUN/export"
 stage "6/6" "evaluation"
-$PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="data/$DATA" --out_dir="$RUN/eval" "${EVAL[@]}"
+$PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="$DATA_DIR" --out_dir="$RUN/eval" "${EVAL[@]}"
 trap - INT TERM
 echo
 echo "== done in $(elapsed) =="

@@ -5,14 +5,18 @@ serialized pairlist, optionally gzip/bzip2/xz compressed) and lazy-load database
 `Rdata.rdb` blobs, as in an installed package's data/ folder). Vectors become Python lists (NA ->
 None), named lists become dicts, pairlists become lists of (tag, value). Closures, environments and
 bytecode are not supported (data files rarely hold them); they raise ValueError naming the type.
+`austen_docs` turns the janeaustenr package's novels into one document per chapter.
 """
 
 import bz2
+import glob
 import gzip
 import lzma
 import os
+import re
 import struct
 import zlib
+from typing import Iterator
 
 NILVALUE, GLOBALENV, UNBOUND, MISSING, BASENS, EMPTYENV, BASEENV = 254, 253, 252, 251, 247, 242, 241
 SPECIAL = {NILVALUE: None, GLOBALENV: "<globalenv>", UNBOUND: "<unbound>", MISSING: "<missing>",
@@ -188,3 +192,41 @@ def read_lazyload(rdx_path: str) -> dict:
             raise ValueError(f"{rdb_path}: entry {name!r} inflates to {len(body)} bytes, index says {size}")
         out[name] = unserialize(body, f"{rdb_path}:{name}")
     return out
+
+
+# ----------------------------------------------------------------------------- R data (janeaustenr)
+
+def reflow(lines: list[str]) -> str:
+    """Hard-wrapped lines -> paragraphs (blank lines separate paragraphs)."""
+    paras, cur = [], []
+    for line in lines + [""]:
+        if line is None or not line.strip():
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+        else:
+            cur.append(line.strip())
+    return "\n\n".join(paras)
+
+
+def austen_docs(data_dir: str) -> Iterator[tuple[str, str]]:
+    """The novels of janeaustenr (character vectors, one line each), one document per chapter."""
+    rdx = os.path.join(data_dir, "Rdata.rdx")
+    if os.path.exists(rdx):
+        objects = read_lazyload(rdx)
+    else:
+        objects = {}
+        for path in sorted(glob.glob(os.path.join(data_dir, "*.rd*"))):
+            objects.update(read_rdata(path))
+    for name in sorted(objects):
+        lines = objects[name]
+        if not (isinstance(lines, list) and lines and all(x is None or isinstance(x, str) for x in lines)):
+            continue
+        chapter, buf = 0, []
+        for line in lines + ["CHAPTER END"]:
+            if line and re.match(r"^\s*(CHAPTER|Chapter)\s+([IVXLC]+|\d+|END)\b", line):
+                text = reflow(buf)
+                if len(text) > 200:
+                    yield f"{name}/{chapter:03d}", text
+                chapter, buf = chapter + 1, []
+            buf.append(line)
