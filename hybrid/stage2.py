@@ -18,6 +18,7 @@ from torch import nn
 
 from .common import all_mean
 from .losses import chunked_distill_loss
+from .parallel import no_sync
 from .surgery import mixer_parameters
 
 
@@ -62,15 +63,15 @@ def teacher_targets(teacher: nn.Module, batches: list, device: torch.device) -> 
 
 def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device,
                   autocast) -> torch.Tensor:
-    """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP:
-    then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached."""
+    """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP or
+    FSDP2: then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached."""
     w_t = teacher.lm_head.weight
     loss_sum = torch.zeros((), device=device)
     for micro in range(accum):
         x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
         h_t = teacher_hidden(teacher, x)
         last = micro == accum - 1
-        with (model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()), autocast:
+        with (no_sync(model) if not last else contextlib.nullcontext()), autocast:
             loss, _ = model(x, y, h_t, w_t)
             (loss / accum).backward()
         loss_sum += loss.detach() / accum

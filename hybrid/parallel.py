@@ -1,0 +1,181 @@
+"""Data parallelism for the trained student: DDP (every rank holds the whole model and optimizer)
+or FSDP2 (`torch.distributed.fsdp.fully_shard`: each rank holds 1/N of the parameters, gradients
+and AdamW state, and gathers one decoder block at a time), one code path for 1 process and N.
+
+    model = wrap(student_or_KLStudent, decoder, mode, device)   # "ddp" | "fsdp"; before the optimizer
+    shard_teacher(teacher, device)                         # optional: the frozen teacher's blocks too
+    with no_sync(model): loss.backward()                   # grad accumulation without communication
+    model_state, optim_state = full_state(raw_model, opt)  # collective; rank 0 gets the full tensors
+    load_optimizer(opt, local_optimizer_state(opt, ckpt["optim"]))
+    with gathered(model): held_out_kl(student, ...)        # a forward that bypasses model.forward
+
+Checkpoints are the same under both modes: full tensors under the unwrapped module's keys and
+`optimizer.state_dict()`'s integer-indexed shape, so export, eval and a resume with the other mode
+(or another world size) read them unchanged. With one process "fsdp" wraps nothing (there is
+nothing to shard), so 1 process is plain single-device training in both modes.
+
+stage2_memory_gb() is the computed (not measured) per-GPU memory of stage 2 behind the README's
+table of which teachers fit one GPU.
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+MODES = ("ddp", "fsdp")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _mesh(device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (_world_size(),))
+
+
+def wrap(model: nn.Module, decoder: nn.Module, mode: str, device: torch.device) -> nn.Module:
+    """-> `model` ready for data-parallel training: DDP around it, or FSDP2 in place (each decoder
+    block of `decoder` a unit, then `model` itself the root holding embeddings, final norm and LM
+    head). `decoder`: the HF CausalLM whose `.model.layers` are the blocks (`model` itself or
+    inside it). One process: `model` unchanged. Call before building the optimizer (FSDP2 swaps
+    the parameters for sharded DTensors)."""
+    if mode not in MODES:
+        raise ValueError(f"--parallel={mode!r}: expected one of {MODES}")
+    if _world_size() == 1:
+        return model
+    if mode == "ddp":
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    mesh = _mesh(device)
+    for block in decoder.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+    """Shard the frozen teacher's decoder blocks over the ranks (FSDP2, gathered block by block in
+    each forward), in place; one process: nothing. Its LM head stays whole on every rank (the KL
+    reads the weight outside the teacher's forward), untied from the embedding first when shared;
+    the embedding and final norm are sharded with `teacher.model` as the root."""
+    if _world_size() == 1:
+        return
+    from torch.distributed.fsdp import fully_shard
+    head = teacher.lm_head
+    if head.weight is teacher.model.embed_tokens.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    mesh = _mesh(device)
+    for block in teacher.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(teacher.model, mesh=mesh)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module):
+    """Backward passes inside reduce no gradients (the micro-steps of grad accumulation before the
+    last): DDP's no_sync, FSDP2's set_requires_gradient_sync(False); otherwise nothing."""
+    if isinstance(model, DDP):
+        with model.no_sync():
+            yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """Hold the FSDP2 root's own parameters (embeddings, final norm, LM head) whole while inside, for
+    code that runs the model other than through its forward (held-out KL reads student.model and
+    student.lm_head.weight); the blocks gather themselves. Not sharded: nothing."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def _full(t):
+    """A whole CPU copy of a tensor, gathered when sharded (a collective: every rank calls it in
+    the same order); non-tensors unchanged."""
+    if isinstance(t, DTensor):
+        return t.full_tensor().cpu()
+    return t.detach().cpu() if torch.is_tensor(t) else t
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
+    """-> (model.state_dict(), optimizer.state_dict()) with every tensor whole and on the CPU: what a
+    checkpoint stores whatever the mode. Under FSDP2 every rank must call it (it gathers)."""
+    model_state = {k: _full(v) for k, v in model.state_dict().items()}
+    if optimizer is None:
+        return model_state, None
+    sd = optimizer.state_dict()
+    state = {i: {k: _full(v) for k, v in s.items()} for i, s in sd["state"].items()}
+    return model_state, {**sd, "state": state}
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A checkpoint's optimizer state (full tensors, optimizer.state_dict() shape) cut to this rank's
+    shards where the optimizer's parameters are sharded, ready for load_state_dict; unchanged
+    otherwise. Every rank holds the checkpoint, so each cuts its own shard (no communication)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(isinstance(p, DTensor) for p in params):
+        return state
+    out = {}
+    for i, s in state["state"].items():
+        p = params[int(i)]
+        out[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                  if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+                  for k, v in s.items()}
+    return {**state, "state": out}
+
+
+# ----------------------------------------------------------------------------- computed memory
+def decoder_params(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int,
+                   tied: bool) -> int:
+    """Parameters of a Llama/Qwen2-shaped decoder (q/k/v/o, SwiGLU MLP, 2 norms per block, embedding,
+    final norm, LM head unless tied); attention biases left out (< 0.1%)."""
+    head_dim = hidden // heads
+    attn = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    block = attn + 3 * hidden * inter + 2 * hidden
+    return layers * block + vocab * hidden * (1 if tied else 2) + hidden
+
+
+def stage2_memory_gb(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int, tied: bool,
+                     tokens: int, chunk_tokens: int, world_size: int = 1, mode: str = "ddp",
+                     shard_teacher: bool = False) -> dict:
+    """Computed (not measured) stage-2 memory per GPU in GB (1e9 bytes), the student the teacher's size:
+    teacher bf16 weights (2 bytes/param), student fp32 weights + grads + AdamW moments (4+4+8 = 16
+    bytes/param), activations of one micro-batch of `tokens` tokens under bf16 autocast (per token
+    and block ~ 18*hidden + 8*inter bytes kept for backward: normed inputs, q/k/v, mixer output,
+    residuals, SwiGLU gate/up/product; no B*T*T scores with SDPA or a linear mixer), and the logit-KL
+    chunk (3 x chunk_tokens x vocab fp32). Under fsdp the student's 16 bytes/param are split over
+    world_size and one fp32 block is gathered whole at a time (x2 for the prefetch)."""
+    n = decoder_params(layers, hidden, inter, vocab, heads, kv_heads, tied)
+    n_block = (n - vocab * hidden * (1 if tied else 2)) // layers
+    w = world_size if mode == "fsdp" else 1
+    teacher = 2 * n / (world_size if shard_teacher and mode == "fsdp" else 1)
+    student = 16 * n / w + (2 * 4 * n_block if w > 1 else 0)
+    acts = tokens * layers * (18 * hidden + 8 * inter)
+    logits = 3 * min(chunk_tokens, tokens) * vocab * 4
+    parts = {"params_B": n / 1e9, "teacher": teacher, "student": student, "activations": acts, "logits": logits}
+    out = {k: (v if k == "params_B" else v / 1e9) for k, v in parts.items()}
+    out["total"] = sum(v for k, v in out.items() if k != "params_B")
+    return out
