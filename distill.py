@@ -42,7 +42,7 @@ from hybrid.config import check_choice, config_dict
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
-from hybrid.parallel import full_state, gathered, local_optimizer_state, shard_teacher, wrap
+from hybrid.parallel import describe, full_state, gathered, local_optimizer_state, shard_teacher, wrap
 from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
@@ -289,6 +289,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
     if COMPILE:
         student.model.compile()  # in place: state-dict keys stay free of _orig_mod.
     model = wrap(KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS), student, PARALLEL, run.device)
+    print0(describe(model, PARALLEL))
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, run.device)
     start, metrics = 0, {}
     if ckpt:

@@ -80,6 +80,18 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def describe(model: nn.Module, mode: str) -> str:
+    """One line for the log: how the trained model is spread over the ranks."""
+    n_world = _world_size()
+    if n_world == 1:
+        return f"parallel: 1 process (--parallel={mode} wraps nothing)"
+    if not is_sharded(model):
+        return f"parallel: DDP over {n_world} ranks, the whole model on each"
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return f"parallel: FSDP2 over {n_world} ranks, {local / 1e6:.3f}M of {total / 1e6:.3f}M parameters on rank 0"
+
+
 @contextlib.contextmanager
 def no_sync(model: nn.Module):
     """Backward passes inside reduce no gradients (the micro-steps of grad accumulation before the

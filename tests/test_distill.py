@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -239,18 +240,24 @@ def test_another_runs_checkpoints_are_never_mixed_with(tiny_setup, stage1_run, t
 @pytest.mark.slow
 def test_fsdp_two_processes_match_one_and_resume_bit_exact(tiny_setup, stage1_run, tmp_path):
     """FSDP2 over 2 gloo processes (student sharded per block, teacher sharded too) follows the
-    1-process run; its checkpoints hold whole tensors in the 1-process shape; resuming its step-2
+    1-process run and 2-process DDP (the held-out KL too, whose val windows depend on the world
+    size); its checkpoints hold whole tensors in the 1-process shape; resuming its step-2
     checkpoint under FSDP2 redoes steps 2-3 bit-exactly, and 1 process resumes it too."""
     extra = ("--stage=2", f"--init={stage1_run}", "--stage2_steps=4", "--eval_every=2", "--save_every=2")
     fsdp = extra + ("--parallel=fsdp", "--shard_teacher=True")
     _cli(tiny_setup, tmp_path / "one", 1, *extra)
-    _cli(tiny_setup, tmp_path / "two", 2, *fsdp)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
-    a, b = ([m["loss"] for m in rows if "loss" in m] for rows in (one, two))
+    _cli(tiny_setup, tmp_path / "ddp", 2, *extra)
+    out = _cli(tiny_setup, tmp_path / "two", 2, *fsdp)
+    local, total = (float(x) for x in re.search(r"FSDP2 over 2 ranks, ([\d.]+)M of ([\d.]+)M", out).groups())
+    assert total > 0.15 and local < 0.6 * total  # sharded, not replicated
+    one, ddp, two = (metrics(tmp_path / d) for d in ("one", "ddp", "two"))
+    a, d, b = ([m["loss"] for m in rows if "loss" in m] for rows in (one, ddp, two))
     assert len(a) == len(b) == 4 and a[3] != a[0]
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
-    kl_a, kl_b = ([m["val_kl"] for m in rows if "val_kl" in m] for rows in (one, two))
-    torch.testing.assert_close(torch.tensor(kl_b), torch.tensor(kl_a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(d), rtol=1e-4, atol=1e-5)
+    kl_d, kl_b = ([m["val_kl"] for m in rows if "val_kl" in m] for rows in (ddp, two))
+    assert len(kl_b) == 2
+    torch.testing.assert_close(torch.tensor(kl_b), torch.tensor(kl_d), rtol=1e-4, atol=1e-5)
     ck_a, ck_b = (checkpoint.load_checkpoint(str(d / "ckpt" / "step_000004.pt")) for d in (tmp_path / "one", tmp_path / "two"))
     assert list(ck_a["model"]) == list(ck_b["model"])
     for k in ck_a["model"]:
