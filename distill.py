@@ -401,7 +401,7 @@ def main() -> dict:
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank unless SHARD_TEACHER
     if SHARD_TEACHER:
-        shard_teacher(teacher, device)
+        print0(shard_teacher(teacher, device))
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     run = Run(device, world_size, accum, autocast, RunLogger(RUN_DIR, is_master()), art.to_config(cfg))

@@ -58,13 +58,13 @@ def wrap(model: nn.Module, decoder: nn.Module, mode: str, device: torch.device) 
     return model
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
+def shard_teacher(teacher: nn.Module, device: torch.device) -> str:
     """Shard the frozen teacher's decoder blocks over the ranks (FSDP2, gathered block by block in
     each forward), in place; one process: nothing. Its LM head stays whole on every rank (the KL
     reads the weight outside the teacher's forward), untied from the embedding first when shared;
-    the embedding and final norm are sharded with `teacher.model` as the root."""
+    the embedding and final norm are sharded with `teacher.model` as the root. -> a line for the log."""
     if _world_size() == 1:
-        return
+        return "teacher: whole (1 process)"
     from torch.distributed.fsdp import fully_shard
     head = teacher.lm_head
     if head.weight is teacher.model.embed_tokens.weight:
@@ -73,6 +73,9 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
     for block in teacher.model.layers:
         fully_shard(block, mesh=mesh)
     fully_shard(teacher.model, mesh=mesh)
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in teacher.parameters())
+    total = sum(p.numel() for p in teacher.parameters())
+    return f"teacher: FSDP2 over {_world_size()} ranks, {local / 1e6:.3f}M of {total / 1e6:.3f}M parameters on rank 0"
 
 
 def is_sharded(model: nn.Module) -> bool:

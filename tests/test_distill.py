@@ -250,6 +250,8 @@ def test_fsdp_two_processes_match_one_and_resume_bit_exact(tiny_setup, stage1_ru
     out = _cli(tiny_setup, tmp_path / "two", 2, *fsdp)
     local, total = (float(x) for x in re.search(r"FSDP2 over 2 ranks, ([\d.]+)M of ([\d.]+)M", out).groups())
     assert total > 0.15 and local < 0.6 * total  # sharded, not replicated
+    local, total = (float(x) for x in re.search(r"teacher: FSDP2 over 2 ranks, ([\d.]+)M of ([\d.]+)M", out).groups())
+    assert total > 0.15 and local < 0.75 * total  # blocks sharded; the LM head stays whole
     one, ddp, two = (metrics(tmp_path / d) for d in ("one", "ddp", "two"))
     a, d, b = ([m["loss"] for m in rows if "loss" in m] for rows in (one, ddp, two))
     assert len(a) == len(b) == 4 and a[3] != a[0]

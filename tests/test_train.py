@@ -178,6 +178,8 @@ def test_two_process_fsdp_matches_one_process_and_resumes_bit_exact(tiny, tmp_pa
     np.testing.assert_allclose([two[s] for s in range(4)], [one[s] for s in range(4)], rtol=1e-5)
     np.testing.assert_allclose(list(metrics(tmp_path / "two", "val_loss").values()),
                                list(metrics(tmp_path / "one", "val_loss").values()), rtol=1e-5)
+    np.testing.assert_allclose(list(metrics(tmp_path / "two", "norm").values()),  # the global grad norm
+                               list(metrics(tmp_path / "one", "norm").values()), rtol=1e-4)
     assert json.load(open(tmp_path / "two" / "config.json"))["config"]["settings"]["grad_accum"] == 2
     wa, wb = (checkpoint.load_checkpoint(str(d / "ckpt" / "step_000004.pt")) for d in (tmp_path / "one", tmp_path / "two"))
     assert list(wa["model"]) == list(wb["model"])
