@@ -174,23 +174,58 @@ def decoder_params(layers: int, hidden: int, inter: int, vocab: int, heads: int,
 
 
 def stage2_memory_gb(layers: int, hidden: int, inter: int, vocab: int, heads: int, kv_heads: int, tied: bool,
-                     tokens: int, chunk_tokens: int, world_size: int = 1, mode: str = "ddp",
-                     shard_teacher: bool = False) -> dict:
+                     tokens: int, chunk_tokens: int = 4096, world_size: int = 1, mode: str = "ddp",
+                     shard_teacher: bool = False, act_factor: float = 2.4) -> dict:
     """Computed (not measured) stage-2 memory per GPU in GB (1e9 bytes), the student the teacher's size:
-    teacher bf16 weights (2 bytes/param), student fp32 weights + grads + AdamW moments (4+4+8 = 16
-    bytes/param), activations of one micro-batch of `tokens` tokens under bf16 autocast (per token
-    and block ~ 18*hidden + 8*inter bytes kept for backward: normed inputs, q/k/v, mixer output,
-    residuals, SwiGLU gate/up/product; no B*T*T scores with SDPA or a linear mixer), and the logit-KL
-    chunk (3 x chunk_tokens x vocab fp32). Under fsdp the student's 16 bytes/param are split over
-    world_size and one fp32 block is gathered whole at a time (x2 for the prefetch)."""
+      teacher   bf16 weights, 2 bytes/param (split over the ranks when sharded);
+      student   fp32 weights + grads + AdamW moments, 4+4+8 = 16 bytes/param (split over the ranks
+                under fsdp, plus two whole fp32 blocks: the one gathered and the one prefetched);
+      activations  of one micro-batch of `tokens` tokens per rank: act_factor x (18*hidden + 8*inter)
+                bytes per token and block, the bf16 tensors a block keeps for backward (normed inputs,
+                q/k/v, mixer output, residuals, SwiGLU gate/up/product) scaled by act_factor = 2.4, the
+                ratio of the one measured peak (H100, SmolLM2-135M all-GDN stage 2 at 16 x 2048
+                tokens: 57.7 GB, docs/results.md) to that count (the GDN mixer's fp32 gates and
+                chunk intermediates, the allocator's slack);
+      logits    the KL chunk: 3 x chunk_tokens x vocab fp32."""
     n = decoder_params(layers, hidden, inter, vocab, heads, kv_heads, tied)
     n_block = (n - vocab * hidden * (1 if tied else 2)) // layers
     w = world_size if mode == "fsdp" else 1
-    teacher = 2 * n / (world_size if shard_teacher and mode == "fsdp" else 1)
-    student = 16 * n / w + (2 * 4 * n_block if w > 1 else 0)
-    acts = tokens * layers * (18 * hidden + 8 * inter)
-    logits = 3 * min(chunk_tokens, tokens) * vocab * 4
-    parts = {"params_B": n / 1e9, "teacher": teacher, "student": student, "activations": acts, "logits": logits}
-    out = {k: (v if k == "params_B" else v / 1e9) for k, v in parts.items()}
-    out["total"] = sum(v for k, v in out.items() if k != "params_B")
-    return out
+    parts = {"teacher": 2 * n / (world_size if shard_teacher and mode == "fsdp" else 1),
+             "student": 16 * n / w + (2 * 4 * n_block if w > 1 else 0),
+             "activations": act_factor * tokens * layers * (18 * hidden + 8 * inter),
+             "logits": 3 * min(chunk_tokens, tokens) * vocab * 4}
+    out = {k: v / 1e9 for k, v in parts.items()}
+    return {"params_B": n / 1e9, **out, "total": sum(out.values())}
+
+
+# (layers, hidden, intermediate, vocab, heads, kv heads, tied embeddings) from the models' config.json
+TEACHER_SHAPES = {"SmolLM2-135M": (30, 576, 1536, 49152, 9, 3, True),
+                  "Qwen2.5-0.5B": (24, 896, 4864, 151936, 14, 2, True),
+                  "Qwen2.5-1.5B": (28, 1536, 8960, 151936, 12, 2, True),
+                  "Qwen2.5-3B": (36, 2048, 11008, 151936, 16, 2, True),
+                  "Qwen2.5-7B": (28, 3584, 18944, 152064, 28, 4, False),
+                  "Llama-3.1-8B": (32, 4096, 14336, 128256, 32, 8, False)}
+
+
+def memory_table(seq_len: int = 512, micro_batch: int = 16, gpus_gb: tuple[int, ...] = (80, 141)) -> str:
+    """The README's computed stage-2 memory tables (markdown): GB per GPU at `micro_batch` x `seq_len`
+    tokens per rank, and the largest power-of-2 micro-batch <= micro_batch that fits each GPU size
+    under DDP and under FSDP2 (student and teacher sharded) on 2 and 8 GPUs ("-": not even 1)."""
+    setups = [("DDP", 1, "ddp"), ("FSDP2 x2", 2, "fsdp"), ("FSDP2 x8", 8, "fsdp")]
+    head = ["| teacher | params | teacher bf16 | student 16 B/param | activations per 1k tokens | logit chunk |"
+            + "".join(f" {name} |" for name, _, _ in setups), "|---" * (6 + len(setups)) + "|"]
+    fits = ["| teacher |" + "".join(f" {name}, {gb} GB |" for name, _, _ in setups for gb in gpus_gb),
+            "|---" * (1 + len(setups) * len(gpus_gb)) + "|"]
+    for name, shape in TEACHER_SHAPES.items():
+        def total(mb, w, mode):
+            return stage2_memory_gb(*shape, tokens=mb * seq_len, world_size=w, mode=mode, shard_teacher=w > 1)
+        r, per_k = total(micro_batch, 1, "ddp"), stage2_memory_gb(*shape, tokens=1000)["activations"]
+        head.append(f"| {name} | {r['params_B']:.2f}B | {r['teacher']:.1f} | {r['student']:.1f} | {per_k:.2f} | "
+                    f"{r['logits']:.1f} |" + "".join(f" {total(micro_batch, w, m)['total']:.0f} |" for _, w, m in setups))
+        cells = []
+        for _, w, mode in setups:
+            for gb in gpus_gb:
+                ok = [mb for mb in (16, 8, 4, 2, 1) if mb <= micro_batch and total(mb, w, mode)["total"] <= gb]
+                cells.append(f" {ok[0]} |" if ok else " - |")
+        fits.append(f"| {name} |" + "".join(cells))
+    return "\n".join(head) + "\n\n" + "\n".join(fits)
