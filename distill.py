@@ -122,6 +122,8 @@ def check_settings() -> dict:
                          "in rotation), which fit every rank: drop --parallel for stage 1")
     if SHARD_TEACHER and PARALLEL != "fsdp":
         raise ValueError("--shard_teacher=True needs --parallel=fsdp")
+    if COMPILE and PARALLEL == "fsdp":
+        raise ValueError("--compile=True with --parallel=fsdp is untested here; drop --compile or use --parallel=ddp")
     for name, path, fix in (("spec", SPEC if SPEC.endswith(".json") else "", "run select_layers.py first"),
                             ("init", INIT, "run stage 1 first")):
         if path and not os.path.exists(path):

@@ -45,3 +45,18 @@ def test_one_process_is_plain_training():
     assert local_optimizer_state(opt, optim) is optim
     with pytest.raises(ValueError, match="--parallel='zero3'"):
         wrap(model, model, "zero3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(STAGE=1, PARALLEL="fsdp"), "stage 1 trains mixers only"),
+    (dict(STAGE=2, SHARD_TEACHER=True), "needs --parallel=fsdp"),
+    (dict(STAGE=2, PARALLEL="fsdp", COMPILE=True), "drop --compile"),
+    (dict(STAGE=2, PARALLEL="zero3"), "parallel"),
+])
+def test_distill_refuses_what_fsdp_does_not_cover(settings, message, monkeypatch):
+    import distill
+    for name, value in {"STAGE": 2, "PARALLEL": "ddp", "SHARD_TEACHER": False, "COMPILE": False, "SPEC": "gdn",
+                        "INIT": "", **settings}.items():
+        monkeypatch.setattr(distill, name, value)
+    with pytest.raises(ValueError, match=message):
+        distill.check_settings()

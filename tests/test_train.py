@@ -221,6 +221,9 @@ def test_bad_settings(tiny, tmp_path, monkeypatch):
     configure(monkeypatch, tiny, tmp_path, RESUME=str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="--resume=auto"):
         train.main()
+    configure(monkeypatch, tiny, tmp_path, PARALLEL="zero3")
+    with pytest.raises(ValueError, match="--parallel='zero3': expected 'ddp' or 'fsdp'"):
+        train.main()
 
 
 def test_finetune_hybrid_checkpoint(tiny, tmp_path, monkeypatch):
