@@ -127,23 +127,28 @@ def gathered(model: nn.Module):
         model.reshard()
 
 
-def _full(t):
-    """A whole CPU copy of a tensor, gathered when sharded (a collective: every rank calls it in
-    the same order); non-tensors unchanged."""
+def _full(t, keep: bool):
+    """A whole CPU copy of a tensor (None where not `keep`), gathered when sharded: a collective, so
+    every rank calls it for the same tensors in the same order; non-tensors unchanged."""
     if isinstance(t, DTensor):
-        return t.full_tensor().cpu()
-    return t.detach().cpu() if torch.is_tensor(t) else t
+        t = t.full_tensor()
+    if not torch.is_tensor(t):
+        return t
+    return t.detach().cpu() if keep else None
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict | None]:
-    """-> (model.state_dict(), optimizer.state_dict()) with every tensor whole and on the CPU: what a
-    checkpoint stores whatever the mode. Under FSDP2 every rank must call it (it gathers)."""
-    model_state = {k: _full(v) for k, v in model.state_dict().items()}
-    if optimizer is None:
-        return model_state, None
-    sd = optimizer.state_dict()
-    state = {i: {k: _full(v) for k, v in s.items()} for i, s in sd["state"].items()}
-    return model_state, {**sd, "state": state}
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[dict | None, dict | None]:
+    """-> (model.state_dict(), optimizer.state_dict()) with every tensor whole and on the CPU, what a
+    checkpoint stores whatever the mode, on rank 0; (None, None) on the other ranks, which must
+    call it too under FSDP2 (it gathers) but keep no host copy (at 7B the AdamW state alone is
+    ~90 GB per copy)."""
+    keep = not dist.is_initialized() or dist.get_rank() == 0
+    model_state = {k: _full(v, keep) for k, v in model.state_dict().items()}
+    optim_state = None
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        optim_state = {**sd, "state": {i: {k: _full(v, keep) for k, v in s.items()} for i, s in sd["state"].items()}}
+    return (model_state, optim_state) if keep else (None, None)
 
 
 def local_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> dict:
