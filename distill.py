@@ -17,6 +17,7 @@ Launch:
   python distill.py --stage=1                                    # 1 GPU, rotation over all layers
   python distill.py --stage=2 --init=runs/stage1 --spec="gdn;softmax=3,11,19,27"
   torchrun --standalone --nproc_per_node=8 distill.py --stage=2 ...
+  torchrun ... distill.py --stage=2 --parallel=fsdp --shard_teacher=True ...  # 7B/8B teachers (README: which fit)
 Reads models/<teacher>/ and data/<name>/*.bin (prepare.py); writes RUN_DIR/{config.json,
 log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt} (a rotation's step_k.pt holds only the
 k-th trained layer's parameters; README says what a run needs on disk). Re-running the same command

@@ -19,6 +19,7 @@ Launch (from the repo root):
                   --micro_batch=2 --total_batch_tokens=512 --max_steps=5 --eval_batches=2 --run_dir=runs/smoke
   1 GPU:      python train.py --checkpoint=runs/distill --run_dir=runs/stage3
   8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py --checkpoint=runs/distill
+              (add --parallel=fsdp to shard weights, grads and AdamW state per decoder block: FSDP2)
 Resume a killed run: the same command again (--resume=auto is the default; it refuses a run dir whose
 checkpoints were written with other settings), or --resume=<checkpoint .pt>.
 
