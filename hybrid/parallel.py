@@ -189,8 +189,9 @@ def stage2_memory_gb(layers: int, hidden: int, inter: int, vocab: int, heads: in
                 bytes per token and block, the bf16 tensors a block keeps for backward (normed inputs,
                 q/k/v, mixer output, residuals, SwiGLU gate/up/product) scaled by act_factor = 2.4, the
                 ratio of the one measured peak (H100, SmolLM2-135M all-GDN stage 2 at 16 x 2048
-                tokens: 57.7 GB, docs/results.md) to that count (the GDN mixer's fp32 gates and
-                chunk intermediates, the allocator's slack);
+                tokens: 57.7 GB max allocated, docs/results.md) to that count (what the count
+                leaves out: the GDN mixer's fp32 gates and chunk intermediates, autocast's bf16
+                weight copies, the teacher forward's transients);
       logits    the KL chunk: 3 x chunk_tokens x vocab fp32."""
     n = decoder_params(layers, hidden, inter, vocab, heads, kv_heads, tied)
     n_block = (n - vocab * hidden * (1 if tied else 2)) // layers
@@ -218,7 +219,7 @@ def memory_table(seq_len: int = 512, micro_batch: int = 16, gpus_gb: tuple[int, 
     under DDP and under FSDP2 (student and teacher sharded) on 2 and 8 GPUs ("-": not even 1)."""
     setups = [("DDP", 1, "ddp"), ("FSDP2 x2", 2, "fsdp"), ("FSDP2 x8", 8, "fsdp")]
     head = ["| teacher | params | teacher bf16 | student 16 B/param | activations per 1k tokens | logit chunk |"
-            + "".join(f" {name} |" for name, _, _ in setups), "|---" * (6 + len(setups)) + "|"]
+            + "".join(f" {name} total |" for name, _, _ in setups), "|---" * (6 + len(setups)) + "|"]
     fits = ["| teacher |" + "".join(f" {name}, {gb} GB |" for name, _, _ in setups for gb in gpus_gb),
             "|---" * (1 + len(setups) * len(gpus_gb)) + "|"]
     for name, shape in TEACHER_SHAPES.items():
