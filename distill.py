@@ -17,6 +17,7 @@ Launch:
   python distill.py --stage=1                                    # 1 GPU, rotation over all layers
   python distill.py --stage=2 --init=runs/stage1 --spec="gdn;softmax=3,11,19,27"
   torchrun --standalone --nproc_per_node=8 distill.py --stage=2 ...
+  torchrun ... distill.py --stage=2 --parallel=fsdp --shard_teacher=True ...  # 7B/8B teachers (README: which fit)
 Reads models/<teacher>/ and data/<name>/*.bin (prepare.py); writes RUN_DIR/{config.json,
 log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt} (a rotation's step_k.pt holds only the
 k-th trained layer's parameters; README says what a run needs on disk). Re-running the same command
@@ -31,7 +32,6 @@ import time
 from typing import NamedTuple
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
@@ -44,6 +44,7 @@ from hybrid.fastpath import compile_layers
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.parallel import describe, full_state, gathered, local_optimizer_state, shard_teacher, wrap
 from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
@@ -91,6 +92,9 @@ LOG_EVERY = 10
 SAVE_EVERY = 500                # stage 2 steps; stage 1 saves after every layer
 KEEP_CHECKPOINTS = 2
 RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one | "" : start fresh | a checkpoint path
+# Several GPUs (torchrun)
+PARALLEL = "ddp"                # stage 2: "ddp" (whole student per rank) | "fsdp" (FSDP2: student sharded per block)
+SHARD_TEACHER = False           # fsdp: shard the frozen teacher's blocks too (True) or keep it whole per rank
 SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of student and teacher (GPU only; hybrid/fastpath.py)
 PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
@@ -98,7 +102,8 @@ SMOKE = False                   # tiny budget on CPU: a few steps per stage, sma
 # -----------------------------------------------------------------------------
 # settings that cannot change what a run computes: a checkpoint written with any other setting
 # different is refused on resume (hybrid.checkpoint.resume_point)
-_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE")
+_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE",
+              "PARALLEL", "SHARD_TEACHER")  # fsdp and ddp write the same checkpoints: switching modes resumes
 
 
 def smoke_settings(g: dict) -> None:
@@ -113,6 +118,12 @@ def check_settings() -> dict:
     check_choice("stage", STAGE, (1, 2))
     check_choice("stage1_mode", STAGE1_MODE, ("rotation", "all"))
     check_choice("target", TARGET, ("layer", "attn"))
+    check_choice("parallel", PARALLEL, ("ddp", "fsdp"))
+    if PARALLEL == "fsdp" and STAGE == 1:
+        raise ValueError("--parallel=fsdp shards stage 2's student; stage 1 trains mixers only (a layer at a time "
+                         "in rotation), which fit every rank: drop --parallel for stage 1")
+    if SHARD_TEACHER and PARALLEL != "fsdp":
+        raise ValueError("--shard_teacher=True needs --parallel=fsdp")
     for name, path, fix in (("spec", SPEC if SPEC.endswith(".json") else "", "run select_layers.py first"),
                             ("init", INIT, "run stage 1 first")):
         if path and not os.path.exists(path):
@@ -277,13 +288,12 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
 def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
     """Full-model KL distillation; -> the last held-out metrics (val_kl, val_ppl, teacher_ppl, top1_agreement)."""
     student.requires_grad_(True)  # every student parameter trains in stage 2
+    model = wrap(KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS), student, PARALLEL, run.device)
+    print0(describe(model, PARALLEL))
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, run.device)
-    model = KLStudent(student, TEMPERATURE, CE_WEIGHT, KL_CHUNK_TOKENS)
-    if run.world_size > 1:
-        model = DDP(model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     start, metrics = 0, {}
     if ckpt:
-        load_optimizer(opt, ckpt["optim"])
+        load_optimizer(opt, local_optimizer_state(opt, ckpt["optim"]))
         loader.load_state_dict(ckpt["loader"])
         start, metrics = ckpt["step"], ckpt.get("val_metrics", {})
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
@@ -312,7 +322,8 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
                          "train_tokens": (step + 1) * step_tokens,
                          "tok_per_s": step_tokens / (time.time() - t1)})
         if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
-            r = held_out_kl(student, teacher, val, run.device, run.autocast, KL_CHUNK_TOKENS, reduce=True)
+            with gathered(model):
+                r = held_out_kl(student, teacher, val, run.device, run.autocast, KL_CHUNK_TOKENS, reduce=True)
             metrics = {k: r[k] for k in ("val_kl", "val_ppl", "teacher_ppl", "top1_agreement")}
             run.log.log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
                         f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, run.world_size)}",
@@ -333,8 +344,9 @@ def write_profile(prof) -> None:
 
 
 def save(run: Run, student, opt, extra: dict, step: int) -> None:
+    model_state, optim_state = full_state(student, opt)  # whole tensors under fsdp too (every rank gathers)
     if is_master():
-        state = {"model": student.state_dict(), "optim": opt.state_dict() if opt else None, "step": step,
+        state = {"model": model_state, "optim": optim_state, "step": step,
                  "config": run.config, "rng": rng_state(), **extra}
         save_checkpoint(RUN_DIR, step, state, keep=KEEP_CHECKPOINTS)
     barrier()
@@ -387,10 +399,14 @@ def main() -> dict:
         print0(f"seeded layers {seeded} from {INIT}")
     del source
     student.to(device).train()
-    teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank
-    if COMPILE:  # in place: state-dict keys stay free of _orig_mod.
+    teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank unless SHARD_TEACHER
+    if COMPILE and PARALLEL == "fsdp":
+        print0("--compile: off under --parallel=fsdp (per-layer compile of sharded blocks is untested here)")
+    elif COMPILE:  # in place: state-dict keys stay free of _orig_mod.
         compile_layers(student)
         compile_layers(teacher)
+    if SHARD_TEACHER:
+        print0(shard_teacher(teacher, device))
     accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     run = Run(device, world_size, accum, autocast, RunLogger(RUN_DIR, is_master()), art.to_config(cfg))
@@ -409,9 +425,10 @@ def main() -> dict:
     else:
         metrics = stage2(run, teacher, student, loader, val, ckpt)
     summary = {"stage": STAGE, "seconds": time.time() - t0, "val_mse": {}, **metrics}
+    final_state, _ = full_state(student, None)
     if is_master():
         atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
-        atomic_torch_save({"model": student.state_dict(), "config": run.config, "step": 0}, final_path(RUN_DIR))
+        atomic_torch_save({"model": final_state, "config": run.config, "step": 0}, final_path(RUN_DIR))
         plot_run(RUN_DIR)
     barrier()
     print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")

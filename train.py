@@ -19,6 +19,7 @@ Launch (from the repo root):
                   --micro_batch=2 --total_batch_tokens=512 --max_steps=5 --eval_batches=2 --run_dir=runs/smoke
   1 GPU:      python train.py --checkpoint=runs/distill --run_dir=runs/stage3
   8 GPUs:     torchrun --standalone --nproc_per_node=8 train.py --checkpoint=runs/distill
+              (add --parallel=fsdp to shard weights, grads and AdamW state per decoder block: FSDP2)
 Resume a killed run: the same command again (--resume=auto is the default; it refuses a run dir whose
 checkpoints were written with other settings), or --resume=<checkpoint .pt>.
 
@@ -36,12 +37,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from hybrid import checkpoint, common
 from hybrid.common import all_mean
 from hybrid.config import config_dict
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.parallel import describe, full_state, local_optimizer_state, no_sync, wrap
 from hybrid.student import Artifact, rebuild_student
 
 # -----------------------------------------------------------------------------
@@ -72,11 +73,13 @@ RESUME = "auto"                 # "auto": continue RUN_DIR's run if it has one |
 # System
 SEED = 1337                     # same on every rank, set before building modules
 COMPILE = False                 # torch.compile the model (worth it on GPU; slow to start on CPU)
+PARALLEL = "ddp"                # "ddp" (whole model per rank) | "fsdp" (FSDP2: sharded per decoder block)
 DTYPE = "auto"                  # "auto" (bf16 autocast on GPU, fp32 on CPU) | "bf16" | "fp32"
 # -----------------------------------------------------------------------------
 # settings that cannot change what a run computes: a checkpoint written with any other setting
 # different is refused on resume (hybrid.checkpoint.resume_point)
-_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "COMPILE")
+_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "COMPILE",
+              "PARALLEL")  # fsdp and ddp write the same checkpoints: switching modes resumes
 
 
 def build_model(source: dict | None, master: bool) -> tuple[torch.nn.Module, object, Artifact]:
@@ -144,6 +147,10 @@ def main() -> None:
         raise ValueError(f"--init={INIT!r}: expected 'pretrained' or 'scratch'")
     if DTYPE not in ("auto", "bf16", "fp32"):
         raise ValueError(f"--dtype={DTYPE!r}: expected 'auto', 'bf16' or 'fp32'")
+    if PARALLEL not in ("ddp", "fsdp"):
+        raise ValueError(f"--parallel={PARALLEL!r}: expected 'ddp' or 'fsdp'")
+    if COMPILE and PARALLEL == "fsdp":
+        raise ValueError("--compile=True with --parallel=fsdp is untested here; drop --compile or use --parallel=ddp")
     grad_accum = grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, world_size)  # ValueError if not whole
     dtype = {"auto": common.autocast_dtype(device), "bf16": torch.bfloat16, "fp32": torch.float32}[DTYPE]
     amp = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -181,19 +188,21 @@ def main() -> None:
                          f"batch; raise --eval_batches or pass --eval_batches=0")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, n_val, rank=rank, world_size=world_size) if n_val else []
 
-    # ---- optimizer and resume ----
+    # ---- wrap (FSDP2 before the optimizer: it swaps the parameters for shards) and resume ----
+    if PARALLEL == "fsdp":
+        model = wrap(model, model, PARALLEL, device)
     optim = make_optimizer(raw_model, device)
     start_step = 0
     if resume is not None:
-        load_optimizer(optim, resume["optim"])
+        load_optimizer(optim, local_optimizer_state(optim, resume["optim"]))
         loader.load_state_dict(resume["loader"])
         common.set_rng_state(resume["rng"])
         start_step = resume["step"]
         del resume
     if COMPILE:
         model = torch.compile(model)
-    if world_size > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if PARALLEL == "ddp":
+        model = wrap(model, raw_model, PARALLEL, device)
 
     # ---- startup report ----
     n_total = sum(p.numel() for p in raw_model.parameters())
@@ -207,6 +216,7 @@ def main() -> None:
     common.print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     common.print0(f"env: {env}")
     common.print0(f"dtype: {env['dtype']} (--dtype={DTYPE}; auto = bf16 autocast on GPU, fp32 on CPU where bf16 is slow)")
+    common.print0(describe(model, PARALLEL))
     common.print0(f"params: {n_train:,} trainable / {n_total:,} total | spec: {spec or 'plain ' + type(raw_model).__name__}")
     common.print0(f"batch: {TOTAL_BATCH_TOKENS:,} tokens/step = {MICRO_BATCH} rows x {SEQ_LEN} tokens x "
                   f"{world_size} ranks x {grad_accum} micro-steps | val: {len(val) * world_size} batches")
@@ -229,9 +239,8 @@ def main() -> None:
         for micro in range(grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # under DDP, all-reduce gradients only on the last micro-step
-            sync = world_size == 1 or micro == grad_accum - 1
-            with nullcontext() if sync else model.no_sync():
+            # under DDP/FSDP2, reduce gradients only on the last micro-step
+            with nullcontext() if micro == grad_accum - 1 else no_sync(model):
                 with amp:
                     logits = model(input_ids=x, use_cache=False).logits
                     loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / grad_accum
@@ -253,8 +262,9 @@ def main() -> None:
             t_last, steps_since = time.time(), 0
 
         if (step + 1) % SAVE_EVERY == 0 or last:
+            model_state, optim_state = full_state(raw_model, optim)  # whole tensors under fsdp too (all ranks gather)
             if master:
-                state = {"model": raw_model.state_dict(), "optim": optim.state_dict(), "step": step + 1,
+                state = {"model": model_state, "optim": optim_state, "step": step + 1,
                          "loader": loader.state_dict(), "config": run_config, "rng": common.rng_state()}
                 path = checkpoint.save_checkpoint(RUN_DIR, step + 1, state, keep=KEEP_CHECKPOINTS)
                 common.print0(f"saved {path}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from .common import all_mean
 from .losses import chunked_distill_loss
+from .parallel import no_sync
 from .surgery import mixer_parameters
 
 
@@ -99,8 +100,8 @@ class TeacherTargets:
 
 def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, device: torch.device, autocast,
                   targets: TeacherTargets | None = None, first: int = 0) -> torch.Tensor:
-    """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP:
-    then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached.
+    """`accum` micro-steps of the KL forward + backward on `model` (a KLStudent, maybe under DDP or
+    FSDP2: then grads sync on the last micro-step only), loss scaled by 1/accum; -> the mean loss, detached.
     Each micro-step reads loader.next_batch() and runs the teacher, or, given cached `targets`
     (GA-S2; loader unused), takes batches first .. first + accum - 1 of them."""
     w_t = teacher.lm_head.weight
@@ -112,7 +113,7 @@ def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, devi
         else:
             x, y, h_t = targets[first + micro]
         last = micro == accum - 1
-        with (model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()), autocast:
+        with (no_sync(model) if not last else contextlib.nullcontext()), autocast:
             loss, _ = model(x, y, h_t, w_t)
             (loss / accum).backward()
         loss_sum += loss.detach() / accum

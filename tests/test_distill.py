@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -233,3 +235,52 @@ def test_another_runs_checkpoints_are_never_mixed_with(tiny_setup, stage1_run, t
     with pytest.raises(ValueError, match="another run's checkpoints .*nothing is deleted"):
         distill.main()
     assert sorted(os.listdir(tmp_path / "ckpt")) == files
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_and_resume_bit_exact(tiny_setup, stage1_run, tmp_path):
+    """FSDP2 over 2 gloo processes (student sharded per block, teacher sharded too) follows the
+    1-process run and 2-process DDP (the held-out KL too, whose val windows depend on the world
+    size); its checkpoints hold whole tensors in the 1-process shape; resuming its step-2
+    checkpoint under FSDP2 redoes steps 2-3 bit-exactly, and 1 process resumes it too."""
+    extra = ("--stage=2", f"--init={stage1_run}", "--stage2_steps=4", "--eval_every=2", "--save_every=2")
+    fsdp = extra + ("--parallel=fsdp", "--shard_teacher=True")
+    _cli(tiny_setup, tmp_path / "one", 1, *extra)
+    _cli(tiny_setup, tmp_path / "ddp", 2, *extra)
+    out = _cli(tiny_setup, tmp_path / "two", 2, *fsdp)
+    local, total = (float(x) for x in re.search(r"FSDP2 over 2 ranks, ([\d.]+)M of ([\d.]+)M", out).groups())
+    assert total > 0.15 and local < 0.6 * total  # sharded, not replicated
+    local, total = (float(x) for x in re.search(r"teacher: FSDP2 over 2 ranks, ([\d.]+)M of ([\d.]+)M", out).groups())
+    assert total > 0.15 and local < 0.75 * total  # blocks sharded; the LM head stays whole
+    one, ddp, two = (metrics(tmp_path / d) for d in ("one", "ddp", "two"))
+    a, d, b = ([m["loss"] for m in rows if "loss" in m] for rows in (one, ddp, two))
+    assert len(a) == len(b) == 4 and a[3] != a[0]
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(d), rtol=1e-4, atol=1e-5)
+    kl_d, kl_b = ([m["val_kl"] for m in rows if "val_kl" in m] for rows in (ddp, two))
+    assert len(kl_b) == 2
+    torch.testing.assert_close(torch.tensor(kl_b), torch.tensor(kl_d), rtol=1e-4, atol=1e-5)
+    ck_a, ck_b = (checkpoint.load_checkpoint(str(d / "ckpt" / "step_000004.pt")) for d in (tmp_path / "one", tmp_path / "two"))
+    assert list(ck_a["model"]) == list(ck_b["model"])
+    for k in ck_a["model"]:
+        torch.testing.assert_close(ck_b["model"][k], ck_a["model"][k], rtol=1e-3, atol=1e-5)
+    assert ck_a["optim"]["state"].keys() == ck_b["optim"]["state"].keys()
+    for i, s in ck_a["optim"]["state"].items():
+        assert {k: tuple(v.shape) for k, v in s.items()} == {k: tuple(v.shape) for k, v in ck_b["optim"]["state"][i].items()}
+    assert {k: v for k, v in ck_a["optim"].items() if k != "state"} == {k: v for k, v in ck_b["optim"].items() if k != "state"}
+    final = checkpoint.load_checkpoint(str(tmp_path / "two" / "ckpt" / "final.pt"))["model"]
+    assert all(torch.equal(final[k], ck_b["model"][k]) for k in final)
+
+    # a kill right after the step-2 checkpoint leaves exactly this run dir behind
+    for name, procs, args in (("again", 2, fsdp), ("as_ddp", 1, extra)):
+        (tmp_path / name / "ckpt").mkdir(parents=True)
+        shutil.copy(tmp_path / "two" / "ckpt" / "step_000002.pt", tmp_path / name / "ckpt")
+        _cli(tiny_setup, tmp_path / name, procs, *args)
+        c = {m["step"]: m["loss"] for m in metrics(tmp_path / name) if "loss" in m}
+        assert sorted(c) == [2, 3]
+        ck_c = checkpoint.load_checkpoint(str(tmp_path / name / "ckpt" / "step_000004.pt"))
+        if name == "again":
+            assert [c[2], c[3]] == b[2:]  # bit-exact
+            assert all(torch.equal(ck_c["model"][k], ck_b["model"][k]) for k in ck_b["model"])
+        else:
+            torch.testing.assert_close(torch.tensor([c[2], c[3]]), torch.tensor(b[2:]), rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ save_pretrained; shards of a repeated random pattern (learnable in a few steps) 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -161,6 +162,43 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "two" / "config.json"))["config"]["settings"]["grad_accum"] == 1
 
 
+@pytest.mark.slow
+def test_two_process_fsdp_matches_one_process_and_resumes_bit_exact(tiny, tmp_path, monkeypatch):
+    """FSDP2 over 2 gloo processes, 2 micro-steps each (gradient sync skipped on the first): the
+    1-process losses and weights; whole-tensor checkpoints in the 1-process shape; its step-2
+    checkpoint resumed under FSDP2 gives steps 2-3 and the final weights bit-exactly."""
+    kw = dict(MAX_STEPS=4, TOTAL_BATCH_TOKENS=256, SAVE_EVERY=2, EVAL_EVERY=2)
+    configure(monkeypatch, tiny, tmp_path / "one", **kw)
+    train.main()
+    r = _run(_cli_args(tiny, tmp_path / "two", PARALLEL="fsdp", **kw), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "parallel: FSDP2 over 2 ranks" in r.stdout
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(4)) and one[3] != one[0]
+    np.testing.assert_allclose([two[s] for s in range(4)], [one[s] for s in range(4)], rtol=1e-5)
+    np.testing.assert_allclose(list(metrics(tmp_path / "two", "val_loss").values()),
+                               list(metrics(tmp_path / "one", "val_loss").values()), rtol=1e-5)
+    np.testing.assert_allclose(list(metrics(tmp_path / "two", "norm").values()),  # the global grad norm
+                               list(metrics(tmp_path / "one", "norm").values()), rtol=1e-4)
+    assert json.load(open(tmp_path / "two" / "config.json"))["config"]["settings"]["grad_accum"] == 2
+    wa, wb = (checkpoint.load_checkpoint(str(d / "ckpt" / "step_000004.pt")) for d in (tmp_path / "one", tmp_path / "two"))
+    assert list(wa["model"]) == list(wb["model"])
+    for k in wa["model"]:
+        torch.testing.assert_close(wb["model"][k], wa["model"][k], rtol=1e-4, atol=1e-6)
+    assert {i: sorted(s) for i, s in wa["optim"]["state"].items()} == {i: sorted(s) for i, s in wb["optim"]["state"].items()}
+    assert all(wb["optim"]["state"][i]["exp_avg"].shape == s["exp_avg"].shape for i, s in wa["optim"]["state"].items())
+
+    again = tmp_path / "again"  # what a kill right after the step-2 checkpoint leaves behind
+    (again / "ckpt").mkdir(parents=True)
+    shutil.copy(tmp_path / "two" / "ckpt" / "step_000002.pt", again / "ckpt")
+    r = _run(_cli_args(tiny, again, PARALLEL="fsdp", **kw), nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    c = metrics(again)
+    assert sorted(c) == [2, 3] and [c[2], c[3]] == [two[2], two[3]]  # bit-exact
+    wc = checkpoint.load_checkpoint(str(again / "ckpt" / "step_000004.pt"))
+    assert all(torch.equal(wc["model"][k], wb["model"][k]) for k in wb["model"])
+
+
 def test_cli_smoke(tiny, tmp_path):
     r = _run(_cli_args(tiny, tmp_path, MAX_STEPS=3, SAVE_EVERY=2, KEEP_CHECKPOINTS=1))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -182,6 +220,9 @@ def test_bad_settings(tiny, tmp_path, monkeypatch):
         train.main()
     configure(monkeypatch, tiny, tmp_path, RESUME=str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="--resume=auto"):
+        train.main()
+    configure(monkeypatch, tiny, tmp_path, PARALLEL="zero3")
+    with pytest.raises(ValueError, match="--parallel='zero3': expected 'ddp' or 'fsdp'"):
         train.main()
 
 
