@@ -37,6 +37,7 @@ from hybrid.fastpath import compile_layers
 from hybrid.losses import chunked_distill_loss, layer_mse
 from hybrid.model.spec import parse_spec
 from hybrid.optim import adamw, optimizer_step
+from hybrid.shards import RandomBatches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, stage2_param_groups, teacher_hidden
 from hybrid.surgery import build_student
 
@@ -108,20 +109,6 @@ def marker(device):
 
 def elapsed_ms(a, b) -> float:
     return (b - a) * 1e3 if isinstance(a, float) else a.elapsed_time(b)
-
-
-class RandomBatches:
-    """ShardLoader's interface on random tokens: next_batch() -> int64 CPU (x, y), a fixed cycle."""
-
-    def __init__(self, B: int, T: int, vocab: int, n: int = 8, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.data = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(n)]
-        self.i = 0
-
-    def next_batch(self):
-        buf = self.data[self.i % len(self.data)]
-        self.i += 1
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
 
 def make_teacher(device):

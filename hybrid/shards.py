@@ -263,3 +263,18 @@ def check_tokenizer(manifest: dict, tokenizer, data_dir: str) -> None:
                              f"{manifest.get('tokenizer')!r} ({key}={manifest.get(key)!r}), but the model's "
                              f"tokenizer {mine['tokenizer']!r} has {key}={mine[key]!r}; re-run "
                              f"`python prepare.py --teacher=<this teacher> --out_dir=<new dir>`")
+
+
+class RandomBatches:
+    """ShardLoader's interface on random tokens (benchmarks, tests): next_batch() -> int64 CPU (x, y)
+    of shape (B, T), cycling through n fixed batches drawn from `seed`."""
+
+    def __init__(self, B: int, T: int, vocab: int, n: int = 8, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(n)]
+        self.i = 0
+
+    def next_batch(self):
+        buf = self.data[self.i % len(self.data)]
+        self.i += 1
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()

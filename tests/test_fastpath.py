@@ -4,20 +4,9 @@ import torch
 from hybrid.fastpath import compile_layers
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, teacher_hidden
 from hybrid.model.mixer_base import causal_conv
+from hybrid.shards import RandomBatches
 from hybrid.surgery import build_student
 from test_mixers import tiny_teacher
-
-
-class Batches:
-    def __init__(self, n=3, B=2, T=12, vocab=50, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.data = [torch.randint(0, vocab, (B, T + 1), generator=g) for _ in range(n)]
-        self.i = 0
-
-    def next_batch(self):
-        buf = self.data[self.i % len(self.data)]
-        self.i += 1
-        return buf[:, :-1], buf[:, 1:]
 
 
 def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards():
@@ -28,8 +17,8 @@ def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards
         torch.manual_seed(5)
         students.append(build_student(teacher, ["gdn", "softmax"]).requires_grad_(True))
     cpu, autocast = torch.device("cpu"), torch.autocast("cpu", enabled=False)
-    ref_loss = accumulate_kl(KLStudent(students[0]), teacher, Batches(vocab=vocab), 2, cpu, autocast)
-    targets = TeacherTargets(teacher, Batches(vocab=vocab), cpu)
+    ref_loss = accumulate_kl(KLStudent(students[0]), teacher, RandomBatches(2, 12, vocab, n=3), 2, cpu, autocast)
+    targets = TeacherTargets(teacher, RandomBatches(2, 12, vocab, n=3), cpu)
     loss = accumulate_kl(KLStudent(students[1]), teacher, None, 2, cpu, autocast, targets=targets, first=0)
     torch.testing.assert_close(loss, ref_loss)
     for (n, a), b in zip(students[1].named_parameters(), students[0].parameters()):
@@ -37,12 +26,13 @@ def test_cached_teacher_targets_give_the_same_loss_and_grads_as_teacher_forwards
     assert len(targets) == 2  # filled on demand, kept for the next candidate
     x, y, h = targets[1]
     assert targets[1][2] is h and h.shape == (*x.shape, teacher.config.hidden_size)
-    small = TeacherTargets(teacher, Batches(vocab=vocab), torch.device("cpu"), max_bytes=h.numel() * h.element_size())
+    small = TeacherTargets(teacher, RandomBatches(2, 12, vocab, n=3), torch.device("cpu"),
+                           max_bytes=h.numel() * h.element_size())
     assert small.batches[0:0] == [] and small[1][2].shape == h.shape  # over budget: recomputed, same values
     assert small.batches[0][2] is not None and small.batches[1][2] is None
     torch.testing.assert_close(small[1][2], h)
     # a later optimizer step (first=2) reads the batches after the first step's, in the loader's order
-    later = Batches(vocab=vocab)
+    later = RandomBatches(2, 12, vocab, n=3)
     later.next_batch(), later.next_batch()
     ref2 = accumulate_kl(KLStudent(students[0]), teacher, later, 2, cpu, autocast)
     got2 = accumulate_kl(KLStudent(students[1]), teacher, None, 2, cpu, autocast, targets=targets, first=2)
