@@ -157,8 +157,9 @@ class TeacherInitMixer(nn.Module):
     def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """The decode state mix() returns, {name: (shape, dtype)} for `batch` sequences of a model in
         `dtype`: fixed size whatever the context, so a static cache can preallocate it and copy_ each
-        step's new state into it (engine.py). Each mixer lists its own; a test checks it against mix()."""
-        raise NotImplementedError(f"{type(self).__name__} does not list its cache_shapes")
+        step's new state into it (engine.py); a test checks it against mix(). This default is the linear
+        mixers' matrix state S (B, H, D, D) in at least fp32; mixers with more state extend or replace it."""
+        return {"S": ((batch, self.n_heads, self.head_dim, self.head_dim), torch.promote_types(dtype, torch.float32))}
 
     def cache_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of decode state per sequence (the same at every context length)."""

@@ -55,10 +55,9 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
-        H, D = self.n_heads, self.head_dim
-        shapes = {"S": ((batch, H, D, D), torch.promote_types(dtype, torch.float32))}
+        shapes = super().cache_shapes(batch, dtype)  # S
         if self.conv_size > 1:
-            shapes["conv"] = ((batch, self.conv_size - 1, (H + 2 * self.n_kv_heads) * D), dtype)
+            shapes["conv"] = ((batch, self.conv_size - 1, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim), dtype)
         return shapes
 
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
@@ -111,9 +110,6 @@ class GLAMixer(TeacherInitMixer):
         nn.init.zeros_(self.gk_up.bias)  # alpha ~ exp(logsigmoid(0) / 16) ~ 0.958 per token at init
         self.g_proj = nn.Linear(C, H * D, bias=False)
         self.o_norm = HeadRMSNorm(D, self.eps)
-
-    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
-        return {"S": ((batch, self.n_heads, self.head_dim, self.head_dim), torch.promote_types(dtype, torch.float32))}
 
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
@@ -170,9 +166,6 @@ class RWKV7Mixer(TeacherInitMixer):
         self.g2 = nn.Parameter(nn.init.orthogonal_(torch.empty(r_gate, H * D), gain=0.1))
         self.k_k = nn.Parameter(torch.full((H, D), 0.85))
         self.k_a = nn.Parameter(torch.ones(H, D))
-
-    def cache_shapes(self, batch: int, dtype: torch.dtype) -> dict:
-        return {"S": ((batch, self.n_heads, self.head_dim, self.head_dim), torch.promote_types(dtype, torch.float32))}
 
     def mix(self, x: torch.Tensor, position_embeddings=None, state: dict | None = None,
             pad_mask: torch.Tensor | None = None, output_state: bool = True) -> tuple[torch.Tensor, dict | None]:
