@@ -100,3 +100,14 @@ def pair_scores(x: torch.Tensor, y: torch.Tensor, Gx: torch.Tensor, Gy: torch.Te
             parts.insert(0, left)
         blocks.append(F.pad(torch.cat(parts, dim=-1), (0, C - e)))
     return torch.cat(blocks, dim=3)
+
+
+def to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T, H, ...) -> (B, H, n, chunk, ...) in `dtype`, T zero-padded to n = ceil(T / chunk) chunks
+    (the chunked forms pad with zeros that leave the state untouched)."""
+    B, T, H = x.shape[:3]
+    n = max(1, -(-T // chunk))
+    x = x.to(dtype)
+    if n * chunk > T:
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * chunk - T))
+    return x.transpose(1, 2).reshape(B, H, n, chunk, *x.shape[3:])

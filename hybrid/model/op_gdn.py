@@ -22,7 +22,7 @@ package: export.py copies it beside the exported modeling file.
 import torch
 import torch.nn.functional as F
 
-from .op_common import compute_dtype, fla_module, needs_grad, pick_kernel
+from .op_common import compute_dtype, fla_module, needs_grad, pick_kernel, to_chunks
 
 def _check(q, k, v, g, beta, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
@@ -94,16 +94,10 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     scale = K ** -0.5 if scale is None else scale
     C = int(chunk_size)
     n = max(1, -(-T // C))
-    pad = n * C - T
     q, k = _expand_qk(q, k, HV)
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, HV, ...) -> (B, HV, n, C, ...)
-        x = x.to(dt)
-        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x
-        x = x.transpose(1, 2)
-        return x.reshape(B, HV, n, C, *x.shape[3:])
-
-    q, k, v, g, beta = chunks(q) * scale, chunks(k), chunks(v), chunks(g), chunks(beta)
+    q, k, v, g, beta = (to_chunks(t, C, dt) for t in (q, k, v, g, beta))  # (B, HV, n, C, ...)
+    q = q * scale
     G = g.cumsum(-1)  # (B, HV, n, C)
     incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = incl.tril(-1)

@@ -13,9 +13,8 @@ package: export.py copies it beside the exported modeling file.
 """
 
 import torch
-import torch.nn.functional as F
 
-from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel
+from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
 
 def _check(q, k, v, g, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
@@ -70,14 +69,9 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     scale = K ** -0.5 if scale is None else scale
     C = int(chunk_size)
     n = max(1, -(-T // C))
-    pad = n * C - T
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, H, n, C, D)
-        x = x.to(dt)
-        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-        return x.transpose(1, 2).reshape(B, H, n, C, x.shape[-1])
-
-    q, k, v, g = chunks(q) * scale, chunks(k), chunks(v), chunks(g)
+    q, k, v, g = (to_chunks(t, C, dt) for t in (q, k, v, g))  # (B, H, n, C, D)
+    q = q * scale
     G = g.cumsum(3)  # (B, H, n, C, K)
     Aqk = pair_scores(q, k, G, G, strict=False)  # (B, H, n, C, C), lower triangular
     qG = q * G.exp()

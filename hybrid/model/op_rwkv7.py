@@ -24,9 +24,8 @@ package: export.py copies it beside the exported modeling file.
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel
+from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
 
 def _check(r, w, k, v, a, b, initial_state) -> None:
     if r.dim() != 4 or any(x.shape != r.shape for x in (w, k, a, b)) or v.dim() != 4 or v.shape[:3] != r.shape[:3]:
@@ -85,14 +84,9 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     dt, out_dtype = compute_dtype(v), v.dtype
     C = int(chunk_size)
     n = max(1, -(-T // C))
-    pad = n * C - T
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # (B, T, H, D) -> (B, H, n, C, D)
-        x = x.to(dt)
-        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-        return x.transpose(1, 2).reshape(B, H, n, C, x.shape[-1])
-
-    r, w, k, v, a, b = chunks(r) * scale, chunks(w), chunks(k), chunks(v), chunks(a), chunks(b)
+    r, w, k, v, a, b = (to_chunks(t, C, dt) for t in (r, w, k, v, a, b))  # (B, H, n, C, D)
+    r = r * scale
     G = w.cumsum(3)  # (B, H, n, C, K), decay through token i
     Gp = G - w  # decay through token i-1
     A_rk, A_rb = pair_scores(r, k, G, G, False), pair_scores(r, b, G, G, False)
