@@ -111,3 +111,18 @@ def to_chunks(x: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
     if n * chunk > T:
         x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n * chunk - T))
     return x.transpose(1, 2).reshape(B, H, n, chunk, *x.shape[3:])
+
+
+def check_shapes(op: str, keys: dict[str, torch.Tensor], v: torch.Tensor, initial_state: torch.Tensor | None) -> None:
+    """The inputs of a per-channel-decay op (gla, rwkv7): every tensor in `keys` (B, T, H, K), v (B, T, H, V),
+    initial_state (B, H, K, V) as fla lays them out; a ValueError naming the op and every shape otherwise."""
+    first = next(iter(keys.values()))
+    if first.dim() != 4 or any(x.shape != first.shape for x in keys.values()) or v.dim() != 4 \
+            or v.shape[:3] != first.shape[:3]:
+        got = ", ".join(f"{name} {tuple(x.shape)}" for name, x in {**keys, "v": v}.items())
+        raise ValueError(f"{op}: expected {', '.join(keys)} (B, T, H, K) and v (B, T, H, V); got {got}")
+    B, T, H, K = first.shape
+    V = v.shape[3]
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        raise ValueError(f"{op}: expected initial_state of shape {(B, H, K, V)} ([B, H, K, V] like fla); "
+                         f"got {tuple(initial_state.shape)}")

@@ -14,18 +14,7 @@ package: export.py copies it beside the exported modeling file.
 
 import torch
 
-from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
-
-def _check(q, k, v, g, initial_state) -> None:
-    if q.dim() != 4 or k.shape != q.shape or g.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"gla: expected q, k, g (B, T, H, K) and v (B, T, H, V); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, g {tuple(g.shape)}, v {tuple(v.shape)}")
-    B, T, H, K = q.shape
-    V = v.shape[3]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"gla: expected initial_state of shape {(B, H, K, V)} ([B, H, K, V] like fla); "
-                         f"got {tuple(initial_state.shape)}")
-
+from .op_common import check_shapes, compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
 
 def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                   scale: float | None = None, initial_state: torch.Tensor | None = None,
@@ -35,7 +24,7 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     q, k, g: (B, T, H, K); v: (B, T, H, V); initial_state: (B, H, K, V).
     Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) or None.
     """
-    _check(q, k, v, g, initial_state)
+    check_shapes("gla", {"q": q, "k": k, "g": g}, v, initial_state)
     B, T, H, K = q.shape
     V = v.shape[3]
     dt, out_dtype = compute_dtype(v), v.dtype
@@ -62,7 +51,7 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     op_common.pair_scores (exact decays inside 16-token blocks, a safe matmul across blocks). T need not
     be a multiple of C: the tail is padded with g = 0, k = 0, which leaves the state untouched.
     """
-    _check(q, k, v, g, initial_state)
+    check_shapes("gla", {"q": q, "k": k, "g": g}, v, initial_state)
     B, T, H, K = q.shape
     V = v.shape[3]
     dt, out_dtype = compute_dtype(v), v.dtype
@@ -102,7 +91,7 @@ def gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
     if kernel == "chunked":
         return gla_chunked(q, k, v, g, scale, initial_state, output_final_state)
     chunk_fn, recurrent_fn = kernel
-    _check(q, k, v, g, initial_state)
+    check_shapes("gla", {"q": q, "k": k, "g": g}, v, initial_state)
     grad = needs_grad(q, k, v, g, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()  # chunk_gla asserts fp32
     q, k, v, g = (x.contiguous() for x in (q.to(v.dtype), k.to(v.dtype), v, g))  # one dtype for fla's dots

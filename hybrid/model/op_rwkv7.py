@@ -25,19 +25,7 @@ import warnings
 
 import torch
 
-from .op_common import compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
-
-def _check(r, w, k, v, a, b, initial_state) -> None:
-    if r.dim() != 4 or any(x.shape != r.shape for x in (w, k, a, b)) or v.dim() != 4 or v.shape[:3] != r.shape[:3]:
-        raise ValueError(f"rwkv7: expected r, w, k, a, b (B, T, H, K) and v (B, T, H, V); got r {tuple(r.shape)}, "
-                         f"w {tuple(w.shape)}, k {tuple(k.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}, "
-                         f"v {tuple(v.shape)}")
-    B, T, H, K = r.shape
-    V = v.shape[3]
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        raise ValueError(f"rwkv7: expected initial_state of shape {(B, H, K, V)} ([B, H, K, V] like fla); "
-                         f"got {tuple(initial_state.shape)}")
-
+from .op_common import check_shapes, compute_dtype, needs_grad, pair_scores, pick_kernel, to_chunks
 
 def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                     b: torch.Tensor, scale: float = 1.0, initial_state: torch.Tensor | None = None,
@@ -47,7 +35,7 @@ def rwkv7_recurrent(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.
     r, w, k, a, b: (B, T, H, K); v: (B, T, H, V); initial_state: (B, H, K, V).
     Returns o (B, T, H, V) in v's dtype and the final state (B, H, K, V) or None.
     """
-    _check(r, w, k, v, a, b, initial_state)
+    check_shapes("rwkv7", {"r": r, "w": w, "k": k, "a": a, "b": b}, v, initial_state)
     B, T, H, K = r.shape
     V = v.shape[3]
     dt, out_dtype = compute_dtype(v), v.dtype
@@ -78,7 +66,7 @@ def rwkv7_chunked(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Te
     triangular solve well conditioned. T need not be a multiple of the chunk: the tail is padded
     with zeros (w = 0: no decay), which leaves the state untouched.
     """
-    _check(r, w, k, v, a, b, initial_state)
+    check_shapes("rwkv7", {"r": r, "w": w, "k": k, "a": a, "b": b}, v, initial_state)
     B, T, H, K = r.shape
     V = v.shape[3]
     dt, out_dtype = compute_dtype(v), v.dtype
@@ -125,7 +113,7 @@ def rwkv7(r: torch.Tensor, w: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a:
     if kernel == "chunked":
         return rwkv7_chunked(r, w, k, v, a, b, scale, initial_state, output_final_state)
     chunk_fn, recurrent_fn = kernel
-    _check(r, w, k, v, a, b, initial_state)
+    check_shapes("rwkv7", {"r": r, "w": w, "k": k, "a": a, "b": b}, v, initial_state)
     grad = needs_grad(r, w, k, v, a, b, initial_state)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     r, w, k, v, a, b = (x.contiguous() for x in (r, w, k, v, a, b))
