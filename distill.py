@@ -76,6 +76,8 @@ CE_WEIGHT = 0.0                 # weight of next-token cross-entropy added to th
 UNTIE_EMBEDDINGS = False        # give the student its own LM head during stage 2
 LR_MIXER = 1e-3                 # stage 2 LR for mixer parameters (stage 1 uses LR for them)
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
+TIME_LIMIT_S = 0                # stage 2 ends after the step in which this many seconds have passed (0 = none),
+                                # with the eval, checkpoint and final.pt of a planned end (for a lease)
 # Optimization
 SEQ_LEN = 512                   # tokens per row
 MICRO_BATCH = 16                # rows per rank per micro-step
@@ -103,7 +105,7 @@ SMOKE = False                   # tiny budget on CPU: a few steps per stage, sma
 # settings that cannot change what a run computes: a checkpoint written with any other setting
 # different is refused on resume (hybrid.checkpoint.resume_point)
 _UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE",
-              "PARALLEL", "SHARD_TEACHER")  # fsdp and ddp write the same checkpoints: switching modes resumes
+              "PARALLEL", "SHARD_TEACHER", "TIME_LIMIT_S")  # fsdp and ddp write the same checkpoints: switching modes resumes
 
 
 def smoke_settings(g: dict) -> None:
@@ -299,7 +301,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
     warmup = capped_warmup(WARMUP_STEPS, STAGE2_STEPS)
     prog = Progress(STAGE2_STEPS, "stage 2", start=start)
-    prof = None
+    prof, t_start = None, time.time()
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
@@ -314,23 +316,40 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, run.accum, run.device, run.autocast)
         optimizer_step(opt, student.parameters(), GRAD_CLIP)
-        if step % LOG_EVERY == 0 or step == STAGE2_STEPS - 1:
+        out_of_time = TIME_LIMIT_S > 0 and time_is_up(t_start, run)
+        last = step == STAGE2_STEPS - 1 or out_of_time
+        if step % LOG_EVERY == 0 or last:
             loss_v = all_mean(loss_sum).item()
             run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens)
                         + " | " + prog.line(step + 1),
                         {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
                          "train_tokens": (step + 1) * step_tokens,
                          "tok_per_s": step_tokens / (time.time() - t1)})
-        if (step + 1) % EVAL_EVERY == 0 or step == STAGE2_STEPS - 1:
+        if out_of_time:
+            metrics["stopped_at_step"] = step + 1
+            run.log.log(f"stage 2: --time_limit_s={TIME_LIMIT_S} reached after step {step + 1} of {STAGE2_STEPS} "
+                        f"({(step + 1 - start) * step_tokens / 1e6:.1f}M tokens in this process); ending here",
+                        {"stage": 2, "step": step, "stopped_at_step": step + 1})
+        if (step + 1) % EVAL_EVERY == 0 or last:
             with gathered(model):
                 r = held_out_kl(student, teacher, val, run.device, run.autocast, KL_CHUNK_TOKENS, reduce=True)
-            metrics = {k: r[k] for k in ("val_kl", "val_ppl", "teacher_ppl", "top1_agreement")}
+            metrics = {**metrics, **{k: r[k] for k in ("val_kl", "val_ppl", "teacher_ppl", "top1_agreement")}}
             run.log.log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
                         f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, run.world_size)}",
                         {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
-        if (step + 1) % SAVE_EVERY == 0 or step == STAGE2_STEPS - 1:
+        if (step + 1) % SAVE_EVERY == 0 or last:
             save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
+        if out_of_time:
+            break
     return metrics
+
+
+def time_is_up(t_start: float, run: Run) -> bool:
+    """Whether TIME_LIMIT_S has passed on any rank (every rank gets the same answer, so all stop together)."""
+    up = float(time.time() - t_start > TIME_LIMIT_S)
+    if run.world_size > 1:
+        up = all_mean(torch.tensor(up, device=run.device)).item()
+    return up > 0
 
 
 def write_profile(prof) -> None:

@@ -6,8 +6,10 @@
 #   NPROC=8 ./distill.sh                     processes per stage (default: number of GPUs, else 1)
 #   TEACHER=HuggingFaceTB/SmolLM2-135M DATA=fineweb-edu RUN=runs/smollm2 ./distill.sh
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
-# useful model) and says so; on GPUs the budgets are real (stage 1 ~100M tokens at 512, stage 2
-# ~200M tokens at 2048 for SmolLM2-135M; see README). Each script's own settings: python <script>.py --help
+# useful model) and says so; on a GPU the budgets fit one H200 in ~25 minutes with the data and teacher
+# already there (SmolLM2-135M: stage 1 rotation 4.2M tokens per layer, GA-S2 30 x 0.5M tokens, stage 2
+# ~63M tokens at 2048 then ~21M at 4096, each stage-2 part capped in wall time; see README and
+# docs/results.md for what it printed). Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
 # Environment settings (VAR=value ./distill.sh)
@@ -53,37 +55,53 @@ if [ "$GPUS" -eq 0 ]; then
   S1=(--seq_len=128 --micro_batch=4 --total_batch_tokens=512 --steps_per_layer=10 --eval_batches=2 --log_every=10 --keep_checkpoints=1)
   SEL=(--smoke=True)
   S2=(--seq_len=128 --micro_batch=2 --total_batch_tokens=256 --stage2_steps=24 --eval_every=12 --eval_batches=2 --log_every=4 --keep_checkpoints=1)
+  S2L=(--seq_len=256 --micro_batch=1 --total_batch_tokens=256 --stage2_steps=4 --eval_every=4 --eval_batches=1 --log_every=2 --keep_checkpoints=1)
   EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
+  BENCH=()
 else
+  # One H200 (issue 13): each part's size is its measured speed x its share of a ~25-minute lease
   PREP=()
-  S1=(--seq_len=512 --micro_batch=32 --total_batch_tokens=65536 --stage1_mode=all --stage1_steps=1500)    # ~100M tokens
-  SEL=()
-  S2=(--seq_len=2048 --micro_batch=8 --total_batch_tokens=131072 --stage2_steps=1500)                     # ~200M tokens
-  EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8)   # the val windows stage 2 scores (on 1 process)
+  S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
+  SEL=(--methods=ga_s2,zero_shot,halving,early,uniform,mse --candidate_tokens=524288 --seq_len=512 --micro_batch=64
+       --total_batch_tokens=65536)                                                         # 30 candidates x 0.5M tokens
+  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=480 --eval_every=160 --time_limit_s=600)  # 63M
+  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=160 --eval_every=80 --lr_mixer=3e-4
+       --lr=3e-4 --time_limit_s=240)                                   # 21M tokens at 4096 (recall at 4-8K), lower LR
+  EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
+  BENCH=(--contexts=[2048,16384] --batches=[1,32] --repeats=2 --eager=False)
 fi
-stage "1/6" "prepare data and teacher"
+stage "1/7" "prepare data and teacher"
 $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${PREP[@]}"
-stage "2/6" "stage 1, attention alignment"
+stage "2/7" "stage 1, attention alignment"
 launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
-stage "3/6" "layer selection (GA-S2)"
+stage "3/7" "layer selection (GA-S2)"
 launch select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
-stage "4/6" "stage 2, logit distillation"
+stage "4/7" "stage 2, logit distillation"
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage1" \
   --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" "$@"
-stage "5/6" "export"
-$PY export.py --checkpoint="$RUN/stage2" --out_dir="$RUN/export"
-stage "6/6" "evaluation"
+# the same student continues on longer rows (every weight carries over; a fresh optimizer and schedule)
+launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage2" \
+  --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2_long" "${S2L[@]}" "$@"
+stage "5/7" "export"
+$PY export.py --checkpoint="$RUN/stage2_long" --out_dir="$RUN/export"
+stage "6/7" "evaluation"
 $PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="$DATA_DIR" --out_dir="$RUN/eval" "${EVAL[@]}"
+stage "7/7" "speed"
+if [ "$GPUS" -eq 0 ]; then
+  echo "(bench.py times CUDA decoding; on a GPU machine: python bench.py --hybrid=$RUN/export)"
+else
+  $PY bench.py --teacher="$TEACHER" --hybrid="$RUN/export" --out_dir="$RUN/bench" "${BENCH[@]}"
+fi
 trap - INT TERM
 echo
 echo "== done in $(elapsed) =="
 echo "  stage 1      $RUN/stage1/   (log.txt, stage1.png, ckpt/final.pt)"
 echo "  selection    $RUN/select/selection.json  $RUN/select/selection.png"
-echo "  stage 2      $RUN/stage2/   (log.txt, stage2.png, ckpt/final.pt)"
+echo "  stage 2      $RUN/stage2/ then $RUN/stage2_long/   (log.txt, stage2.png, ckpt/final.pt)"
 echo "  model        $RUN/export/   AutoModelForCausalLM.from_pretrained('$RUN/export', trust_remote_code=True)"
 echo "  tokenizer    $RUN/export/tokenizer/   AutoTokenizer.from_pretrained('$RUN/export/tokenizer')"
 echo "  evaluation   $RUN/eval/eval.md  $RUN/eval/recall.png"
-echo "  speed        python bench.py --hybrid=$RUN/export   (GPU; writes runs/bench/)"
+[ "$GPUS" -eq 0 ] && echo "  speed        python bench.py --hybrid=$RUN/export   (GPU)" || echo "  speed        $RUN/bench/"
 DISK=$(du -sh "$RUN" 2>/dev/null | cut -f1 || true)
 echo "  disk         ${DISK:-?} under $RUN"
 HYBRID_ROW=$(grep -m1 '^| hybrid ' "$RUN/eval/eval.md" 2>/dev/null || true)

@@ -9,7 +9,8 @@ Sources (DATASET):
 Documents are joined with the tokenizer's EOS (tokenized with add_special_tokens=False). Every
 round(1 / VAL_FRACTION)-th document of each source goes to the val split. Shards are written as
 `*.tmp` and renamed; progress.json records finished shards, so a killed run resumes after the last
-verified shard (without re-tokenizing what it holds), and a finished run is a no-op.
+verified shard (without re-tokenizing what it holds), and a finished run is a no-op: its manifest and
+shards are checked before any source is opened, so shards carried to an offline machine are reused there.
 
 Launch (from the repo root):
   python prepare.py                                   # embedded teacher + Debian corpus -> data/debian/
@@ -68,18 +69,24 @@ SMOKE = False                   # tiny set in seconds: 4 docs of <= 6k chars per
 _SPLITS = ("train", "val")
 
 
+def source_names(dataset: str) -> list[str]:
+    """The names of the sources open_sources(dataset) reads, in its order, without fetching anything."""
+    if dataset == "debian":
+        small = DEBIAN_PACKAGES == "small" or (SMOKE and DEBIAN_PACKAGES == ",".join(DEBIAN_SOURCES))
+        names = [p.strip() for p in (DEBIAN_SMALL if small else DEBIAN_PACKAGES.split(",")) if p.strip()]
+        for pkg in names:
+            if pkg not in DEBIAN_SOURCES:
+                raise ValueError(f"--debian_packages: unknown package {pkg!r}; known: {', '.join(DEBIAN_SOURCES)}")
+        return names
+    if dataset == "fineweb-edu":
+        return ["fineweb-edu"]
+    return [os.path.basename(dataset.rstrip("/"))]
+
+
 def open_sources(dataset: str) -> list[tuple[str, dict, object]]:
     """-> [(source name, provenance, document iterator)] in a fixed order."""
     if dataset == "debian":
-        out = []
-        small = DEBIAN_PACKAGES == "small" or (SMOKE and DEBIAN_PACKAGES == ",".join(DEBIAN_SOURCES))
-        names = DEBIAN_SMALL if small else DEBIAN_PACKAGES.split(",")
-        for pkg in [p.strip() for p in names if p.strip()]:
-            if pkg not in DEBIAN_SOURCES:
-                raise ValueError(f"--debian_packages: unknown package {pkg!r}; known: {', '.join(DEBIAN_SOURCES)}")
-            info, docs = debian_documents(pkg, DEBIAN_CACHE)
-            out.append((pkg, info, docs))
-        return out
+        return [(pkg, *debian_documents(pkg, DEBIAN_CACHE)) for pkg in source_names(dataset)]
     if dataset == "fineweb-edu":
         return [("fineweb-edu", {"hf_dataset": "HuggingFaceFW/fineweb-edu", "subset": FINEWEB_SUBSET},
                  fineweb_documents(FINEWEB_SUBSET))]
@@ -186,6 +193,30 @@ def finished_manifest(out_dir: str, fingerprint: str, progress_path: str) -> dic
     return manifest
 
 
+def reusable_manifest(out_dir: str, settings: dict, names: list[str]) -> dict | None:
+    """The manifest of a finished data set in out_dir made with these settings from these sources, checked
+    before any source is opened: a machine without the network (or apt) reuses shards carried to it. The
+    sources' provenance (package versions, hashes) is not re-read; every shard's sha256 is checked."""
+    path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        manifest = load_manifest(out_dir)
+    except ValueError:
+        return None  # finished_manifest says what is wrong and rebuilds
+    made = {k: v for k, v in manifest.get("settings", {}).items() if k != "sources"}
+    same = json.dumps(made, sort_keys=True) == json.dumps(settings, sort_keys=True)
+    if not same or [s["name"] for s in manifest.get("sources", [])] != names:
+        return None
+    try:
+        verify_shards(out_dir, full=True)
+    except (ValueError, FileNotFoundError):
+        return None
+    print(f"{out_dir}/ is complete and verified ({format_tokens(manifest['splits']['train']['n_tokens'])} train "
+          f"tokens from {len(names)} sources, made with these settings); nothing to do, no source opened")
+    return manifest
+
+
 def main() -> dict:
     shard_tokens, max_docs, max_chars, val_fraction = SHARD_TOKENS, MAX_DOCS_PER_SOURCE, MAX_DOC_CHARS, VAL_FRACTION
     if SMOKE:
@@ -200,12 +231,15 @@ def main() -> dict:
         raise ValueError(f"tokenizer {tok['tokenizer']} has no EOS token; documents are joined with EOS")
     version = version_for_vocab(tok["vocab_size"])
     dtype = np.dtype(np.uint16 if version == 1 else np.uint32)
-    sources = open_sources(DATASET)
     ignore = ("OUT_DIR", "BATCH_DOCS", "MODELS_DIR", "DEBIAN_CACHE", "TEACHER")  # do not change the tokens
     settings = {k: v for k, v in config_dict(globals()).items() if k not in ignore}
     settings.update(SHARD_TOKENS=shard_tokens, MAX_DOCS_PER_SOURCE=max_docs, MAX_DOC_CHARS=max_chars,
-                    VAL_FRACTION=val_fraction, tokenizer_sha256=tok["tokenizer_sha256"],
-                    sources=[[n, info] for n, info, _ in sources])
+                    VAL_FRACTION=val_fraction, tokenizer_sha256=tok["tokenizer_sha256"])
+    manifest = reusable_manifest(out_dir, settings, source_names(DATASET))
+    if manifest is not None:
+        return manifest
+    sources = open_sources(DATASET)
+    settings["sources"] = [[n, info] for n, info, _ in sources]
     fingerprint = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
 
     progress_path = os.path.join(out_dir, "progress.json")

@@ -276,3 +276,41 @@ def test_fsdp_two_processes_match_one_and_resume_bit_exact(tiny_setup, stage1_ru
             assert all(torch.equal(ck_c["model"][k], ck_b["model"][k]) for k in ck_b["model"])
         else:
             torch.testing.assert_close(torch.tensor([c[2], c[3]]), torch.tensor(b[2:]), rtol=1e-4, atol=1e-5)
+
+
+def test_stage2_time_limit_ends_like_a_planned_end(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=15,
+              EVAL_EVERY=100, TIME_LIMIT_S=1e-9)
+    distill.main()
+    rows = metrics(tmp_path)
+    assert [m["step"] for m in rows if "loss" in m] == [0]  # one step, then the limit had passed
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["stopped_at_step"] == 1 and summary["val_kl"] > 0  # the end-of-run eval still ran
+    final = checkpoint.load_checkpoint(str(tmp_path))
+    assert final["config"]["hybrid_spec"] == ["gdn", "softmax", "gdn", "gdn"]
+    assert "time_limit_s=1e-09 reached after step 1 of 15" in open(tmp_path / "log.txt").read()
+
+
+def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    """distill.sh's long part: --init=<a stage-2 run> carries every weight over, not only the mixers."""
+    first = tmp_path / "s2"
+    configure(monkeypatch, tiny_setup, first, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=3,
+              EVAL_EVERY=100)
+    distill.main()
+    trained = checkpoint.load_checkpoint(str(first))["model"]
+    seen = {}
+    real = distill.rebuild_student
+
+    def spy(art, teacher):
+        student = real(art, teacher)
+        seen["student"] = student
+        return student
+
+    monkeypatch.setattr(distill, "rebuild_student", spy)
+    configure(monkeypatch, tiny_setup, tmp_path / "long", STAGE=2, INIT=str(first), SPEC="gdn;softmax=1",
+              SEQ_LEN=64, STAGE2_STEPS=1, LR=0.0, LR_MIXER=0.0, EVAL_EVERY=100)
+    distill.main()  # LR 0: the weights after the step are the ones it started from
+    state = {k: v.cpu() for k, v in seen["student"].state_dict().items()}
+    for key in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight",
+                "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert torch.equal(state[key], trained[key]), key

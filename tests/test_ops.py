@@ -1,6 +1,7 @@
 """Linear-attention kernels: chunked == recurrent (float64, outputs and grads), state hand-off,
 single decode steps, the documented math, and (on a GPU with fla) fla == reference in bf16/fp32."""
 
+import os
 import pytest
 import torch
 import torch.nn.functional as F
@@ -239,3 +240,13 @@ def test_gdn_zero_padded_head_dim_is_exact():
     torch.testing.assert_close(pad["k"].grad[..., :64], g["k"])
     for n in ("v", "g", "beta"):
         torch.testing.assert_close(pad[n].grad, g[n])
+
+
+def test_fla_import_keeps_autotune_results_on_disk_unless_the_user_chose(monkeypatch):
+    from hybrid.model.op_common import fla_module
+    monkeypatch.delenv("TRITON_CACHE_AUTOTUNING", raising=False)
+    assert fla_module("json.decoder").__name__ == "json.decoder"
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+    monkeypatch.setenv("TRITON_CACHE_AUTOTUNING", "0")
+    fla_module("json.decoder")
+    assert os.environ["TRITON_CACHE_AUTOTUNING"] == "0"

@@ -377,3 +377,34 @@ def test_embedded_teacher_eos_does_not_depend_on_transformers(tmp_path, monkeypa
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_model)
     assert resolve_teacher("embedded", str(tmp_path / "models")) == out
     assert json.load(open(os.path.join(out, "source.json")))["normaliser"] >= 2
+
+
+def test_finished_debian_set_is_reused_without_opening_a_source(tmp_path, monkeypatch, tok_dir):
+    """A machine without apt (the GPU box) reuses carried shards: no source is opened when they verify."""
+    texts = [(f"doc{i}", " ".join(f"w{(i * 7 + j) % 100}" for j in range(50))) for i in range(12)]
+    opened = []
+
+    def fake_debian(pkg, cache):
+        opened.append(pkg)
+        return {"package": pkg, "version": "1"}, iter(texts)
+
+    monkeypatch.setattr(prepare, "debian_documents", fake_debian)
+    out = str(tmp_path / "deb")
+    kw = dict(teacher=tok_dir, dataset="debian", debian_packages=list(corpus.DEBIAN_SOURCES)[0], out_dir=out,
+              shard_tokens=200, val_fraction=0.25)
+    first = run_prepare(monkeypatch, **kw)
+    assert opened == [list(corpus.DEBIAN_SOURCES)[0]]
+
+    def offline(pkg, cache):
+        raise RuntimeError("apt-get: no network")
+
+    monkeypatch.setattr(prepare, "debian_documents", offline)
+    assert run_prepare(monkeypatch, **kw)["fingerprint"] == first["fingerprint"]
+    # other settings or a damaged shard still need the source (and say so here: the fetch fails)
+    with pytest.raises(RuntimeError, match="no network"):
+        run_prepare(monkeypatch, **{**kw, "debian_packages": ",".join(list(corpus.DEBIAN_SOURCES)[:2])})
+    with open(os.path.join(out, "train_000000.bin"), "r+b") as f:
+        f.seek(40)
+        f.write(b"\xff\xff")
+    with pytest.raises(RuntimeError, match="no network"):
+        run_prepare(monkeypatch, **kw)

@@ -154,12 +154,14 @@ def test_distill_sh_stage_headers_and_summary(tmp_path):
                          env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run")}, timeout=60)
     assert out.returncode == 0, out.stderr
     headers = [line for line in out.stdout.splitlines() if line.startswith("== stage")]
-    assert [h.split()[2] for h in headers] == [f"{i}/6:" for i in range(1, 7)]
+    assert [h.split()[2] for h in headers] == [f"{i}/7:" for i in range(1, 8)]
     assert all("| elapsed " in h for h in headers)
     calls = log.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ["prepare.py", "distill.py", "select_layers.py", "distill.py", "export.py",
-                                             "eval.py"]  # one process: no torchrun
-    assert "--stage=1" in calls[1] and calls[1].endswith("--seq_len=64") and calls[3].endswith("--seq_len=64")
+    assert [c.split()[0] for c in calls] == ["prepare.py", "distill.py", "select_layers.py", "distill.py", "distill.py",
+                                             "export.py", "eval.py"]  # one process: no torchrun; no GPU: no bench
+    assert "--stage=1" in calls[1] and all(calls[i].endswith("--seq_len=64") for i in (1, 3, 4))
+    assert "--init=" + str(tmp_path / "run" / "stage2") + " " in calls[4]  # the long part continues stage 2
+    assert "--checkpoint=" + str(tmp_path / "run" / "stage2_long") in calls[5]
     summary = out.stdout.split("== done in")[1]
     for item in ("selection.json", "export/tokenizer", "eval.md", "recall.png", "stage1.png", "stage2.png",
                  "bench.py"):
@@ -172,8 +174,28 @@ def test_distill_sh_torchrun_for_several_processes(tmp_path):
                          env={**os.environ, "PY": fake, "NPROC": "2", "RUN": str(tmp_path / "run")}, timeout=60)
     assert out.returncode == 0, out.stderr
     text = log.read_text()  # the torchrun wrapper is a multi-line -c program
-    assert text.count("from torch.distributed.run import main") == 3  # stage 1, selection, stage 2
+    assert text.count("from torch.distributed.run import main") == 4  # stage 1, selection, stage 2 (two parts)
     assert "--nproc_per_node=2 distill.py --stage=1" in text and "--nproc_per_node=2 select_layers.py" in text
+
+
+def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
+    """The GPU defaults: stage 2 at 2048 then 4096, each part capped in wall time, then bench.py."""
+    fake, log = _fake_python(tmp_path)
+    fake_text = open(fake).read().replace("echo 0; exit 0", "echo 1; exit 0")
+    open(fake, "w").write(fake_text)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run")}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls][-3:] == ["export.py", "eval.py", "bench.py"]
+    s2, s2_long = calls[3], calls[4]
+    assert "--seq_len=2048" in s2 and "--seq_len=4096" in s2_long
+    limits = [int(c.split("--time_limit_s=")[1].split()[0]) for c in (s2, s2_long)]
+    assert sum(limits) <= 15 * 60  # the rest of the lease: stage 1, selection, eval, bench
+
+    def tokens(call):
+        return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
+    assert tokens(s2) + tokens(s2_long) >= 80e6
 
 
 def test_warmup_capped_to_the_budget(capsys):

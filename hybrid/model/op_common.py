@@ -4,6 +4,7 @@ Imports only torch and the stdlib: export.py copies it, with the op files, besid
 modeling file.
 """
 
+import os
 import warnings
 
 import torch
@@ -15,7 +16,11 @@ _warned_no_fla: set[str] = set()
 
 def fla_module(name: str):
     """An fla module, imported now (lazily: fla needs triton and a GPU). Through __import__, not an
-    import statement, so transformers' remote-code loader does not make fla a requirement of an export."""
+    import statement, so transformers' remote-code loader does not make fla a requirement of an export.
+    Triton keeps fla's autotune results in its on-disk cache (TRITON_CACHE_AUTOTUNING, unless the user set
+    it): every later process of a pipeline skips the ~minute of benchmarking a fresh machine spends per
+    kernel family. The results are keyed by the kernel's source and tuning key, as Triton's own cache is."""
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     module = __import__(name)
     for part in name.split(".")[1:]:
         module = getattr(module, part)
