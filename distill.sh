@@ -62,13 +62,13 @@ else
   # One H200 (issue 13): each part's size is its measured speed x its share of a ~25-minute lease
   PREP=()
   S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
-  SEL=(--methods=ga_s2,zero_shot,halving,early,uniform,mse --candidate_tokens=524288 --seq_len=512 --micro_batch=64
-       --total_batch_tokens=65536)                                                         # 30 candidates x 0.5M tokens
-  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=480 --eval_every=160 --time_limit_s=600)  # 63M
+  SEL=(--methods=ga_s2,zero_shot,halving,early,uniform,mse --candidate_tokens=524288 --seq_len=512
+       --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
+  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=480 --eval_every=160 --time_limit_s=540)  # 63M
   S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=160 --eval_every=80 --lr_mixer=3e-4
-       --lr=3e-4 --time_limit_s=240)                                   # 21M tokens at 4096 (recall at 4-8K), lower LR
+       --lr=3e-4 --time_limit_s=200)                                   # 21M tokens at 4096 (recall at 4-8K), lower LR
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
-  BENCH=(--contexts=[2048,16384] --batches=[1,32] --repeats=2 --eager=False)
+  BENCH=(--contexts=[16384] --batches=[1,32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
 fi
 stage "1/7" "prepare data and teacher"
 $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${PREP[@]}"

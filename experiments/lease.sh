@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# distill.sh's GPU budget on a leased H200 (the device tool): the teacher and the shards arrive in
+# pieces of <= 64 MiB per call, the run is detached so it outlives a call, and every call packs what
+# exists so far into $OUT (logs, JSON, PNG; never checkpoints). Run from the repo root there.
+#   here, once:  bash ../shared/device/stage_teacher.sh      (.device/wheels, t1, t2)
+#                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz)
+#   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
+#   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
+#   call 3, carry [.device/wheels, .device/data]:  bash experiments/lease.sh start 540
+#   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
+#   then, if the lease has minutes left:            bash experiments/lease.sh gpu_tests | bench_compile
+# Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
+# to distill.sh (both distill.py stages), e.g. a shorter run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+P=/root/p                                   # the run's own copy of the code (calls re-sync the repo root)
+GGUF=/root/teacher/SmolLM2-135M-Instruct.Q4_1.gguf
+OUT=${OUT:-/tmp/out}
+fla() {  # the carried fla wheels onto the path (the device has no fla and no internet)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl 2>&1 | tail -2 || true
+}
+pack() {  # small results only, into $OUT
+  [ -d $P/runs ] || return 0
+  tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
+}
+wait_done() {  # up to $1 s, or until the run has ended
+  local t=0
+  while [ ! -f $P/DONE ] && [ "$t" -lt "$1" ]; do sleep 10; t=$((t + 10)); done
+  grep -E "^== |done in|stopped|Error|error:" $P/run.out | tail -20 || true
+  tail -5 $P/run.out
+  [ -f $P/DONE ] && echo "RUN ENDED: $(cat $P/DONE)"
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader || true
+}
+case "${1:-}" in
+pack_data)
+  mkdir -p .device/data
+  tar cf - data/debian | xz -T2 -6 > .device/data/debian.tar.xz.tmp && mv .device/data/debian.tar.xz.tmp .device/data/debian.tar.xz
+  ls -la .device/data
+  ;;
+teacher1)
+  mkdir -p /root/teacher && cp .device/t1/* /root/teacher/ && ls -la /root/teacher
+  ;;
+teacher2)
+  cat /root/teacher/teacher.gguf.part1 .device/t2/teacher.gguf.part2 > $GGUF
+  rm /root/teacher/teacher.gguf.part1
+  echo "$(cut -d' ' -f1 .device/teacher.gguf.md5 2>/dev/null || true)  $GGUF" > /tmp/md5
+  [ -s .device/teacher.gguf.md5 ] && md5sum -c /tmp/md5 || md5sum $GGUF
+  ;;
+start)
+  fla
+  rm -rf $P && mkdir -p $P && cp -r $(ls -A | grep -v '^\.device$\|^\.git$\|^runs$\|^data$\|^models$') $P/
+  mkdir -p $P/data && xz -dc .device/data/debian.tar.xz | tar xf - -C $P
+  cd $P
+  cat > run_lease.sh <<EOF
+export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
+export TRITON_CACHE_AUTOTUNING=1
+TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid bash distill.sh ${ARGS:-}
+echo "rc=\$? at \$(date +%T)" > DONE
+EOF
+  (setsid nohup bash run_lease.sh > run.out 2>&1 < /dev/null &)
+  cd - > /dev/null
+  wait_done "${2:-540}"; pack
+  ;;
+poll)
+  wait_done "${2:-560}"; pack
+  ;;
+bench_compile)  # issue 12's lever: the engine's decode with and without per-layer torch.compile, one run each
+  fla
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
+  cd $P 2>/dev/null || true
+  for c in False True; do
+    timeout "${2:-280}" python3 bench.py --random=True --compile=$c --contexts=[16384] --batches=[32,max] \
+      --eager=False --repeats=3 --out_dir=runs/bench_compile_$c 2>&1 | grep -v "it/s\]" | tail -12
+  done | tee "$OUT/bench_compile.txt"
+  ;;
+gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machine, fla autotune cached
+  fla
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
+  cd $P 2>/dev/null || true
+  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -x ${TESTS:-tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  ;;
+*)
+  sed -n '2,13p' "$0" | cut -c3-; exit 2
+  ;;
+esac
