@@ -8,8 +8,7 @@
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
 # useful model) and says so; on a GPU the budgets fit one H200 in ~25 minutes with the data and teacher
 # already there (SmolLM2-135M: stage 1 rotation 4.2M tokens per layer, GA-S2 30 x 0.5M tokens, stage 2
-# ~63M tokens at 2048 then ~21M at 4096, each stage-2 part capped in wall time; see README and
-# docs/results.md for what it printed). Each script's own settings: python <script>.py --help
+# 52M tokens at 2048 then 16M at 4096, each stage-2 part capped in wall time; see docs/results.md). Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
 # Environment settings (VAR=value ./distill.sh)
@@ -59,16 +58,19 @@ if [ "$GPUS" -eq 0 ]; then
   EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
   BENCH=()
 else
-  # One H200 (issue 13): each part's size is its measured speed x its share of a ~25-minute lease
+  # One H200 (issue 13): sized from the phases of a measured lease (docs/results.md, 2026-12-02) to
+  # ~25 min with data and teacher on the machine: prepare 0.6, stage 1 3.7 (2.6 of it the cold first
+  # layer: fla's JIT/autotune, compile, latent capture), selection ~5.5, stage 2 6 + 3, eval 4.5, bench 1.5
   PREP=()
   S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
-  SEL=(--methods=ga_s2,zero_shot,halving,early,uniform,mse --candidate_tokens=524288 --seq_len=512
+  SEL=(--methods=ga_s2,zero_shot,early,uniform,mse --candidate_tokens=524288 --seq_len=512
        --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
-  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=480 --eval_every=160 --time_limit_s=540)  # 63M
-  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=160 --eval_every=80 --lr_mixer=3e-4
-       --lr=3e-4 --time_limit_s=200)                                   # 21M tokens at 4096 (recall at 4-8K), lower LR
+  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=400 --eval_every=200
+      --time_limit_s=360)                                                                  # 52M tokens (~175k tok/s)
+  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=120 --eval_every=120 --lr_mixer=3e-4
+       --lr=3e-4 --time_limit_s=150)                                   # 16M tokens at 4096 (recall at 4-8K), lower LR
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
-  BENCH=(--contexts=[16384] --batches=[1,32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
+  BENCH=(--contexts=[16384] --batches=[32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
 fi
 stage "1/7" "prepare data and teacher"
 $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${PREP[@]}"

@@ -5,10 +5,13 @@
 #   here, once:  bash ../shared/device/stage_teacher.sh      (.device/wheels, t1, t2)
 #                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz)
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
+#           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
 #   call 3, carry [.device/wheels, .device/data]:  bash experiments/lease.sh start 540
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
-#   then, if the lease has minutes left:            bash experiments/lease.sh gpu_tests | bench_compile
+#   short of time: bash experiments/lease.sh finish (export + eval of stage 2's first part)
+#   at the end:  bash experiments/lease.sh pack_cache   (save compile_cache.tgz as .device/cache/ here)
+#   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
 # to distill.sh (both distill.py stages), e.g. a shorter run.
 set -euo pipefail
@@ -22,6 +25,9 @@ fla() {  # the carried fla wheels onto the path (the device has no fla and no in
 pack() {  # small results only, into $OUT
   [ -d $P/runs ] || return 0
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
+}
+restore_cache() {  # an earlier lease's compile caches (pack_cache), when this call carried them
+  if [ -f .device/cache/compile_cache.tgz ]; then tar xzf .device/cache/compile_cache.tgz -C / && echo "compile caches restored"; fi
 }
 wait_done() {  # up to $1 s, or until the run has ended
   local t=0
@@ -39,6 +45,7 @@ pack_data)
   ;;
 teacher1)
   mkdir -p /root/teacher && cp .device/t1/* /root/teacher/ && ls -la /root/teacher
+  restore_cache
   ;;
 teacher2)
   cat /root/teacher/teacher.gguf.part1 .device/t2/teacher.gguf.part2 > $GGUF
@@ -50,6 +57,7 @@ start)
   fla
   rm -rf $P && mkdir -p $P && cp -r $(ls -A | grep -v '^\.device$\|^\.git$\|^runs$\|^data$\|^models$') $P/
   mkdir -p $P/data && xz -dc .device/data/debian.tar.xz | tar xf - -C $P
+  restore_cache
   cd $P
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
@@ -63,6 +71,29 @@ EOF
   ;;
 poll)
   wait_done "${2:-560}"; pack
+  ;;
+finish)  # the lease is running short: once stage 2's first part has its final.pt, stop the pipeline there
+  # and export + evaluate that student (the long part and bench are skipped), then pack. What was done
+  # by hand in the 2026-12-02 lease.
+  while [ ! -f $P/runs/hybrid/stage2/ckpt/final.pt ] && [ ! -f $P/DONE ]; do sleep 5; done
+  sleep 3
+  pkill -f "run_lease[.]sh" || true; pkill -f "bash distill[.]sh" || true; pkill -f "distill[.]py --stage=2" || true
+  sleep 3
+  cd $P
+  printf '%s\n' 'export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1' \
+    'echo "== finish: export + eval of runs/hybrid/stage2 (the long part skipped for time) | $(date +%T) =="' \
+    'python3 export.py --checkpoint=runs/hybrid/stage2 --out_dir=runs/hybrid/export' \
+    "python3 eval.py --teacher=$GGUF --models=teacher,hybrid=runs/hybrid/export --data_dir=data/debian --out_dir=runs/hybrid/eval --seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16" \
+    'echo "rc=$? at $(date +%T)" > DONE' > run_finish.sh
+  rm -f DONE
+  (setsid nohup bash run_finish.sh >> run.out 2>&1 < /dev/null &)
+  cd - > /dev/null
+  wait_done "${2:-400}"; pack
+  ;;
+pack_cache)  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
+  # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process)
+  tar czf "$OUT/compile_cache.tgz" -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null || true
+  ls -la "$OUT"
   ;;
 bench_compile)  # issue 12's lever: the engine's decode with and without per-layer torch.compile, one run each
   fla

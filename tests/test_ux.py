@@ -191,11 +191,12 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     s2, s2_long = calls[3], calls[4]
     assert "--seq_len=2048" in s2 and "--seq_len=4096" in s2_long
     limits = [int(c.split("--time_limit_s=")[1].split()[0]) for c in (s2, s2_long)]
-    assert sum(limits) <= 15 * 60  # the rest of the lease: stage 1, selection, eval, bench
+    assert sum(limits) <= 9 * 60  # the rest of ~25 min: stage 1 ~4, selection ~5.5, eval ~4.5, bench ~1.5
 
     def tokens(call):
         return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
-    assert tokens(s2) + tokens(s2_long) >= 80e6
+    assert tokens(s2) + tokens(s2_long) >= 60e6
+    assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
 
 
 def test_warmup_capped_to_the_budget(capsys):
