@@ -23,6 +23,7 @@ import torch
 
 from hybrid.checkpoint import atomic_write_bytes, atomic_write_json
 from hybrid.common import Progress, print0, run_script, seed_all, val_label
+from hybrid.config import check_choice
 from hybrid.plots import plot_recall
 from hybrid.stage2 import held_out_kl
 from hybrid.recall_score import read_suite, retention, run_recall
@@ -45,6 +46,8 @@ RECALL_TASKS = ",".join(TASKS)  # any subset of passkey,niah_single,niah_uuid,ni
 RECALL_LENGTHS = [1024, 2048, 4096, 8192]  # prompt tokens (capped by the teacher's max context)
 RECALL_SAMPLES = 20             # samples per task and length
 RECALL_BATCH = 8                # prompts per generate() call (left-padded)
+ENGINE = "auto"                 # recall decoding: "auto" = the static engine on GPU (hybrid/model/engine.py, CUDA
+                                # graphs; same greedy tokens), generate() on CPU | "on" | "off" = generate() always
 SUITE = ""                      # frozen suite jsonl; "" = OUT_DIR/recall_suite.jsonl (built once)
 CHAT = False                    # wrap prompts in the chat template (plain text compares teacher and student fairly)
 DTYPE = "bfloat16"              # model dtype on GPU (CPU always float32)
@@ -130,10 +133,12 @@ def main():
     global SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES
     if SMOKE:
         SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES = 256, 1, 2, [256, 512], 2
+    check_choice("engine", ENGINE, ("auto", "on", "off"))
     from hybrid.teacher import load_teacher
     seed_all(SEED)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPE) if device.type == "cuda" else torch.float32
+    use_engine = ENGINE == "on" or (ENGINE == "auto" and device.type == "cuda")
     teacher, tokenizer = load_teacher(TEACHER, dtype=dtype, device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)
@@ -149,7 +154,8 @@ def main():
         print0(f"{name:14s} | kl {r['val_kl']:.4f} | {val_label(val)} | {prog.line(prog.done + 1)}")
         if suite:
             r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,
-                                     log=lambda line, n=name: print0(f"{n:14s} | {line} | {prog.line(prog.done + 1)}"))
+                                     log=lambda line, n=name: print0(f"{n:14s} | {line} | {prog.line(prog.done + 1)}"),
+                                     engine=use_engine)
         r["seconds"] = time.time() - t0
         results[name] = r
         print0(f"{name:14s} | kl {r['val_kl']:.4f} | ppl {r['val_ppl']:.2f} (teacher {r['teacher_ppl']:.2f}) | "
@@ -159,7 +165,8 @@ def main():
             del model
     os.makedirs(OUT_DIR, exist_ok=True)
     meta = {"teacher": TEACHER, "data_dir": DATA_DIR, "val_tokens": len(val) * MICRO_BATCH * SEQ_LEN, "suite": suite,
-            "recall_lengths": RECALL_LENGTHS, "recall_samples": RECALL_SAMPLES, "dtype": str(dtype)}
+            "recall_lengths": RECALL_LENGTHS, "recall_samples": RECALL_SAMPLES, "dtype": str(dtype),
+            "recall_decoding": "engine" if use_engine else "generate"}
     atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
     table = markdown(results)
     atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())

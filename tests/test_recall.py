@@ -234,3 +234,31 @@ def test_summarize_means():
     samples = [{"task": "a", "length": 8, "score": s} for s in (1.0, 0.0)] + [{"task": "b", "length": 8, "score": 1.0}]
     res = summarize(samples)
     assert res["scores"] == {"a": {"8": 0.5}, "b": {"8": 1.0}} and res["overall"] == 0.75
+
+
+def test_recall_through_the_engine_equals_generate(tokenizer, suite, monkeypatch):
+    """eval.py decodes recall prompts through the static engine on GPU: the same outputs as generate(),
+    for the teacher's own class and for a hybrid, left-padded batches included."""
+    from hybrid import recall_score
+    from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
+    calls = []
+    real = recall_score.Engines.generate
+    monkeypatch.setattr(recall_score.Engines, "generate", lambda self, *a: calls.append(1) or real(self, *a))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    small = [r for r in suite if r["length"] == 256 and r["index"] < 2 and r["task"] != "mqar"]
+    small += [{**small[0], "index": 7, "prompt": small[0]["prompt"][80:]}]  # a shorter row: left padding
+    for make in (lambda: LlamaForCausalLM(config),
+                 lambda: HybridForCausalLM(HybridConfig.from_teacher(config, ["gdn", "softmax", "gdn"], {}))):
+        torch.manual_seed(0)
+        model = make().double().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # off the init, so outputs vary by prompt
+        slow = run_recall(model, tokenizer, small, batch_size=3)
+        calls.clear()
+        fast = run_recall(model, tokenizer, small, batch_size=3, engine=True)
+        assert len(calls) == len({r["task"] for r in small})  # one batch of <= 3 rows per task, each decoded by it
+        assert [s["output"] for s in fast["samples"]] == [s["output"] for s in slow["samples"]]
+        assert len({s["output"] for s in slow["samples"]}) > 1  # not one constant string
