@@ -43,7 +43,8 @@ EVAL_BATCHES = 16               # val batches (SEQ_LEN * MICRO_BATCH tokens each
 # Recall
 RECALL = True
 RECALL_TASKS = ",".join(TASKS)  # any subset of passkey,niah_single,niah_uuid,niah_multikey,niah_multivalue,vt,mqar
-RECALL_LENGTHS = [1024, 2048, 4096, 8192]  # prompt tokens (capped by the teacher's max context)
+RECALL_LENGTHS = [1024, 2048, 4096, 8000]  # prompt tokens; a length is dropped unless prompt + answer fit the
+                                           # teacher's max context (8000 + 112 fit SmolLM2's 8192; 8192 would not)
 RECALL_SAMPLES = 20             # samples per task and length
 RECALL_BATCH = 8                # prompts per generate() call (left-padded)
 ENGINE = "auto"                 # recall decoding: "auto" = the static engine on GPU (hybrid/model/engine.py, CUDA

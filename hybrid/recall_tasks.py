@@ -31,7 +31,7 @@ import numpy as np
 from .checkpoint import atomic_write_bytes
 
 TASKS = ("passkey", "niah_single", "niah_uuid", "niah_multikey", "niah_multivalue", "vt", "mqar")
-LENGTHS = (1024, 2048, 4096, 8192)
+LENGTHS = (1024, 2048, 4096, 8000)
 MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 24, "niah_uuid": 48, "niah_multikey": 24,
                   "niah_multivalue": 80, "vt": 48}
 N_DISTRACTORS = 3     # niah_multikey: needles besides the asked one
@@ -255,12 +255,26 @@ def _mqar_sample(tokenizer, hay: np.ndarray, length: int, rng: random.Random, wo
             "n_tokens": length}
 
 
+def prompt_tolerance(length: int) -> int:
+    """How far a generation prompt's token count may miss its nominal length."""
+    return min(32, max(8, length // 50))
+
+
+def room_needed(length: int, tasks) -> int:
+    """Tokens a sample may need past `length`: the prompt's tolerance plus the longest answer generated
+    (MQAR scores one forward of exactly `length` tokens). A model asked beyond its max context answers
+    at positions it never trained on, which would count against it, not against the task."""
+    new = [MAX_NEW_TOKENS[t] for t in tasks if t in MAX_NEW_TOKENS]
+    return prompt_tolerance(length) + max(new) if new else 0
+
+
 def build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples: int = 20, tasks=TASKS, seed: int = 0,
                 max_context: int | None = None, chat: bool = False) -> list[dict]:
     """Build every (task, length, index) sample; deterministic in (seed, tokenizer, haystack).
 
     haystack: documents (list of str), or 1-D token ids such as a val shard (`shards.read_tokens`).
-    Lengths above max_context (e.g. the teacher's max_position_embeddings) are dropped. The asked
+    Lengths whose samples could run past max_context (e.g. the teacher's max_position_embeddings) with
+    their answer are dropped (room_needed). The asked
     needle's depth runs evenly over 0..1 across the samples (vt: statements at random depths).
     chat=True wraps the prompt in the tokenizer's chat template (default plain text, so teacher and
     student see the same tokens).
@@ -268,9 +282,10 @@ def build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples: int = 20, tasks
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown recall tasks {unknown}; expected some of {', '.join(TASKS)}")
-    lengths = [L for L in lengths if max_context is None or L <= max_context]
+    lengths = [L for L in lengths if max_context is None or L + room_needed(L, tasks) <= max_context]
     if not lengths:
-        raise ValueError(f"no recall length fits max_context={max_context}; pass shorter lengths")
+        raise ValueError(f"no recall length fits max_context={max_context} with room for the answer "
+                         f"({room_needed(min(LENGTHS), tasks)}+ tokens after the prompt); pass shorter lengths")
     hay = haystack_ids(tokenizer, haystack)
     if len(hay) < 2 * max(lengths):
         raise ValueError(f"recall haystack has {len(hay)} tokens, need at least {2 * max(lengths)} "
@@ -281,7 +296,7 @@ def build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples: int = 20, tasks
     records = []
     for task in tasks:
         for length in lengths:
-            tol = min(32, max(8, length // 50))
+            tol = prompt_tolerance(length)
             for i in range(n_samples):
                 rng = random.Random(f"{seed}:{task}:{length}:{i}")
                 depth = 0.5 if n_samples == 1 else i / (n_samples - 1)

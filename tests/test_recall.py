@@ -262,3 +262,15 @@ def test_recall_through_the_engine_equals_generate(tokenizer, suite, monkeypatch
         assert len(calls) == len({r["task"] for r in small})  # one batch of <= 3 rows per task, each decoded by it
         assert [s["output"] for s in fast["samples"]] == [s["output"] for s in slow["samples"]]
         assert len({s["output"] for s in slow["samples"]}) > 1  # not one constant string
+
+
+def test_lengths_keep_room_for_the_answer_inside_max_context(tokenizer, haystack):
+    from hybrid.recall_tasks import room_needed
+    room = room_needed(512, TASKS)
+    assert room == 512 // 50 + 80  # the tolerance at 512 and niah_multivalue's 80 new tokens
+    kept = build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=1, max_context=512 + room)
+    assert sorted({r["length"] for r in kept}) == [256, 512]
+    short = build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=1, max_context=512 + room - 1)
+    assert sorted({r["length"] for r in short}) == [256]
+    only_mqar = build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=1, tasks=("mqar",), max_context=512)
+    assert sorted({r["length"] for r in only_mqar}) == [256, 512]  # one forward of exactly the length
