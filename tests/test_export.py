@@ -244,4 +244,4 @@ def test_export_files_demand_no_optional_packages(exported):
     files = [f for f in os.listdir(out) if f.endswith(".py")]
     assert "op_gdn.py" in files and "mixers.py" in files
     for f in files:
-        assert set(get_imports(os.path.join(out, f))) <= {"torch", "transformers", "math", "warnings", "inspect"}, f
+        assert set(get_imports(os.path.join(out, f))) <= {"torch", "transformers", "math", "os", "warnings", "inspect"}, f
