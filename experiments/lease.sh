@@ -13,7 +13,8 @@
 #   at the end:  bash experiments/lease.sh pack_cache   (save compile_cache.tgz as .device/cache/ here)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
-# to distill.sh (both distill.py stages), e.g. a shorter run.
+# to distill.sh (both distill.py stages), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
+# instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k tokens + one eval; ~22 min for 3 arms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=/root/p                                   # the run's own copy of the code (calls re-sync the repo root)
@@ -62,7 +63,7 @@ start)
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
 export TRITON_CACHE_AUTOTUNING=1
-TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid bash distill.sh ${ARGS:-}
+$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid bash distill.sh ${ARGS:-}")
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF
   (setsid nohup bash run_lease.sh > run.out 2>&1 < /dev/null &)

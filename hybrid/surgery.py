@@ -24,17 +24,29 @@ LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
 
 
 def read_spec(spec: str, n_layers: int) -> list[str]:
-    """parse_spec, where `spec` may also name a selection.json from select_layers.py (its "chosen_spec")."""
-    if spec.endswith(".json"):
-        if not os.path.exists(spec):
-            raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first or pass a spec "
-                                    "like 'gdn;softmax=3,7'")
-        with open(spec) as f:
-            chosen = json.load(f).get("chosen_spec")
-        if chosen is None:
+    """parse_spec, where `spec` may also name a selection.json from select_layers.py: its "chosen_spec",
+    or with ":<method>" appended (selection.json:uniform) that method's top-K layers at the selection's
+    softmax fraction turned softmax in its stage-1 spec (the comparison arms of one selection)."""
+    path, sep, method = spec.partition(".json:")
+    if not (sep or spec.endswith(".json")):
+        return parse_spec(spec, n_layers)
+    path = path + ".json" if sep else spec
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first or pass a spec "
+                                "like 'gdn;softmax=3,7'")
+    with open(path) as f:
+        sel = json.load(f)
+    if not method:
+        if sel.get("chosen_spec") is None:
             raise ValueError(f"--spec={spec}: no 'chosen_spec' in it; expected a selection.json of select_layers.py")
-        spec = chosen
-    return parse_spec(spec, n_layers)
+        return parse_spec(sel["chosen_spec"], n_layers)
+    methods = sel.get("methods", {})
+    top = methods.get(method, {}).get("top", {}).get(str(sel.get("k_fraction")))
+    if top is None:
+        raise ValueError(f"--spec={spec}: {path} has no top-{sel.get('k_fraction')} set for method {method!r}; "
+                         f"it has: {', '.join(sorted(methods)) or 'none'}")
+    base = parse_spec(sel["stage1_spec"], n_layers)
+    return [SOFTMAX if i in set(top) else mixer for i, mixer in enumerate(base)]
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -126,6 +126,15 @@ def test_selection_json_schema_and_costs(selected):
 def test_distill_reads_the_chosen_spec(selected):
     run, sel = selected
     assert read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]
+    # selection.json:<method>: that method's top-K (K = k_fraction) turned softmax, for comparison arms
+    k = str(sel["k_fraction"])
+    for method in ("uniform", "ga_s2", "mse"):
+        top = sel["methods"][method]["top"][k]
+        want = ["softmax" if i in top else m for i, m in enumerate(sel["stage1_spec"])]
+        assert read_spec(os.path.join(run, "selection.json") + ":" + method, 4) == want
+    assert read_spec(os.path.join(run, "selection.json") + ":ga_s2", 4) == sel["chosen_spec"]  # the primary
+    with pytest.raises(ValueError, match=r"no top-\d+ set for method 'nope'; it has: .*uniform"):
+        read_spec(os.path.join(run, "selection.json") + ":nope", 4)
 
 
 def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatch):

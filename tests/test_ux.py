@@ -199,6 +199,24 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
 
 
+def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
+    """experiments/compare.sh: stage 1 once, then stage 2 + export per arm from the selection, one eval."""
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "cmp"), "ARMS": "ga_s2 all_gdn"},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ["distill.py", "distill.py", "export.py", "distill.py", "export.py",
+                                             "eval.py"]
+    assert "--spec=docs/runs/h200_lease_2026-12-02/selection.json:ga_s2" in calls[1] and "--spec=gdn" in calls[3]
+    assert all(f"--init={tmp_path / 'cmp' / 'stage1'}" in calls[i] for i in (1, 3))
+    assert f"ga_s2={tmp_path / 'cmp' / 'export_ga_s2'},all_gdn={tmp_path / 'cmp' / 'export_all_gdn'}" in calls[5]
+    sel = os.path.join(REPO, "docs", "runs", "h200_lease_2026-12-02", "selection.json")
+    from hybrid.surgery import read_spec
+    assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
+
+
 def test_warmup_capped_to_the_budget(capsys):
     from hybrid.optim import capped_warmup, cosine_lr
     assert capped_warmup(20, 2000) == 20 and "warm-up" not in capsys.readouterr().out  # a long run: as asked

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issue 13's comparison at equal budgets, from a layer selection made earlier (a committed selection.json,
+# so no lease spends its minutes selecting again): stage 1 once, then stage 2 of each arm with the same
+# tokens and settings, an export of each, and one eval of the teacher and every arm.
+# Usage (repo root; on the device through `PLAN=compare bash experiments/lease.sh start`):
+#   TEACHER=<gguf|HF dir|embedded> ARMS="ga_s2 uniform all_gdn" bash experiments/compare.sh
+# An arm is a method of SELECTION (its top-K layers softmax, K = the selection's 25% of layers) or
+# all_gdn (no softmax layer). SMOKE=1: CPU-sized budgets (a dry run of this script).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+TEACHER=${TEACHER:-embedded}
+D=${D:-data/debian}
+R=${R:-runs/compare}
+SELECTION=${SELECTION:-docs/runs/h200_lease_2026-12-02/selection.json}  # GA-S2 at 0.52M tokens per candidate
+ARMS=${ARMS:-"ga_s2 uniform all_gdn"}
+STEPS=${STEPS:-260}    # stage-2 steps per arm, 131,072 tokens each (260: 34M tokens, ~200 s at ~175k tokens/s)
+LIMIT=${LIMIT:-240}    # wall-clock cap of each arm's stage 2 (s); the arms' token counts are in their summaries
+S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)   # as distill.sh on a GPU
+S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="$STEPS" --eval_every="$STEPS"
+    --time_limit_s="$LIMIT")
+EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
+if [ -n "${SMOKE:-}" ]; then
+  S1=(--smoke=True)
+  S2=(--smoke=True)
+  EVAL=(--smoke=True)
+fi
+T0=$(date +%s)
+phase() { echo; echo "== $1 | elapsed $(( $(date +%s) - T0 ))s =="; }
+phase "stage 1 (rotation)"
+$PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_dir="$R/stage1" "${S1[@]}"
+MODELS="teacher"
+for arm in $ARMS; do
+  spec="$SELECTION:$arm"
+  [ "$arm" = all_gdn ] && spec=gdn
+  phase "stage 2, arm $arm (--spec=$spec)"
+  $PY distill.py --stage=2 --teacher="$TEACHER" --data_dir="$D" --init="$R/stage1" --spec="$spec" \
+    --run_dir="$R/s2_$arm" "${S2[@]}"
+  $PY export.py --checkpoint="$R/s2_$arm" --out_dir="$R/export_$arm"
+  MODELS="$MODELS,$arm=$R/export_$arm"
+done
+phase "eval ($MODELS)"
+$PY eval.py --teacher="$TEACHER" --models="$MODELS" --data_dir="$D" --out_dir="$R/eval" "${EVAL[@]}"
+phase "done"
