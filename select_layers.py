@@ -2,8 +2,8 @@
 
 GA-S2 ("Distilling to Hybrid Attention Models via KL-Guided Layer Selection", ICLR 2026): from a
 stage-1 checkpoint (every layer a linear mixer, `distill.py --stage=1`), for each candidate layer l
-build the student with only l restored to the teacher's softmax attention (hybrid.student.seed_from,
-as `distill.py --stage=2 --init` does), run CANDIDATE_TOKENS of stage-2 KL distillation on the same
+build the student with only l restored to the teacher's softmax attention (the weights
+hybrid.student.seed_from gives, as `distill.py --stage=2 --init` does), run CANDIDATE_TOKENS of stage-2 KL distillation on the same
 data order for every candidate, and score l by the held-out KL(teacher || student): lower = l is
 worth more as softmax. Rank, keep the top K. Measured against it on the same machinery:
   zero_shot  held-out KL of the same candidates with no training
@@ -32,12 +32,14 @@ log.txt, metrics.jsonl, candidates/*.json, selection.json, selection.png}. Then:
 Log line: ga_s2 layer 07 | step 00064/00128 | loss 0.123456 | lr 1.0e-03 | dt 212ms | tok/s 154.20k
 """
 
+import copy
 import functools
 import json
 import os
 import time
 
 import torch
+from torch import nn
 
 from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
@@ -49,7 +51,7 @@ from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, j
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
-from hybrid.student import Artifact, rebuild_student, seed_from
+from hybrid.student import Artifact, rebuild_student
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
 
@@ -105,13 +107,20 @@ def log_line(label, step, total, loss, lr, dt, tokens):
             f"tok/s {format_tokens(tokens / max(dt, 1e-9))}")
 
 
+def build_candidate(ctx, spec: list[str]) -> nn.Module:
+    """A trainable student with `spec`: a copy, made where it lives (the GPU), of the resident stage-1
+    student with spec's softmax layers switched to the teacher's attention. The same weights as
+    rebuild_student + seed_from from the stage-1 checkpoint (tested), without copying the CPU teacher
+    and moving 0.6 GB to the device for each of the candidates."""
+    student = copy.deepcopy(ctx["switcher"].set(spec))
+    return student.requires_grad_(True).train()
+
+
 def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: list[int], label: str) -> dict:
     """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
     over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
+    student = build_candidate(ctx, spec)
     seed_all(SEED)  # every candidate starts from the same RNG state
-    student = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
-    seed_from(student, ctx["state"], ctx["stage1_spec"], spec)
-    student.requires_grad_(True).to(ctx["device"]).train()
     if COMPILE:
         compile_layers(student)
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
@@ -325,7 +334,7 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
-                teacher=teacher, teacher_ref=teacher_ref, state=ckpt["model"], stage1_spec=stage1_spec, art=art,
+                teacher=teacher, teacher_ref=teacher_ref, stage1_spec=stage1_spec, art=art,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
                 ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
                 already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],

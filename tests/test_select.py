@@ -257,3 +257,29 @@ def test_two_processes_match_one(planted, tmp_path):
         for layer in a["scores"]:
             assert a["scores"][layer] == pytest.approx(b["scores"][layer], rel=1e-5, abs=1e-7), (m, layer)
     assert one["chosen_spec"] == two["chosen_spec"]
+
+
+def test_candidates_built_on_the_device_equal_the_checkpoint_rebuild(planted, tmp_path, monkeypatch):
+    """build_candidate copies the resident stage-1 student; it must hold exactly what rebuilding from
+    the CPU teacher + seed_from(stage-1 checkpoint) gives, and share no storage with the resident one."""
+    from hybrid.checkpoint import load_checkpoint
+    from hybrid.config import config_dict
+    from hybrid.student import rebuild_student
+    ckpt = load_checkpoint(planted["init"])
+    torch.manual_seed(0)
+    state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    atomic_torch_save({**ckpt, "model": state}, str(tmp_path / "s1/ckpt/final.pt"))
+    configure(monkeypatch, {**planted, "init": str(tmp_path / "s1")}, tmp_path / "run")
+    ctx = select_layers.setup(config_dict(vars(select_layers)), torch.device("cpu"), torch.float32)
+    for layer in (0, PLANTED):
+        spec = with_softmax(ctx["stage1_spec"], [layer])
+        got = select_layers.build_candidate(ctx, spec)
+        want = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
+        seed_from(want, state, ctx["stage1_spec"], spec)
+        got_state, want_state = got.state_dict(), want.state_dict()
+        assert set(got_state) == set(want_state)
+        for k in want_state:
+            assert torch.equal(got_state[k], want_state[k]), k
+        assert got.training and all(p.requires_grad for p in got.parameters())
+        resident = {p.data_ptr() for p in ctx["switcher"].student.parameters()}
+        assert not resident & {p.data_ptr() for p in got.parameters()}
