@@ -5,7 +5,11 @@
 # Usage (repo root; on the device through `PLAN=compare bash experiments/lease.sh start`):
 #   TEACHER=<gguf|HF dir|embedded> ARMS="ga_s2 uniform all_gdn" bash experiments/compare.sh
 # An arm is a method of SELECTION (its top-K layers softmax, K = the selection's 25% of layers) or
-# all_gdn (no softmax layer). SMOKE=1: CPU-sized budgets (a dry run of this script).
+# all_gdn (no softmax layer), optionally followed by distill.py settings joined with "+", which
+# makes the lever study of the same issue (one change per arm, same tokens):
+#   ARMS="ga_s2 ga_s2+--lr_mixer=3e-3 ga_s2+--ce_weight=0.5 ga_s2+--temperature=2 ga_s2+--untie_embeddings=True
+#         ga_s2+--seq_len=4096+--micro_batch=16" STEPS=80 bash experiments/compare.sh
+# SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -31,13 +35,17 @@ phase "stage 1 (rotation)"
 $PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_dir="$R/stage1" "${S1[@]}"
 MODELS="teacher"
 for arm in $ARMS; do
-  spec="$SELECTION:$arm"
-  [ "$arm" = all_gdn ] && spec=gdn
-  phase "stage 2, arm $arm (--spec=$spec)"
+  method=${arm%%+*}
+  extra=()
+  [ "$arm" != "$method" ] && IFS=+ read -r -a extra <<< "${arm#*+}"
+  name=$(echo "$arm" | tr -c 'A-Za-z0-9_.=\n-' '_' | sed 's/__*/_/g; s/=/-/g')  # a folder and eval name
+  spec="$SELECTION:$method"
+  [ "$method" = all_gdn ] && spec=gdn
+  phase "stage 2, arm $arm (--spec=$spec ${extra[*]:-})"
   $PY distill.py --stage=2 --teacher="$TEACHER" --data_dir="$D" --init="$R/stage1" --spec="$spec" \
-    --run_dir="$R/s2_$arm" "${S2[@]}"
-  $PY export.py --checkpoint="$R/s2_$arm" --out_dir="$R/export_$arm"
-  MODELS="$MODELS,$arm=$R/export_$arm"
+    --run_dir="$R/s2_$name" "${S2[@]}" ${extra[@]+"${extra[@]}"}
+  $PY export.py --checkpoint="$R/s2_$name" --out_dir="$R/export_$name"
+  MODELS="$MODELS,$name=$R/export_$name"
 done
 phase "eval ($MODELS)"
 $PY eval.py --teacher="$TEACHER" --models="$MODELS" --data_dir="$D" --out_dir="$R/eval" "${EVAL[@]}"

@@ -212,6 +212,15 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     assert "--spec=docs/runs/h200_lease_2026-12-02/selection.json:ga_s2" in calls[1] and "--spec=gdn" in calls[3]
     assert all(f"--init={tmp_path / 'cmp' / 'stage1'}" in calls[i] for i in (1, 3))
     assert f"ga_s2={tmp_path / 'cmp' / 'export_ga_s2'},all_gdn={tmp_path / 'cmp' / 'export_all_gdn'}" in calls[5]
+    # the lever study: an arm's "+"-joined settings go to its stage 2 after the shared ones
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "lev"),
+                              "ARMS": "ga_s2+--ce_weight=0.5+--temperature=2"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lever = log.read_text().splitlines()[len(calls):]
+    assert lever[1].endswith("--ce_weight=0.5 --temperature=2") and ":ga_s2 " in lever[1]
+    name = "ga_s2_--ce_weight-0.5_--temperature-2"
+    assert f"--run_dir={tmp_path / 'lev' / ('s2_' + name)}" in lever[1] and f",{name}=" in lever[3]
     sel = os.path.join(REPO, "docs", "runs", "h200_lease_2026-12-02", "selection.json")
     from hybrid.surgery import read_spec
     assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
