@@ -18,6 +18,8 @@ DATA=${DATA:-debian}            # debian (offline documentation corpus) | finewe
 DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
+DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
+RESERVE_S=${RESERVE_S:-420}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
   sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-
   echo; echo "Environment settings (name=default  meaning):"
@@ -55,6 +57,7 @@ if [ "$GPUS" -eq 0 ]; then
   SEL=(--smoke=True)
   S2=(--seq_len=128 --micro_batch=2 --total_batch_tokens=256 --stage2_steps=24 --eval_every=12 --eval_batches=2 --log_every=4 --keep_checkpoints=1)
   S2L=(--seq_len=256 --micro_batch=1 --total_batch_tokens=256 --stage2_steps=4 --eval_every=4 --eval_batches=1 --log_every=2 --keep_checkpoints=1)
+  S2_LIMIT=0; S2L_LIMIT=0  # stage 2's parts: no wall-clock cap of their own
   EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
   BENCH=()
 else
@@ -65,10 +68,10 @@ else
   S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
   SEL=(--methods=ga_s2,zero_shot,early,uniform,mse --candidate_tokens=524288 --seq_len=512
        --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
-  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=400 --eval_every=200
-      --time_limit_s=360)                                                                  # 52M tokens (~175k tok/s)
+  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=400 --eval_every=200)  # 52M tokens
   S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=120 --eval_every=120 --lr_mixer=3e-4
-       --lr=3e-4 --time_limit_s=150)                                   # 16M tokens at 4096 (recall at 4-8K), lower LR
+       --lr=3e-4)                                                      # 16M tokens at 4096 (recall at 4-8K), lower LR
+  S2_LIMIT=360; S2L_LIMIT=150  # wall-clock caps of the two parts (s): ~175k tokens/s leaves a margin
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
   BENCH=(--contexts=[16384] --batches=[32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
 fi
@@ -79,13 +82,30 @@ launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="
 stage "3/7" "layer selection (GA-S2)"
 launch select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"
+# a stage-2 part's --time_limit_s: its own cap ($1, 0 = none), lowered so that DEADLINE_S is met with
+# RESERVE_S to spare, $2 more seconds kept back, and ~60 s for the part's load and final eval outside it
+part_limit() {
+  [ "$DEADLINE_S" -gt 0 ] || { echo "$1"; return; }
+  local left=$(( DEADLINE_S - ($(date +%s) - T0) - RESERVE_S - 60 - ${2:-0} ))
+  if [ "$1" -gt 0 ] && [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+L1=$(part_limit "$S2_LIMIT" $(( S2L_LIMIT > 0 ? S2L_LIMIT + 60 : 120 )))  # room for the 4096 part after it
+[ "$L1" -ge 120 ] || L1=$(part_limit "$S2_LIMIT")  # too tight for both: the 2048 part takes what is left
+[ "$L1" -ge 60 ] || { echo "distill.sh: DEADLINE_S=$DEADLINE_S leaves ${L1}s for stage 2; running 60s of it" >&2; L1=60; }
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage1" \
-  --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" "$@"
+  --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" --time_limit_s="$L1" "$@"
 # the same student continues on longer rows (every weight carries over; a fresh optimizer and schedule)
-launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage2" \
-  --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2_long" "${S2L[@]}" "$@"
+FINAL="$RUN/stage2_long"
+L2=$(part_limit "$S2L_LIMIT")
+if [ "$DEADLINE_S" -gt 0 ] && [ "$L2" -lt 90 ]; then
+  FINAL="$RUN/stage2"
+  echo "distill.sh: skipping stage 2's longer rows: DEADLINE_S=$DEADLINE_S leaves ${L2}s for them (< 90); exporting $FINAL"
+else
+  launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage2" \
+    --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2_long" "${S2L[@]}" --time_limit_s="$L2" "$@"
+fi
 stage "5/7" "export"
-$PY export.py --checkpoint="$RUN/stage2_long" --out_dir="$RUN/export"
+$PY export.py --checkpoint="$FINAL" --out_dir="$RUN/export"
 stage "6/7" "evaluation"
 $PY eval.py --teacher="$TEACHER" --models="teacher,hybrid=$RUN/export" --data_dir="$DATA_DIR" --out_dir="$RUN/eval" "${EVAL[@]}"
 stage "7/7" "speed"

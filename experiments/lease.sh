@@ -7,7 +7,9 @@
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
 #           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
-#   call 3, carry [.device/wheels, .device/data]:  bash experiments/lease.sh start 540
+#   call 3, carry [.device/wheels, .device/data]:  DEADLINE_S=<s> bash experiments/lease.sh start 540
+#           (DEADLINE_S: the lease's budget_left_s at this call minus ~90 s for the last pack; distill.sh
+#           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
 #   short of time: bash experiments/lease.sh finish (export + eval of stage 2's first part)
 #   at the end:  bash experiments/lease.sh pack_cache   (save compile_cache.tgz as .device/cache/ here)
@@ -63,7 +65,7 @@ start)
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
 export TRITON_CACHE_AUTOTUNING=1
-$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid bash distill.sh ${ARGS:-}")
+$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}")
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF
   (setsid nohup bash run_lease.sh > run.out 2>&1 < /dev/null &)

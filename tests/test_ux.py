@@ -199,6 +199,31 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
 
 
+def test_distill_sh_deadline_cuts_stage2_to_fit(tmp_path):
+    """DEADLINE_S (a lease): stage 2's parts get what is left after RESERVE_S; the 4096 part is skipped
+    (and the 2048 part exported) when fewer than 90 s would be left for it."""
+    fake, log = _fake_python(tmp_path)
+    text = open(fake).read().replace("echo 0; exit 0", "echo 1; exit 0")  # one GPU
+    open(fake, "w").write(text)
+
+    def run(deadline):
+        if log.exists():
+            log.unlink()
+        out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "DEADLINE_S": str(deadline)})
+        assert out.returncode == 0, out.stderr
+        calls = log.read_text().splitlines()
+        limits = [int(c.split("--time_limit_s=")[1].split()[0]) for c in calls if "--stage=2" in c]
+        return limits, calls[[c.split()[0] for c in calls].index("export.py")], out
+
+    assert run(5000)[0] == [360, 150]  # a long deadline: the parts' own caps
+    limits, _, _ = run(1000)  # 1000 - 420 reserve - 60 overhead - (150 + 60) for the long part = 310
+    assert limits[0] in (309, 310) and limits[1] == 150
+    limits, export, out = run(500)
+    assert limits == [60] and export.split("--checkpoint=")[1].split()[0] == str(tmp_path / "run" / "stage2")
+    assert "skipping stage 2's longer rows" in out.stdout and "running 60s of it" in out.stderr
+
+
 def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     """experiments/compare.sh: stage 1 once, then stage 2 + export per arm from the selection, one eval."""
     fake, log = _fake_python(tmp_path)
