@@ -41,8 +41,10 @@ except SignalException:
 launch() { if [ "$NPROC" -eq 1 ]; then $PY "$@"; else $PY -c "$TORCHRUN" --standalone --nproc_per_node="$NPROC" "$@"; fi; }
 T0=$(date +%s)
 STAGE="setup"
-elapsed() { local s=$(( $(date +%s) - T0 )); printf '%dm%02ds' $(( s / 60 )) $(( s % 60 )); }
-stage() { STAGE="$2"; echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
+mmss() { printf '%dm%02ds' $(( $1 / 60 )) $(( $1 % 60 )); }
+elapsed() { mmss $(( $(date +%s) - T0 )); }
+NAMES=(); STARTS=()  # each stage's name and start, for the time table at the end
+stage() { STAGE="$2"; NAMES+=("$2"); STARTS+=("$(date +%s)"); echo; echo "== stage $1: $2 | elapsed $(elapsed) =="; }
 trap 'echo "distill.sh: stopped during $STAGE after $(elapsed); run the same command again to continue (finished stages are reused)" >&2; exit 130' INT TERM
 if [ "$GPUS" -eq 0 ]; then
   echo "distill.sh: no GPU found: running a CPU-sized budget of every stage (a smoke run, not a useful model)"
@@ -117,6 +119,9 @@ fi
 trap - INT TERM
 echo
 echo "== done in $(elapsed) =="
+STARTS+=("$(date +%s)")
+for i in "${!NAMES[@]}"; do printf '  %-34s %s\n' "${NAMES[$i]}" "$(mmss $(( STARTS[i + 1] - STARTS[i] )))"; done
+echo
 echo "  stage 1      $RUN/stage1/   (log.txt, stage1.png, ckpt/final.pt)"
 echo "  selection    $RUN/select/selection.json  $RUN/select/selection.png"
 echo "  stage 2      $RUN/stage2/ then $RUN/stage2_long/   (log.txt, stage2.png, ckpt/final.pt)"

@@ -163,6 +163,8 @@ def test_distill_sh_stage_headers_and_summary(tmp_path):
     assert "--init=" + str(tmp_path / "run" / "stage2") + " " in calls[4]  # the long part continues stage 2
     assert "--checkpoint=" + str(tmp_path / "run" / "stage2_long") in calls[5]
     summary = out.stdout.split("== done in")[1]
+    times = [line.split() for line in summary.splitlines()[1:8]]  # the time per stage, in order
+    assert [t[-1][-1] for t in times] == ["s"] * 7 and times[0][0] == "prepare" and times[-1][0] == "speed"
     for item in ("selection.json", "export/tokenizer", "eval.md", "recall.png", "stage1.png", "stage2.png",
                  "bench.py"):
         assert item in summary, item
