@@ -12,7 +12,7 @@
 #           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
 #   short of time: bash experiments/lease.sh finish (export + eval of stage 2's first part)
-#   at the end:  bash experiments/lease.sh pack_cache   (save compile_cache.tgz as .device/cache/ here)
+#   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
 # to distill.sh (both distill.py stages), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
@@ -30,7 +30,9 @@ pack() {  # small results only, into $OUT
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
 }
 restore_cache() {  # an earlier lease's compile caches (pack_cache), when this call carried them
-  if [ -f .device/cache/compile_cache.tgz ]; then tar xzf .device/cache/compile_cache.tgz -C / && echo "compile caches restored"; fi
+  for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz; do
+    if [ -f $f ]; then tar xzf $f -C / && echo "restored $f"; fi
+  done
 }
 wait_done() {  # up to $1 s, or until the run has ended
   local t=0
@@ -95,7 +97,11 @@ finish)  # the lease is running short: once stage 2's first part has its final.p
   ;;
 pack_cache)  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
   # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process)
-  tar czf "$OUT/compile_cache.tgz" -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null || true
+  tar czf "$OUT/triton_cache.tgz" -C / root/.triton/cache 2>/dev/null || true
+  tar czf /tmp/inductor_cache.tgz -C / tmp/torchinductor_root 2>/dev/null || true
+  if [ $(( $(stat -c %s "$OUT/triton_cache.tgz") + $(stat -c %s /tmp/inductor_cache.tgz) )) -lt 62000000 ]; then
+    mv /tmp/inductor_cache.tgz "$OUT/"  # both fit what one call brings back
+  fi
   ls -la "$OUT"
   ;;
 bench_compile)  # issue 12's lever: the engine's decode with and without per-layer torch.compile, one run each
