@@ -3,7 +3,8 @@
 # pieces of <= 64 MiB per call, the run is detached so it outlives a call, and every call packs what
 # exists so far into $OUT (logs, JSON, PNG; never checkpoints). Run from the repo root there.
 #   here, once:  bash ../shared/device/stage_teacher.sh      (.device/wheels, t1, t2)
-#                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz)
+#                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz;
+#                                                             the GGUF's md5 beside its second half)
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
 #           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
@@ -46,6 +47,7 @@ case "${1:-}" in
 pack_data)
   mkdir -p .device/data
   tar cf - data/debian | xz -T2 -6 > .device/data/debian.tar.xz.tmp && mv .device/data/debian.tar.xz.tmp .device/data/debian.tar.xz
+  [ -s .device/teacher.gguf.md5 ] && cp .device/teacher.gguf.md5 .device/t2/  # teacher2 checks the joined GGUF
   ls -la .device/data
   ;;
 teacher1)
@@ -55,8 +57,11 @@ teacher1)
 teacher2)
   cat /root/teacher/teacher.gguf.part1 .device/t2/teacher.gguf.part2 > $GGUF
   rm /root/teacher/teacher.gguf.part1
-  echo "$(cut -d' ' -f1 .device/teacher.gguf.md5 2>/dev/null || true)  $GGUF" > /tmp/md5
-  [ -s .device/teacher.gguf.md5 ] && md5sum -c /tmp/md5 || md5sum $GGUF
+  if [ -s .device/t2/teacher.gguf.md5 ]; then  # pack_data put it beside the second half
+    echo "$(cut -d' ' -f1 .device/t2/teacher.gguf.md5)  $GGUF" | md5sum -c
+  else
+    md5sum $GGUF
+  fi
   ;;
 start)
   fla
@@ -117,9 +122,9 @@ gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machin
   fla
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
   cd $P 2>/dev/null || true
-  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -x ${TESTS:-tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rA -x ${TESTS:-tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
   ;;
 *)
-  sed -n '2,13p' "$0" | cut -c3-; exit 2
+  sed -n '2,19p' "$0" | cut -c3-; exit 2
   ;;
 esac
