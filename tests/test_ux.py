@@ -267,3 +267,12 @@ def test_val_label_names_the_slice():
     batches = [(torch.zeros(2, 128, dtype=torch.long), None)] * 3
     assert val_label(batches) == "val 3x2x128 = 768 tok from the start of the val shards"
     assert val_label(batches, 2).endswith("rank-strided over 2 ranks") and "1.54k tok" in val_label(batches, 2)
+
+
+def test_experiment_scripts_parse_and_lease_sh_shows_its_usage():
+    for name in sorted(os.listdir(os.path.join(REPO, "experiments"))):
+        if name.endswith(".sh"):
+            r = subprocess.run(["bash", "-n", os.path.join(REPO, "experiments", name)], capture_output=True, text=True)
+            assert r.returncode == 0, (name, r.stderr)
+    r = subprocess.run(["bash", os.path.join(REPO, "experiments", "lease.sh")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "call 3, carry" in r.stdout and "pack_cache" in r.stdout
