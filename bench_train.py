@@ -9,7 +9,8 @@ weights) and random token batches, through the library's own training code:
   phases   one stage-2 step split by CUDA events (teacher fwd, student fwd, KL, backward, optimizer)
            and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
   stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
-  gas2     GA-S2 candidates as select_layers.train_spec (build + train); eager = a teacher forward
+  gas2     GA-S2 candidates as select_layers.train_spec (build + train; fast builds on the device as it
+           does, eager rebuilds from the CPU teacher); eager = a teacher forward
            per micro-step; fast = hybrid.stage2.TeacherTargets (teacher once per batch, shared by
            all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
   kpad     fla's GDN chunk kernel fwd+bwd at K=64 (fla #640 guard lifted: speed only) vs the
@@ -37,6 +38,7 @@ from hybrid.fastpath import compile_layers
 from hybrid.losses import chunked_distill_loss, layer_mse
 from hybrid.model.spec import parse_spec
 from hybrid.optim import adamw, optimizer_step
+from hybrid.selection import SpecSwitcher
 from hybrid.shards import RandomBatches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, stage2_param_groups, teacher_hidden
 from hybrid.surgery import build_student
@@ -368,13 +370,17 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         teacher = teachers[fast]
         targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
         secs, train_secs = [], []
+        # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
+        switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
+                                base_layers) if fast else None
         for c in range(GAS2_CANDIDATES):
             sync(device)
             t0 = time.time()
             spec = list(base_layers)
             spec[c * 7 % LAYERS] = "softmax"
             torch.manual_seed(SEED)
-            student = build_student(cpu_teacher, spec).to(device).train().requires_grad_(True)
+            student = switcher.copy(spec) if fast else \
+                build_student(cpu_teacher, spec).to(device).train().requires_grad_(True)
             opt = adamw(stage2_param_groups(student, 1e-3, 1e-4), 1e-3, 0.0, device)
             if fast:
                 compile_layers(student)
@@ -391,6 +397,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
             secs.append(time.time() - t0)
             train_secs.append(time.time() - t1)
             del student, opt, model
+        del switcher
         rest = sum(secs[1:]) / max(1, len(secs) - 1)
         tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
         cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"

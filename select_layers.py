@@ -32,14 +32,12 @@ log.txt, metrics.jsonl, candidates/*.json, selection.json, selection.png}. Then:
 Log line: ga_s2 layer 07 | step 00064/00128 | loss 0.123456 | lr 1.0e-03 | dt 212ms | tok/s 154.20k
 """
 
-import copy
 import functools
 import json
 import os
 import time
 
 import torch
-from torch import nn
 
 from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
 from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
@@ -107,19 +105,10 @@ def log_line(label, step, total, loss, lr, dt, tokens):
             f"tok/s {format_tokens(tokens / max(dt, 1e-9))}")
 
 
-def build_candidate(ctx, spec: list[str]) -> nn.Module:
-    """A trainable student with `spec`: a copy, made where it lives (the GPU), of the resident stage-1
-    student with spec's softmax layers switched to the teacher's attention. The same weights as
-    rebuild_student + seed_from from the stage-1 checkpoint (tested), without copying the CPU teacher
-    and moving 0.6 GB to the device for each of the candidates."""
-    student = copy.deepcopy(ctx["switcher"].set(spec))
-    return student.requires_grad_(True).train()
-
-
 def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: list[int], label: str) -> dict:
     """Stage-2 KL distillation of one hybrid (spec) for `steps` optimizer steps of a cosine schedule
     over `schedule_steps`, from the stage-1 weights; held-out KL after each step in eval_at."""
-    student = build_candidate(ctx, spec)
+    student = ctx["switcher"].copy(spec)
     seed_all(SEED)  # every candidate starts from the same RNG state
     if COMPILE:
         compile_layers(student)

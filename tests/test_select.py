@@ -260,8 +260,8 @@ def test_two_processes_match_one(planted, tmp_path):
 
 
 def test_candidates_built_on_the_device_equal_the_checkpoint_rebuild(planted, tmp_path, monkeypatch):
-    """build_candidate copies the resident stage-1 student; it must hold exactly what rebuilding from
-    the CPU teacher + seed_from(stage-1 checkpoint) gives, and share no storage with the resident one."""
+    """SpecSwitcher.copy (GA-S2's candidates) copies the resident stage-1 student; it must hold exactly
+    what rebuilding from the CPU teacher + seed_from(stage-1 checkpoint) gives, sharing no storage."""
     from hybrid.checkpoint import load_checkpoint
     from hybrid.config import config_dict
     from hybrid.student import rebuild_student
@@ -273,7 +273,7 @@ def test_candidates_built_on_the_device_equal_the_checkpoint_rebuild(planted, tm
     ctx = select_layers.setup(config_dict(vars(select_layers)), torch.device("cpu"), torch.float32)
     for layer in (0, PLANTED):
         spec = with_softmax(ctx["stage1_spec"], [layer])
-        got = select_layers.build_candidate(ctx, spec)
+        got = ctx["switcher"].copy(spec)
         want = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
         seed_from(want, state, ctx["stage1_spec"], spec)
         got_state, want_state = got.state_dict(), want.state_dict()
