@@ -48,7 +48,8 @@ RECALL_LENGTHS = [1024, 2048, 4096, 8000]  # prompt tokens; a length is dropped 
 RECALL_SAMPLES = 20             # samples per task and length
 RECALL_BATCH = 8                # prompts per generate() call (left-padded)
 ENGINE = "auto"                 # recall decoding: "auto" = the static engine on GPU (hybrid/model/engine.py, CUDA
-                                # graphs; same greedy tokens), generate() on CPU | "on" | "off" = generate() always
+                                # graphs; generate()'s greedy tokens up to bf16 rounding), generate() on CPU | "on" |
+                                # "off" = generate() always
 SUITE = ""                      # frozen suite jsonl; "" = OUT_DIR/recall_suite.jsonl (built once)
 CHAT = False                    # wrap prompts in the chat template (plain text compares teacher and student fairly)
 DTYPE = "bfloat16"              # model dtype on GPU (CPU always float32)

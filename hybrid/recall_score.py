@@ -122,8 +122,8 @@ def run_recall(model, tokenizer, tasks_jsonl, device="cpu", batch_size: int = 1,
     {"scores": {task: {length: mean}}, "task_mean": {task: mean over lengths}, "overall": mean of
     task means, "n": {task: {length: count}}, "samples": [{task, length, index, score, output}]}.
     Lengths are strings (JSON keys). `log(line)` gets one line per (task, length) when given.
-    engine=True: the generation tasks decode through the static engine (same greedy tokens as
-    generate(), tested; several times faster on GPU); MQAR always scores one forward's logits.
+    engine=True: the generation tasks decode through the static engine (generate()'s greedy tokens,
+    tested in float64; on GPU one CUDA graph per decode step); MQAR always scores one forward's logits.
     """
     records = read_suite(tasks_jsonl) if isinstance(tasks_jsonl, str) else list(tasks_jsonl)
     sha = tokenizer_fingerprint(tokenizer)
