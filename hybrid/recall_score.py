@@ -9,6 +9,7 @@ argmax next token at position p - 1 equals the value token at p. Scores are in [
 import json
 import math
 import os
+import warnings
 
 import torch
 
@@ -73,7 +74,7 @@ class Engines:
     attends over every slot)."""
 
     def __init__(self):
-        self.engine = None
+        self.engine, self.failed = None, False
 
     @staticmethod
     def eos_of(model, tokenizer) -> int | None:
@@ -106,10 +107,16 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, de
     for b, e in enumerate(encoded):
         ids[b, T - len(e):] = torch.tensor(e)
         mask[b, T - len(e):] = 1
-    eos = Engines.eos_of(model, tokenizer) if engines is not None else None
+    eos = Engines.eos_of(model, tokenizer) if engines is not None and not engines.failed else None
+    out = None
     if eos is not None:
-        out = engines.generate(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad)
-    else:
+        try:
+            out = engines.generate(model, ids.to(device), mask.to(device), max_new_tokens, eos, pad)
+        except (RuntimeError, ValueError) as e:  # an eval on a leased GPU must not be lost to a fast path:
+            engines.failed, engines.engine = True, None  # say so loudly and finish through generate()
+            warnings.warn(f"recall: the static engine failed ({type(e).__name__}: {str(e)[:300]}); this model's "
+                          "remaining prompts decode through generate()")
+    if out is None:
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tokenizer.batch_decode(out[:, T:].cpu(), skip_special_tokens=True)

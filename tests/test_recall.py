@@ -274,3 +274,27 @@ def test_lengths_keep_room_for_the_answer_inside_max_context(tokenizer, haystack
     assert sorted({r["length"] for r in short}) == [256]
     only_mqar = build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples=1, tasks=("mqar",), max_context=512)
     assert sorted({r["length"] for r in only_mqar}) == [256, 512]  # one forward of exactly the length
+
+
+def test_a_failing_engine_falls_back_to_generate_loudly(tokenizer, suite, monkeypatch):
+    """A lease's eval must not be lost to the fast path: the engine's error is reported and the rest of
+    that model's prompts decode through generate(), with generate()'s outputs."""
+    from hybrid import recall_score
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    small = [r for r in suite if r["length"] == 256 and r["index"] < 2 and r["task"] != "mqar"]
+    calls = []
+
+    def broken(self, *a):
+        calls.append(1)
+        raise RuntimeError("CUDA graph capture failed")
+
+    monkeypatch.setattr(recall_score.Engines, "generate", broken)
+    with pytest.warns(UserWarning, match="static engine failed .*CUDA graph capture failed"):
+        fast = run_recall(model, tokenizer, small, batch_size=2, engine=True)
+    assert len(calls) == 1  # tried once, then generate() for every later batch
+    slow = run_recall(model, tokenizer, small, batch_size=2)
+    assert [s["output"] for s in fast["samples"]] == [s["output"] for s in slow["samples"]]
