@@ -8,7 +8,7 @@
 # all_gdn (no softmax layer), optionally followed by distill.py settings joined with "+", which
 # makes the lever study of the same issue (one change per arm, same tokens):
 #   ARMS="ga_s2 ga_s2+--lr_mixer=3e-3 ga_s2+--ce_weight=0.5 ga_s2+--temperature=2 ga_s2+--untie_embeddings=True
-#         ga_s2+--seq_len=4096+--micro_batch=16" STEPS=80 bash experiments/compare.sh
+#         ga_s2+--seq_len=4096+--micro_batch=16" STEPS=80 SAMPLES=5 bash experiments/compare.sh
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +23,8 @@ LIMIT=${LIMIT:-240}    # wall-clock cap of each arm's stage 2 (s); the arms' tok
 S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)   # as distill.sh on a GPU
 S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="$STEPS" --eval_every="$STEPS"
     --time_limit_s="$LIMIT")
-EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
+SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
+EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples="$SAMPLES" --recall_batch=16)
 if [ -n "${SMOKE:-}" ]; then
   S1=(--smoke=True)
   S2=(--smoke=True)

@@ -72,7 +72,7 @@ start)
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
 export TRITON_CACHE_AUTOTUNING=1
-$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}")
+$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}")
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF
   (setsid nohup bash run_lease.sh > run.out 2>&1 < /dev/null &)
