@@ -8,7 +8,8 @@
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
 # useful model) and says so; on a GPU the budgets fit one H200 in ~25 minutes with the data and teacher
 # already there (SmolLM2-135M: stage 1 rotation 4.2M tokens per layer, GA-S2 30 x 0.5M tokens, stage 2
-# 52M tokens at 2048 then 16M at 4096, each stage-2 part capped in wall time; see docs/results.md). Each script's own settings: python <script>.py --help
+# 52M tokens at 2048 then 16M at 4096, each stage-2 part capped in wall time; see docs/results.md).
+# Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
 # Environment settings (VAR=value ./distill.sh)
@@ -23,7 +24,7 @@ RESERVE_S=${RESERVE_S:-420}     # with DEADLINE_S: seconds kept after stage 2 fo
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
   sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-
   echo; echo "Environment settings (name=default  meaning):"
-  grep -E '^[A-Z]+=\$\{[A-Z]+:-[^}]*\}[[:space:]]+#' "$0" | sed -E 's/^([A-Z]+)=\$\{[A-Z]+:-([^}]*)\}[[:space:]]*#[[:space:]]*/  \1=\2\t/' | expand -t 24
+  grep -E '^[A-Z_]+=\$\{[A-Z_]+:-[^}]*\}[[:space:]]+#' "$0" | sed -E 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}[[:space:]]*#[[:space:]]*/  \1=\2\t/' | expand -t 24
   echo "  NPROC=<GPUs, else 1>  processes per stage (1: plain python, >1: torchrun)"
   exit 0
 fi

@@ -146,6 +146,7 @@ def test_distill_sh_help_runs_nothing(tmp_path):
     assert out.returncode == 0 and not log.exists(), out.stderr
     assert "Usage: ./distill.sh" in out.stdout
     assert "TEACHER=embedded" in out.stdout and "the linear mixer of every non-softmax layer" in out.stdout
+    assert "DEADLINE_S=0" in out.stdout and "RESERVE_S=420" in out.stdout  # names with an underscore too
 
 
 def test_distill_sh_stage_headers_and_summary(tmp_path):
