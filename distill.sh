@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline on one machine: prepare -> stage 1 -> layer selection -> stage 2 -> export -> eval.
-# Usage: ./distill.sh [--name=value ...]     overrides go to both distill.py stages (e.g. --seq_len=1024)
+# The whole pipeline on one machine: prepare -> stage 1 -> layer selection -> stage 2 (two parts) -> export
+# -> eval -> bench (GPU).
+# Usage: ./distill.sh [--name=value ...]     overrides go to every distill.py run (e.g. --seq_len=1024)
 #   ./distill.sh --help                      this text and the environment settings below
 #   ./distill.sh  (the same command again)   continues after an interrupt (finished stages and jobs are reused)
 #   NPROC=8 ./distill.sh                     processes per stage (default: number of GPUs, else 1)
