@@ -105,8 +105,9 @@ SMOKE = False                   # tiny budget on CPU: a few steps per stage, sma
 # -----------------------------------------------------------------------------
 # settings that cannot change what a run computes: a checkpoint written with any other setting
 # different is refused on resume (hybrid.checkpoint.resume_point)
+# (fsdp and ddp write the same checkpoints: switching modes resumes; a time limit only says where a run ends)
 _UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE",
-              "PARALLEL", "SHARD_TEACHER", "TIME_LIMIT_S")  # fsdp and ddp write the same checkpoints: switching modes resumes
+              "PARALLEL", "SHARD_TEACHER", "TIME_LIMIT_S")
 
 
 def smoke_settings(g: dict) -> None:
