@@ -5,7 +5,8 @@ stage-1 checkpoint (every layer a linear mixer, `distill.py --stage=1`), for eac
 build the student with only l restored to the teacher's softmax attention (the weights
 hybrid.student.seed_from gives, as `distill.py --stage=2 --init` does), run CANDIDATE_TOKENS of
 stage-2 KL distillation on the same data order for every candidate, and score l by the held-out
-KL(teacher || student): lower = l is worth more as softmax. Rank, keep the top K. Measured against it on the same machinery:
+KL(teacher || student): lower = l is worth more as softmax. Rank, keep the top K. Measured against
+it on the same machinery:
   zero_shot  held-out KL of the same candidates with no training
   early      GA-S2 stopped at EARLY_FRAC of its budget (same LR schedule; free when ga_s2 runs)
   halving    successive halving: all candidates on a small budget, the better half on twice that,
