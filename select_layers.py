@@ -45,9 +45,10 @@ from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
 from hybrid.fastpath import compile_layers
+from hybrid.model.spec import with_softmax
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
-                              rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers, with_softmax)
+                              rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student

@@ -32,11 +32,6 @@ from .surgery import SOFTMAX, decoder_layers, swap_attention
 
 
 # ----------------------------------------------------------------------------- specs and rankings
-def with_softmax(base: list[str], layers) -> list[str]:
-    """base spec with `layers` turned to softmax."""
-    return [SOFTMAX if i in set(layers) else name for i, name in enumerate(base)]
-
-
 def spec_id(spec: list[str]) -> str:
     """A short stable name for a spec (job file names)."""
     return hashlib.sha1(",".join(spec).encode()).hexdigest()[:12]

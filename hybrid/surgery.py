@@ -17,7 +17,7 @@ import os
 
 from torch import nn
 
-from .model.spec import SOFTMAX, install_mixers, parse_spec
+from .model.spec import SOFTMAX, install_mixers, parse_spec, with_softmax
 
 SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm) style decoders"
 LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
@@ -45,8 +45,7 @@ def read_spec(spec: str, n_layers: int) -> list[str]:
     if top is None:
         raise ValueError(f"--spec={spec}: {path} has no top-{sel.get('k_fraction')} set for method {method!r}; "
                          f"it has: {', '.join(sorted(methods)) or 'none'}")
-    base = parse_spec(sel["stage1_spec"], n_layers)
-    return [SOFTMAX if i in set(top) else mixer for i, mixer in enumerate(base)]
+    return with_softmax(parse_spec(sel["stage1_spec"], n_layers), top)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

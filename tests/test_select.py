@@ -12,8 +12,9 @@ import torch
 
 import select_layers
 from hybrid.checkpoint import atomic_torch_save
+from hybrid.model.spec import with_softmax
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, rank_layers,
-                              uniform_layers, with_softmax)
+                              uniform_layers)
 from hybrid.shards import val_batches
 from hybrid.stage2 import held_out_kl, teacher_targets
 from hybrid.student import seed_from

@@ -37,6 +37,11 @@ def check_spec(spec: list[str], n_layers: int, where: str = "hybrid_spec") -> li
     return check_names(list(spec), where)
 
 
+def with_softmax(base: list[str], layers) -> list[str]:
+    """base spec with `layers` turned to softmax."""
+    return [SOFTMAX if i in set(layers) else name for i, name in enumerate(base)]
+
+
 def parse_spec(spec: str | list[str], n_layers: int) -> list[str]:
     """One mixer name per layer from
       "gdn"                      every layer gdn
