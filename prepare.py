@@ -165,10 +165,13 @@ def resume_shards(out_dir: str, progress: dict) -> dict:
     return keep
 
 
-def finished_manifest(out_dir: str, fingerprint: str, progress_path: str) -> dict | None:
-    """The manifest of a finished, intact data set in out_dir (nothing to do), or None. A damaged one
-    (a shard changed or missing, an unreadable manifest) becomes progress.json, so that this run
-    rebuilds it from the first bad shard of each split; other settings are refused."""
+def existing_manifest(out_dir: str, settings: dict, names: list[str], progress_path: str) -> dict | None:
+    """What out_dir already holds, checked before any source is opened (so a machine without the network
+    or apt reuses shards carried to it): the manifest of a finished data set made with these settings
+    from these sources whose every shard verifies (nothing to do), or None. A damaged one (a shard
+    changed or missing) becomes progress.json, so that this run rebuilds it from the first bad shard of
+    each split; an unreadable manifest is rebuilt; other settings are refused. The sources' provenance
+    (package versions, hashes) is not re-read."""
     path = os.path.join(out_dir, "manifest.json")
     if not os.path.exists(path):
         return None
@@ -178,39 +181,20 @@ def finished_manifest(out_dir: str, fingerprint: str, progress_path: str) -> dic
         print(f"{path}: unreadable ({str(e).split(';')[0][:120]}); rebuilding {out_dir}/")
         os.remove(path)
         return None
-    if manifest.get("fingerprint") != fingerprint:
+    made = {k: v for k, v in manifest.get("settings", {}).items() if k != "sources"}
+    made_names = [s["name"] for s in manifest.get("sources", [])]
+    if json.dumps(made, sort_keys=True) != json.dumps(settings, sort_keys=True) or made_names != names:
+        differ = sorted(k for k in set(made) | set(settings) if json.dumps(made.get(k)) != json.dumps(settings.get(k)))
+        differ += ["sources"] if made_names != names else []
         raise ValueError(f"{out_dir}/ holds shards made with other settings (fingerprint "
-                         f"{manifest.get('fingerprint')} != {fingerprint}); pass --out_dir=<new dir> or delete it")
+                         f"{manifest.get('fingerprint')}; differs in {', '.join(differ)}); pass --out_dir=<new dir> "
+                         "or delete it")
     try:
         verify_shards(out_dir, full=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"{str(e).split(';')[0]}: rebuilding the shards of {out_dir}/ from the first bad one")
         atomic_write_json(progress_path, manifest)  # the manifest lists what a resume keeps (those that verify)
         os.remove(path)
-        return None
-    print(f"{out_dir}/ is complete and verified ({format_tokens(manifest['splits']['train']['n_tokens'])} train "
-          f"tokens); nothing to do")
-    return manifest
-
-
-def reusable_manifest(out_dir: str, settings: dict, names: list[str]) -> dict | None:
-    """The manifest of a finished data set in out_dir made with these settings from these sources, checked
-    before any source is opened: a machine without the network (or apt) reuses shards carried to it. The
-    sources' provenance (package versions, hashes) is not re-read; every shard's sha256 is checked."""
-    path = os.path.join(out_dir, "manifest.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        manifest = load_manifest(out_dir)
-    except ValueError:
-        return None  # finished_manifest says what is wrong and rebuilds
-    made = {k: v for k, v in manifest.get("settings", {}).items() if k != "sources"}
-    same = json.dumps(made, sort_keys=True) == json.dumps(settings, sort_keys=True)
-    if not same or [s["name"] for s in manifest.get("sources", [])] != names:
-        return None
-    try:
-        verify_shards(out_dir, full=True)
-    except (ValueError, FileNotFoundError):
         return None
     print(f"{out_dir}/ is complete and verified ({format_tokens(manifest['splits']['train']['n_tokens'])} train "
           f"tokens from {len(names)} sources, made with these settings); nothing to do, no source opened")
@@ -235,17 +219,13 @@ def main() -> dict:
     settings = {k: v for k, v in config_dict(globals()).items() if k not in ignore}
     settings.update(SHARD_TOKENS=shard_tokens, MAX_DOCS_PER_SOURCE=max_docs, MAX_DOC_CHARS=max_chars,
                     VAL_FRACTION=val_fraction, tokenizer_sha256=tok["tokenizer_sha256"])
-    manifest = reusable_manifest(out_dir, settings, source_names(DATASET))
+    progress_path = os.path.join(out_dir, "progress.json")
+    manifest = existing_manifest(out_dir, settings, source_names(DATASET), progress_path)
     if manifest is not None:
         return manifest
     sources = open_sources(DATASET)
     settings["sources"] = [[n, info] for n, info, _ in sources]
     fingerprint = hashlib.sha256(repr(sorted(settings.items())).encode()).hexdigest()[:16]
-
-    progress_path = os.path.join(out_dir, "progress.json")
-    manifest = finished_manifest(out_dir, fingerprint, progress_path)
-    if manifest is not None:
-        return manifest
     shards = {s: [] for s in _SPLITS}
     if os.path.exists(progress_path):
         with open(progress_path) as f:

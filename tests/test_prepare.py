@@ -400,8 +400,8 @@ def test_finished_debian_set_is_reused_without_opening_a_source(tmp_path, monkey
 
     monkeypatch.setattr(prepare, "debian_documents", offline)
     assert run_prepare(monkeypatch, **kw)["fingerprint"] == first["fingerprint"]
-    # other settings or a damaged shard still need the source (and say so here: the fetch fails)
-    with pytest.raises(RuntimeError, match="no network"):
+    # other settings are refused before any source is opened; a damaged shard needs the source (the fetch fails)
+    with pytest.raises(ValueError, match="other settings.*differs in DEBIAN_PACKAGES, sources.*--out_dir"):
         run_prepare(monkeypatch, **{**kw, "debian_packages": ",".join(list(corpus.DEBIAN_SOURCES)[:2])})
     with open(os.path.join(out, "train_000000.bin"), "r+b") as f:
         f.seek(40)
