@@ -12,11 +12,10 @@
 #           (DEADLINE_S: the lease's budget_left_s at this call minus ~90 s for the last pack; distill.sh
 #           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
-#   short of time: bash experiments/lease.sh finish (export + eval of stage 2's first part)
 #   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
-# to distill.sh (both distill.py stages), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
+# to distill.sh (every distill.py run), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
 # instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k tokens + one eval; ~22 min for 3 arms).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,24 +81,6 @@ EOF
 poll)
   wait_done "${2:-560}"; pack
   ;;
-finish)  # the lease is running short: once stage 2's first part has its final.pt, stop the pipeline there
-  # and export + evaluate that student (the long part and bench are skipped), then pack. What was done
-  # by hand in the 2026-12-02 lease.
-  while [ ! -f $P/runs/hybrid/stage2/ckpt/final.pt ] && [ ! -f $P/DONE ]; do sleep 5; done
-  sleep 3
-  pkill -f "run_lease[.]sh" || true; pkill -f "bash distill[.]sh" || true; pkill -f "distill[.]py --stage=2" || true
-  sleep 3
-  cd $P
-  printf '%s\n' 'export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1' \
-    'echo "== finish: export + eval of runs/hybrid/stage2 (the long part skipped for time) | $(date +%T) =="' \
-    'python3 export.py --checkpoint=runs/hybrid/stage2 --out_dir=runs/hybrid/export' \
-    "python3 eval.py --teacher=$GGUF --models=teacher,hybrid=runs/hybrid/export --data_dir=data/debian --out_dir=runs/hybrid/eval --seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16" \
-    'echo "rc=$? at $(date +%T)" > DONE' > run_finish.sh
-  rm -f DONE
-  (setsid nohup bash run_finish.sh >> run.out 2>&1 < /dev/null &)
-  cd - > /dev/null
-  wait_done "${2:-400}"; pack
-  ;;
 pack_cache)  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
   # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process)
   tar czf "$OUT/triton_cache.tgz" -C / root/.triton/cache 2>/dev/null || true
@@ -125,6 +106,6 @@ gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machin
   timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rA -x ${TESTS:-tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
   ;;
 *)
-  sed -n '2,19p' "$0" | cut -c3-; exit 2
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-; exit 2
   ;;
 esac
