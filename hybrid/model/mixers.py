@@ -129,8 +129,6 @@ class GLAMixer(TeacherInitMixer):
         return self.o_proj(o.reshape(B, T, H * D)), ({"S": S} if output_state else None)
 
 
-
-
 def _lora_rank(C: int, exponent: float, multiplier: float) -> int:
     """RWKV-7's LoRA sizes: a multiple of 32 growing like C**exponent."""
     return max(1, round(C ** exponent * multiplier / 32)) * 32
