@@ -147,7 +147,8 @@ def main():
     max_context = getattr(teacher.config, "max_position_embeddings", None)
     suite = recall_suite(tokenizer, max_context) if RECALL else None
     results, models = {}, parse_models(MODELS)
-    groups = len({(r["task"], r["length"]) for r in read_suite(suite)}) if suite else 0
+    records = read_suite(suite) if suite else []  # read once, scored by every model
+    groups = len({(r["task"], r["length"]) for r in records})
     prog = Progress(len(models) * (groups + 1), "eval", unit="task")  # each model: the KL pass + its recall tasks
     for name, path in models:
         t0 = time.time()
@@ -155,7 +156,7 @@ def main():
         r = {"path": path, **held_out_kl(model, teacher, val, device, autocast)}
         print0(f"{name:14s} | kl {r['val_kl']:.4f} | {val_label(val)} | {prog.line(prog.done + 1)}")
         if suite:
-            r["recall"] = run_recall(model, tokenizer, read_suite(suite), device, batch_size=RECALL_BATCH,
+            r["recall"] = run_recall(model, tokenizer, records, device, batch_size=RECALL_BATCH,
                                      log=lambda line, n=name: print0(f"{n:14s} | {line} | {prog.line(prog.done + 1)}"),
                                      engine=use_engine)
         r["seconds"] = time.time() - t0
