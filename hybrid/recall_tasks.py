@@ -274,18 +274,19 @@ def build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples: int = 20, tasks
 
     haystack: documents (list of str), or 1-D token ids such as a val shard (`shards.read_tokens`).
     Lengths whose samples could run past max_context (e.g. the teacher's max_position_embeddings) with
-    their answer are dropped (room_needed). The asked
-    needle's depth runs evenly over 0..1 across the samples (vt: statements at random depths).
+    their answer are dropped (room_needed). The asked needle's depth runs evenly over 0..1 across the
+    samples (vt: statements at random depths).
     chat=True wraps the prompt in the tokenizer's chat template (default plain text, so teacher and
     student see the same tokens).
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown recall tasks {unknown}; expected some of {', '.join(TASKS)}")
-    lengths = [L for L in lengths if max_context is None or L + room_needed(L, tasks) <= max_context]
-    if not lengths:
+    fit = [L for L in lengths if max_context is None or L + room_needed(L, tasks) <= max_context]
+    if not fit:
         raise ValueError(f"no recall length fits max_context={max_context} with room for the answer "
-                         f"({room_needed(min(LENGTHS), tasks)}+ tokens after the prompt); pass shorter lengths")
+                         f"({room_needed(min(lengths), tasks)}+ tokens after the prompt); pass shorter lengths")
+    lengths = fit
     hay = haystack_ids(tokenizer, haystack)
     if len(hay) < 2 * max(lengths):
         raise ValueError(f"recall haystack has {len(hay)} tokens, need at least {2 * max(lengths)} "
