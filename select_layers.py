@@ -325,7 +325,7 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
-                teacher=teacher, teacher_ref=teacher_ref, stage1_spec=stage1_spec, art=art,
+                teacher=teacher, stage1_spec=stage1_spec,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
                 ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
                 already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],

@@ -265,17 +265,19 @@ def test_candidates_built_on_the_device_equal_the_checkpoint_rebuild(planted, tm
     what rebuilding from the CPU teacher + seed_from(stage-1 checkpoint) gives, sharing no storage."""
     from hybrid.checkpoint import load_checkpoint
     from hybrid.config import config_dict
-    from hybrid.student import rebuild_student
+    from hybrid.student import Artifact, rebuild_student
     ckpt = load_checkpoint(planted["init"])
     torch.manual_seed(0)
     state = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     atomic_torch_save({**ckpt, "model": state}, str(tmp_path / "s1/ckpt/final.pt"))
     configure(monkeypatch, {**planted, "init": str(tmp_path / "s1")}, tmp_path / "run")
     ctx = select_layers.setup(config_dict(vars(select_layers)), torch.device("cpu"), torch.float32)
+    art = Artifact.from_config(ckpt["config"], planted["init"]).replace(teacher=ctx["teacher_dir"])
+    teacher_ref = load_teacher(ctx["teacher_dir"], dtype=torch.float32, device="cpu")[0]
     for layer in (0, PLANTED):
         spec = with_softmax(ctx["stage1_spec"], [layer])
         got = ctx["switcher"].copy(spec)
-        want = rebuild_student(ctx["art"].replace(hybrid_spec=spec), ctx["teacher_ref"])
+        want = rebuild_student(art.replace(hybrid_spec=spec), teacher_ref)
         seed_from(want, state, ctx["stage1_spec"], spec)
         got_state, want_state = got.state_dict(), want.state_dict()
         assert set(got_state) == set(want_state)
