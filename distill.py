@@ -49,7 +49,7 @@ from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 from hybrid.student import Artifact, rebuild_student, seed_from
-from hybrid.surgery import mixer_parameters, read_spec
+from hybrid.surgery import mixer_parameters, read_spec, spec_file
 from hybrid.teacher import check_positions, load_teacher, resolve_teacher
 
 # -----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ def check_settings() -> dict:
                          "in rotation), which fit every rank: drop --parallel for stage 1")
     if SHARD_TEACHER and PARALLEL != "fsdp":
         raise ValueError("--shard_teacher=True needs --parallel=fsdp")
-    for name, path, fix in (("spec", SPEC if SPEC.endswith(".json") else "", "run select_layers.py first"),
+    for name, path, fix in (("spec", spec_file(SPEC)[0], "run select_layers.py first"),
                             ("init", INIT, "run stage 1 first")):
         if path and not os.path.exists(path):
             raise FileNotFoundError(f"--{name}={path}: no such file or folder; {fix}")

@@ -23,14 +23,21 @@ SUPPORTED = "Llama, SmolLM2, Mistral, Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k RM
 LOOKED_FOR = "model.model.layers[i].self_attn.{q,k,v,o}_proj"
 
 
+def spec_file(spec: str) -> tuple[str, str]:
+    """(the selection.json a spec names, the method after its ":" or ""); ("", "") for a plain spec."""
+    path, sep, method = spec.partition(".json:")
+    if sep:
+        return path + ".json", method
+    return (spec, "") if spec.endswith(".json") else ("", "")
+
+
 def read_spec(spec: str, n_layers: int) -> list[str]:
     """parse_spec, where `spec` may also name a selection.json from select_layers.py: its "chosen_spec",
     or with ":<method>" appended (selection.json:uniform) that method's top-K layers at the selection's
     softmax fraction turned softmax in its stage-1 spec (the comparison arms of one selection)."""
-    path, sep, method = spec.partition(".json:")
-    if not (sep or spec.endswith(".json")):
+    path, method = spec_file(spec)
+    if not path:
         return parse_spec(spec, n_layers)
-    path = path + ".json" if sep else spec
     if not os.path.exists(path):
         raise FileNotFoundError(f"--spec={spec}: no such file; run select_layers.py first or pass a spec "
                                 "like 'gdn;softmax=3,7'")

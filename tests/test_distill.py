@@ -314,3 +314,14 @@ def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_ru
     for key in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight",
                 "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
         assert torch.equal(state[key], trained[key]), key
+
+
+def test_a_missing_selection_file_is_named_before_anything_loads(monkeypatch, tmp_path):
+    for spec in (str(tmp_path / "nope.json"), str(tmp_path / "nope.json") + ":uniform"):
+        monkeypatch.setattr(distill, "SPEC", spec)
+        monkeypatch.setattr(distill, "INIT", "")
+        with pytest.raises(FileNotFoundError, match=r"--spec=.*nope\.json: no such file or folder; run select_layers"):
+            distill.check_settings()
+    from hybrid.surgery import spec_file
+    assert spec_file("gdn;softmax=1") == ("", "") and spec_file("a/s.json") == ("a/s.json", "")
+    assert spec_file("a/s.json:uniform") == ("a/s.json", "uniform")
