@@ -4,16 +4,14 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import distill
 from hybrid import checkpoint
+from tests.conftest import launch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAYER=12, STAGE1_STEPS=12,
                 STAGE2_STEPS=12, LR=1e-2, LR_MIXER=1e-2, WARMUP_STEPS=2, EVAL_BATCHES=2, EVAL_EVERY=6, LOG_EVERY=1,
                 SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
@@ -153,9 +151,7 @@ def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, m
 def _cli(setup, run_dir, nproc, *extra):
     args = [f"--{k.lower()}={v}" for k, v in {**SETTINGS, "TEACHER": setup["model"], "DATA_DIR": setup["data"],
                                              "RUN_DIR": str(run_dir)}.items()] + list(extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "distill.py"]
-    out = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = launch("distill.py", args, nproc)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -4,8 +4,6 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from hybrid.stage2 import held_out_kl, teacher_targets
 from hybrid.student import seed_from
 from hybrid.surgery import build_student, read_spec
 from hybrid.teacher import load_teacher
+from tests.conftest import launch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANTED = 2  # the teacher layer whose sharp, strong softmax attention no linear mixer reproduces
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=64, CANDIDATE_TOKENS=64 * 8, EVAL_BATCHES=2, KS=[1, 2],
                 FRACTION=0.25, LR_MIXER=5e-4, LR=5e-4, WARMUP_STEPS=1, LOG_EVERY=4, KL_CHUNK_TOKENS=32, SEED=1337,
@@ -233,9 +231,7 @@ def _cli(planted, run_dir, nproc):
     settings = {**SETTINGS, "METHODS": "ga_s2,zero_shot,greedy,ablation", "INIT": planted["init"],
                 "DATA_DIR": planted["data"], "RUN_DIR": str(run_dir), "CANDIDATE_TOKENS": 64 * 4}
     args = [f"--{k.lower()}={v}" for k, v in settings.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "select_layers.py"]
-    out = subprocess.run(cmd + args, cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = launch("select_layers.py", args, nproc)
     errors = "\n".join(line for line in out.stderr.splitlines() if "[rank1]" in line or "Error" in line)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + "\nerror lines:\n" + errors[-4000:]
     with open(run_dir / "selection.json") as f:

@@ -17,6 +17,7 @@ import torch
 import train
 from hybrid import checkpoint
 from hybrid.shards import sha256_file, tokenizer_info, write_shard
+from tests.conftest import launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 256
@@ -136,11 +137,7 @@ def test_kill_and_resume_is_bit_exact(tiny, tmp_path, monkeypatch):
 
 
 def _run(args: list[str], nproc: int = 1, timeout: int = 180) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    return subprocess.run(launcher + ["train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return launch("train.py", args, nproc, timeout)
 
 
 def _cli_args(tiny, run_dir, **kw) -> list[str]:
