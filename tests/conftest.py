@@ -1,12 +1,14 @@
 """Shared fixtures: a tiny random teacher folder (model + word-level tokenizer) and shards for it."""
 
+import faulthandler
 import json
 import os
-import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
+import psutil
 import pytest
 import torch
 
@@ -16,20 +18,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """python <script> (nproc 1) or torchrun --standalone with nproc processes, from the repo root, one
-    OMP thread each. On a timeout its whole process group is killed: torchrun's workers are not left
-    running (a hung rank outlived the test once and slowed every later one)."""
+    OMP thread each. Output goes to files, not pipes: torchrun starts each worker in a session of its
+    own, so a worker that outlives torchrun would hold a pipe open and block the read forever. On a
+    timeout every process of the tree is killed and the test fails with the output so far."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    proc = subprocess.Popen(launcher + [script, *args], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(launcher + [script, *args], cwd=REPO, text=True, stdout=out, stderr=err,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:  # torchrun's workers are its children, in sessions of their own
+            timed_out = True
+            tree = psutil.Process(proc.pid)
+            for p in [*tree.children(recursive=True), tree]:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+        out.seek(0), err.seek(0)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    if timed_out:
+        pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s and was killed\n"
+                    f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+    return result
 
 
 def tiny_tokenizer(vocab: int = VOCAB):
@@ -68,6 +82,18 @@ def make_shards(data_dir: str, tokenizer, n_train: int = 20000, n_val: int = 400
     with open(os.path.join(data_dir, "manifest.json"), "w") as f:
         json.dump({**tokenizer_info(tokenizer), "dtype": "uint16", "shards": shards}, f)
     return data_dir
+
+
+TEST_TIME_LIMIT_S = 900  # the slowest test takes about a minute on a 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """A test that hangs ends its worker with every thread's stack on stderr (pytest-xdist reports the
+    crashed test and goes on), instead of holding CI until its time limit."""
+    faulthandler.dump_traceback_later(TEST_TIME_LIMIT_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session", autouse=True)
