@@ -3,6 +3,7 @@
 import faulthandler
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,29 +21,33 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300) -> 
     """python <script> (nproc 1) or torchrun --standalone with nproc processes, from the repo root, one
     OMP thread each. Output goes to files, not pipes: torchrun starts each worker in a session of its
     own, so a worker that outlives torchrun would hold a pipe open and block the read forever. On a
-    timeout every process of the tree is killed and the test fails with the output so far."""
+    timeout every process of the tree dumps its Python stacks (SIGABRT with faulthandler on), is
+    killed, and the test fails with the output so far: a hang shows where it hung."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(launcher + [script, *args], cwd=REPO, text=True, stdout=out, stderr=err,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+        proc = subprocess.Popen(launcher + [script, *args], cwd=REPO, text=True, stdout=out, stderr=err, env=env)
         try:
             proc.wait(timeout=timeout)
             timed_out = False
-        except subprocess.TimeoutExpired:  # torchrun's workers are its children, in sessions of their own
+        except subprocess.TimeoutExpired:
             timed_out = True
             tree = psutil.Process(proc.pid)
-            for p in [*tree.children(recursive=True), tree]:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
+            family = [*tree.children(recursive=True), tree]  # torchrun's workers are its children
+            for signal_name in ("SIGABRT", "SIGKILL"):
+                for p in family:
+                    try:
+                        p.send_signal(getattr(signal, signal_name))
+                    except psutil.NoSuchProcess:
+                        pass
+                psutil.wait_procs(family, timeout=5)
             proc.wait()
         out.seek(0), err.seek(0)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     if timed_out:
         pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s and was killed\n"
-                    f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}")
+                    f"stdout:\n{result.stdout[-3000:]}\nstderr (with every process's stacks):\n{result.stderr[-12000:]}")
     return result
 
 

@@ -1,21 +1,24 @@
-"""The launcher of the multi-process tests: a hung torchrun worker fails its test, it never hangs CI."""
+"""The launcher of the multi-process tests: a hung torchrun worker fails its test with its stack; it
+never hangs CI."""
 
 import time
 
 import psutil
 import pytest
 
-from conftest import launch
+from tests.conftest import launch
 
 
 def test_a_hung_worker_fails_the_test_and_is_killed(tmp_path):
     script = tmp_path / "hang.py"
-    script.write_text("import os, time\nprint('started', os.getpid(), flush=True)\ntime.sleep(3600)\n")
+    script.write_text("import os, time\n\ndef wait_forever():\n    print('started', os.getpid(), flush=True)\n"
+                      "    time.sleep(3600)\n\nwait_forever()\n")
     start = time.time()
     with pytest.raises(pytest.fail.Exception, match="ran past 5 s") as failure:
         launch(str(script), [], nproc=2, timeout=5)
     assert time.time() - start < 30
     pids = [int(line.split()[-1]) for line in str(failure.value).splitlines() if line.startswith("started")]
     assert len(pids) == 2  # both workers had started, and their output came back
+    assert str(failure.value).count("in wait_forever") >= 2  # and each one's stack, where it hung
     time.sleep(0.5)
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
