@@ -3,7 +3,10 @@
 Three ways to generate, same GPU, same process:
   teacher eager    the teacher's stock HF generate() (dynamic KV cache, eager), what a user runs today
   teacher engine   the teacher's own model through hybrid/model/engine.py (static KV cache, CUDA-graph step)
-  hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states)
+  hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states),
+                   each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default)
+  hybrid unfused   the same engine decoding through the mixers' mix() (~45 small kernels per GDN layer):
+                   the fused kernel's baseline, in the same cells (prefill timed once: it is the same)
 Figures per (context, batch):
   TTFT, prefill    the prompt pass alone (logits for the last position + argmax), median of REPEATS
                    after one untimed pass (fla's JIT/autotune); one timed run and no untimed one when
@@ -52,6 +55,8 @@ PREFILL_TOKENS = 65536          # tokens per prefill pass (rows per pass = this 
 EAGER = True                    # also time the teacher's stock generate() (batches 1 and 32 only)
 EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
+FUSED = True                    # the hybrid's mixers decode through their fused kernels (op_gdn_step)
+UNFUSED_BASELINE = True         # also time the hybrid with mix() decode ("hybrid unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
@@ -127,19 +132,20 @@ def peak_memory(device) -> float | None:
 
 
 @torch.no_grad()
-def bench_engine(name, model, ctx, B, bw, device) -> dict:
+def bench_engine(name, model, ctx, B, bw, device, fused: bool = True, prefill_repeats: int = REPEATS) -> dict:
     clock = Clock(device)
     reset_memory(device)
-    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE)
+    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE, fused=fused and device.type == "cuda")
     want = B * cache_bytes_per_sequence(model, engine.max_len)
     if engine.cache_nbytes() != want:
         raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")
     ids = torch.randint(0, min(model.config.vocab_size, 10000), (B, ctx), device=device)
     rows = max(1, PREFILL_TOKENS // ctx)
-    if B * ctx <= PREFILL_REPEAT_TOKENS:  # untimed: fla's JIT compile and autotune for this shape
+    repeat = B * ctx <= PREFILL_REPEAT_TOKENS and prefill_repeats > 1
+    if repeat:  # untimed: fla's JIT compile and autotune for this shape
         engine.prefill(ids, None, rows)
     ttfts = []
-    for _ in range(REPEATS if B * ctx <= PREFILL_REPEAT_TOKENS else 1):
+    for _ in range(prefill_repeats if repeat else 1):
         start = clock.mark()
         token = engine.prefill(ids, None, rows).argmax(-1)
         ttfts.append(clock.seconds(start, clock.mark()))
@@ -153,6 +159,7 @@ def bench_engine(name, model, ctx, B, bw, device) -> dict:
         windows.append(clock.seconds(start, clock.mark()) / DECODE_STEPS)
     row = figures(name, model, ctx, B, bw, statistics.median(ttfts), statistics.median(windows), peak_memory(device))
     row["cache_bytes_allocated"] = engine.cache_nbytes()
+    row["fused_layers"] = sum(engine.fused)
     return row
 
 
@@ -184,10 +191,10 @@ def bench_eager(name, model, ctx, B, bw, device) -> dict:
 
 
 @torch.no_grad()
-def profile_step(name, model, ctx, B, device) -> None:
+def profile_step(name, model, ctx, B, device, fused: bool) -> None:
     """GPU kernel time of eager engine decode steps (no graph: the profiler sees each kernel), by kernel."""
     from torch.profiler import ProfilerActivity, profile
-    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE)
+    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused)
     token = engine.prefill(torch.randint(0, 10000, (B, ctx), device=device), None, max(1, PREFILL_TOKENS // ctx)).argmax(-1)
     for _ in range(2):
         token = engine.decode(token).argmax(-1)
@@ -263,6 +270,7 @@ def targets(rows: list[dict], max_batches: dict) -> list[str]:
            f"{max_batches.get(('hybrid engine', long))} (target ratio >= 3.5)"]
     for ctx in (mid, long):
         out.append(f"prefill at {ctx // 1024}K B1: hybrid / teacher engine x{get('hybrid engine', ctx, 1, 'prefill_tok_s') / get('teacher engine', ctx, 1, 'prefill_tok_s'):.2f} (target >= 1)")
+    out.append(f"fused kernel: hybrid engine / hybrid unfused decode at 16K B32: x{get('hybrid engine', mid, 32, 'decode_tok_s') / get('hybrid unfused', mid, 32, 'decode_tok_s'):.2f}")
     out.append(f"teacher engine / teacher eager decode at 16K B32: x{get('teacher engine', mid, 32, 'decode_tok_s') / get('teacher eager', mid, 32, 'decode_tok_s'):.2f} (target >= 5)")
     return out
 
@@ -273,8 +281,9 @@ def main() -> dict:
     teacher, hybrid = (random_models if RANDOM else loaded_models)(dtype, device)
     bw = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s "
-          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
+          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | fused {FUSED} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
     sides = {"teacher engine": teacher, "hybrid engine": hybrid}
+    unfused = UNFUSED_BASELINE and FUSED and device.type == "cuda"
     if EAGER and device.type == "cuda":  # warm the eager path once (kernel selection) outside the timed cells
         teacher.generate(torch.ones(1, 16, dtype=torch.long, device=device), max_new_tokens=2, pad_token_id=0)
     rows, max_batches = [], {}
@@ -286,17 +295,22 @@ def main() -> dict:
                 B = max_batch(model, ctx) if batch == "max" else batch
                 if batch == "max":
                     max_batches[(name, ctx)] = B
-                rows.append(cell(bench_engine, name, model, ctx, B, bw, device))
-            for r in rows[-(len(sides) + (EAGER and batch != "max")):]:
+                rows.append(cell(bench_engine, name, model, ctx, B, bw, device, FUSED))
+            if unfused:
+                B = max_batches[("hybrid engine", ctx)] if batch == "max" else batch
+                rows.append(cell(bench_engine, "hybrid unfused", hybrid, ctx, B, bw, device, False, 1))
+            for r in rows[-(len(sides) + unfused + (EAGER and batch != "max")):]:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
     if PROFILE and device.type == "cuda":
         for name, model in sides.items():
-            profile_step(name, model, *PROFILE, device)
+            profile_step(name, model, *PROFILE, device, FUSED)
+        if unfused:
+            profile_step("hybrid unfused", hybrid, *PROFILE, device, False)
     table = markdown(rows)
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))
     os.makedirs(OUT_DIR, exist_ok=True)
-    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "rows": rows, "targets": lines,
+    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "fused": FUSED, "rows": rows, "targets": lines,
               "max_batch": {f"{n} @ {c}": b for (n, c), b in max_batches.items()}}
     atomic_write_json(os.path.join(OUT_DIR, "bench.json"), result)
     atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), (table + "\n" + "\n".join(f"- {t}" for t in lines) + "\n").encode())

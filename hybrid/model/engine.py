@@ -115,17 +115,23 @@ class StaticEngine:
     """Fixed-size caches for `batch` sequences of up to `max_len` tokens (rounded up to SLOT_ALIGN),
     and the decode step (a CUDA graph on CUDA unless cuda_graph=False). compile=True also runs
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
-    norms; compiled once per layer kind and shape, reused by every layer of that kind)."""
+    norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
+    on GPU, not in float64) decodes each mixer that has one through its fused kernel
+    (`decode_inplace`: GDN's op_gdn_step), the others through mix()."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool | None = None):
         self.model, self.kinds = model, layer_kinds(model)
         self.layers = model.model.layers
+        p = next(model.parameters())
+        if fused is None:  # the mixers' fused decode kernels (Triton): the default on GPU
+            fused = p.device.type == "cuda" and p.dtype != torch.float64
+        self.fused = [fused and hasattr(layer.self_attn, "decode_inplace") and layer.self_attn.fused_decode_supported()
+                      for layer in self.layers]
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         # the class's function, not the bound method: an attribute holding self would make a reference
         # cycle, and a dropped engine's buffers would wait for the garbage collector
         self.compiled_layer = torch.compile(StaticEngine._layer) if compile else None
-        p = next(model.parameters())
         self.batch, self.max_len, self.device, self.dtype = batch, max_len, p.device, p.dtype
         zeros = lambda shape, dt: torch.zeros(shape, dtype=dt, device=p.device)  # noqa: E731
         self.buffers: list[dict[str, torch.Tensor]] = []
@@ -147,9 +153,10 @@ class StaticEngine:
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
-               rows: slice | None) -> torch.Tensor:
+               rows: slice | None, fused: bool) -> torch.Tensor:
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
-        rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows."""
+        rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
+        fused: the mixer's decode_inplace (a fused kernel) instead of mix() for a decode step."""
         attn, h = layer.self_attn, layer.input_layernorm(x)
         if kind == SOFTMAX:
             q, k, v = _qkv(attn, h, pe)
@@ -162,6 +169,8 @@ class StaticEngine:
                 buf["v"][rows, :, :v.shape[2]].copy_(v)
                 o = attend_prompt(q, k, v, attn.scaling, pad)
             a = attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
+        elif rows is None and fused:
+            a = attn.decode_inplace(h, buf)  # one kernel from projections to o_proj, buffers updated in place
         else:
             a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():
@@ -171,9 +180,9 @@ class StaticEngine:
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
         compiled = self.compiled_layer if rows is None else None
-        for layer, kind, buf in zip(self.layers, self.kinds, self.buffers):
-            x = self._layer(layer, kind, buf, x, pe, pad, rows) if compiled is None else \
-                compiled(self, layer, kind, buf, x, pe, pad, rows)
+        for layer, kind, buf, fused in zip(self.layers, self.kinds, self.buffers, self.fused):
+            x = self._layer(layer, kind, buf, x, pe, pad, rows, fused) if compiled is None else \
+                compiled(self, layer, kind, buf, x, pe, pad, rows, fused)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .mixer_base import HeadRMSNorm, TeacherInitMixer, apply_rope, causal_conv, gated_rms_norm, up32, zero_pads
 from .op_gdn import gdn
+from .op_gdn_step import gdn_step, supported as gdn_step_supported
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
 
@@ -90,6 +91,22 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         new_state["S"] = S
         return self.o_proj(o.reshape(B, T, H * D)), (new_state if output_state else None)
 
+    def fused_decode_supported(self) -> bool:
+        """Whether decode_inplace (one Triton kernel, op_gdn_step) can run this layer's shapes."""
+        return gdn_step_supported(self.head_dim) and self.n_heads % self.n_kv_heads == 0
+
+    @torch.compiler.disable  # a compiled engine layer calls the Triton kernel eagerly between its graphs
+    def decode_inplace(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """One decode token, x (B, 1, C) -> y (B, 1, C), as mix(x, state=state) with state["S"] and
+        state["conv"] updated in place: the static engine's fused step (no padding at decode)."""
+        B = x.shape[0]
+        q, k, v = self.project(x)
+        o = gdn_step(q.reshape(B, -1).contiguous(), k.reshape(B, -1).contiguous(), v.reshape(B, -1).contiguous(),
+                     self.a_proj(x).reshape(B, -1).contiguous(), self.b_proj(x).reshape(B, -1).contiguous(),
+                     self.g_proj(x).reshape(B, -1).contiguous(), state.get("conv"),
+                     self.conv_weight if self.conv_size > 1 else None, state["S"], self.A_log, self.dt_bias,
+                     self.o_norm.weight, self.o_norm.eps)
+        return self.o_proj(o).view(B, 1, -1)
 
 class GLAMixer(TeacherInitMixer):
     """Gated linear attention: S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t / sqrt(D),

@@ -1,0 +1,131 @@
+"""One Gated DeltaNet decode token in one Triton kernel: what GatedDeltaNetMixer.mix does between
+its projections and o_proj, for T = 1, with the states updated in place.
+
+    y = gdn_step(q, k, v, a, b, gate, conv_state, conv_weight, S, A_log, dt_bias, norm_weight, eps)
+
+Per sequence b and kv head j, one program: the short causal conv over [conv_state, this token] for
+the q heads of group j and for k_j, v_j (the window shifts by one in place), q, k = L2norm(SiLU(.)),
+beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), the delta rule on the fp32 state
+(S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = S^T q / sqrt(D)), then RMSNorm(o) * w *
+SiLU(gate). Everything runs in fp32 registers and is rounded once, to y's dtype. The eager step is
+~45 small kernels per layer, each bound by launch latency, not bytes (docs/results.md, issue 12).
+
+The reference is the mixer's own mix() (tests/test_gdn_step.py: the same outputs and states, in
+Triton's CPU interpreter and on the GPU). This file imports only torch (Triton lazily, on the first
+call): export.py copies it beside the exported modeling file.
+"""
+
+import functools
+
+import torch
+
+
+tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
+
+
+@functools.cache
+def _kernel():
+    global tl
+    import triton
+    import triton.language
+
+    tl = triton.language
+
+    @triton.jit
+    def gdn_step_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, gate_ptr, conv_ptr, convw_ptr, s_ptr, alog_ptr, dtb_ptr,
+                        normw_ptr, y_ptr, eps, scale, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+                        W: tl.constexpr, HAS_CONV: tl.constexpr):
+        b = tl.program_id(0)
+        j = tl.program_id(1)
+        H = HKV * G
+        C = (H + 2 * HKV) * D  # conv channels: [q heads | k heads | v heads]
+        d = tl.arange(0, D)
+
+        k = tl.load(k_ptr + b * HKV * D + j * D + d).to(tl.float32)
+        v = tl.load(v_ptr + b * HKV * D + j * D + d).to(tl.float32)
+        if HAS_CONV:
+            ck = H * D + j * D + d
+            cv = (H + HKV) * D + j * D + d
+            k_in, v_in = k, v
+            k = k_in * tl.load(convw_ptr + ck * W + W - 1).to(tl.float32)
+            v = v_in * tl.load(convw_ptr + cv * W + W - 1).to(tl.float32)
+            for w in tl.static_range(W - 1):  # taps 0..W-2 read the stored inputs, oldest first
+                k += tl.load(conv_ptr + (b * (W - 1) + w) * C + ck).to(tl.float32) * \
+                    tl.load(convw_ptr + ck * W + w).to(tl.float32)
+                v += tl.load(conv_ptr + (b * (W - 1) + w) * C + cv).to(tl.float32) * \
+                    tl.load(convw_ptr + cv * W + w).to(tl.float32)
+            for w in tl.static_range(W - 2):  # shift the window: this program alone owns these channels
+                tl.store(conv_ptr + (b * (W - 1) + w) * C + ck, tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + ck))
+                tl.store(conv_ptr + (b * (W - 1) + w) * C + cv, tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + cv))
+            tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + ck, k_in.to(conv_ptr.dtype.element_ty))
+            tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + cv, v_in.to(conv_ptr.dtype.element_ty))
+        k = k * tl.sigmoid(k)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)  # F.normalize's eps
+
+        for i in tl.static_range(G):
+            h = j * G + i
+            q = tl.load(q_ptr + b * H * D + h * D + d).to(tl.float32)
+            if HAS_CONV:
+                cq = h * D + d
+                q_in = q
+                q = q_in * tl.load(convw_ptr + cq * W + W - 1).to(tl.float32)
+                for w in tl.static_range(W - 1):
+                    q += tl.load(conv_ptr + (b * (W - 1) + w) * C + cq).to(tl.float32) * \
+                        tl.load(convw_ptr + cq * W + w).to(tl.float32)
+                for w in tl.static_range(W - 2):
+                    tl.store(conv_ptr + (b * (W - 1) + w) * C + cq, tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + cq))
+                tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + cq, q_in.to(conv_ptr.dtype.element_ty))
+            q = q * tl.sigmoid(q)
+            q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+
+            beta = tl.sigmoid(tl.load(b_ptr + b * H + h).to(tl.float32))
+            x = tl.load(a_ptr + b * H + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+            softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # F.softplus's threshold
+            g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+
+            s_off = ((b * H + h) * D + d[:, None]) * D + d[None, :]  # S[b, h] is (K, V), row-major
+            S = tl.load(s_ptr + s_off) * tl.exp(g)
+            u = beta * (v - tl.sum(S * k[:, None], 0))
+            S = S + k[:, None] * u[None, :]
+            tl.store(s_ptr + s_off, S)
+            o = tl.sum(S * q[:, None], 0) * scale
+
+            o = o * (1.0 / tl.sqrt(tl.sum(o * o, 0) / D + eps))
+            gate = tl.load(gate_ptr + b * H * D + h * D + d).to(tl.float32)
+            y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
+            tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
+
+    return gdn_step_kernel
+
+
+def supported(head_dim: int) -> bool:
+    """The kernel holds a (D, D) state tile in registers: D a power of two from 16 to 128."""
+    return head_dim in (16, 32, 64, 128)
+
+
+def gdn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+             gate: torch.Tensor, conv_state: torch.Tensor | None, conv_weight: torch.Tensor | None,
+             S: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
+             eps: float) -> torch.Tensor:
+    """One decode token. q, gate (B, H*D); k, v (B, Hkv*D) (the teacher's projections, q/k norms
+    applied); a, b (B, H) (a_proj, b_proj outputs); conv_state (B, W-1, (H + 2 Hkv) D) and S (B, H,
+    D, D) fp32 are updated in place; conv_weight ((H + 2 Hkv) D, W). -> y (B, H*D) in q's dtype,
+    ready for o_proj. conv_state/conv_weight None: no conv."""
+    B, HD = q.shape
+    H, D = S.shape[1], S.shape[-1]
+    HKV = k.shape[1] // D
+    if S.shape != (B, H, D, D) or S.dtype != torch.float32 or H * D != HD or H % HKV or not supported(D):
+        raise ValueError(f"gdn_step: q {tuple(q.shape)}, k {tuple(k.shape)}, S {tuple(S.shape)} {S.dtype}: expected q "
+                         f"(B, H*D), k (B, Hkv*D), S (B, H, D, D) float32 with D in 16..128 a power of two")
+    has_conv = conv_state is not None
+    W = conv_weight.shape[1] if has_conv else 2
+    for name, t in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("gate", gate), ("S", S),
+                    ("conv_state", conv_state), ("conv_weight", conv_weight)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"gdn_step: {name} must be contiguous (the kernel computes flat offsets)")
+    y = torch.empty_like(q)
+    dummy = S  # an unused pointer argument when there is no conv
+    _kernel()[(B, HKV)](q, k, v, a, b, gate, conv_state if has_conv else dummy, conv_weight if has_conv else dummy,
+                        S, A_log, dt_bias, norm_weight, y, float(eps), float(D) ** -0.5, HKV=HKV, G=H // HKV, D=D,
+                        W=W, HAS_CONV=has_conv)
+    return y

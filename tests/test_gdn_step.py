@@ -1,0 +1,113 @@
+"""The fused GDN decode step (hybrid/model/op_gdn_step.py) against the mixer's own mix().
+
+On CPU the Triton kernel runs in Triton's interpreter when Triton is installed (it is not in CI's
+CPU set-up: `pip install triton` to run these here). The interpreter must be chosen before anything
+imports Triton, so those tests run in a child pytest with TRITON_INTERPRET=1. On CUDA (`-m gpu`) the
+kernel runs compiled, and the static engine's fused decode is compared with its mix() decode.
+"""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from hybrid.model import op_gdn_step
+from hybrid.model.engine import StaticEngine
+from tests.conftest import launch
+from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
+from tests.test_mixers import D_MODEL, rope, tiny_teacher
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="runs in the child pytest with TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
+                    reason="needs Triton on a CPU machine (on CUDA the gpu tests run the kernel)")
+def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
+    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_step.py", "-k", "interpreted"],
+               env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "7 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 kernel cases + the engine
+
+
+def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
+    from hybrid.model.mixers import build_mixer
+    teacher = tiny_teacher(family, dtype=torch.float32)
+    torch.manual_seed(1)
+    mixer = build_mixer("gdn", teacher.model.layers[1].self_attn, teacher.config, 1, conv_size=conv_size)
+    with torch.no_grad():
+        for p in mixer.parameters():  # off the identity conv and unit norms: every term matters
+            p.add_(0.3 * torch.randn_like(p))
+        mixer.a_proj.weight.mul_(20.0)  # a + dt_bias past softplus's threshold (20) for some heads
+    return teacher, mixer.to(device, dtype).eval()
+
+
+def check_step_matches_mix(family: str, conv_size: int, dtype, device: str, atol: float):
+    teacher, mixer = gdn_mixer(family, conv_size, dtype, device)
+    B, T = 3, 6
+    x = torch.randn(B, T + 1, D_MODEL, dtype=dtype, device=device)
+    pe = rope(teacher, torch.arange(T + 1).expand(B, T + 1))
+    pe = tuple(t.to(device, dtype) for t in pe)
+    with torch.no_grad():
+        _, state = mixer.mix(x[:, :T], tuple(t[:, :T] for t in pe))  # a prompt leaves S and the conv window
+        want_y, want = mixer.mix(x[:, T:], tuple(t[:, T:] for t in pe), state)
+        buf = {n: t.clone() for n, t in state.items()}
+        got_y = mixer.decode_inplace(x[:, T:], buf)
+    torch.testing.assert_close(got_y, want_y, atol=atol, rtol=atol)
+    assert buf.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(buf[n], want[n].to(buf[n].dtype), atol=atol, rtol=atol, msg=f"state {n}")
+
+
+@interpreted
+@pytest.mark.parametrize("family", ["llama_gqa", "llama3_mha", "mistral_mqa"])  # kv groups of 2, 1, 4 heads
+@pytest.mark.parametrize("conv_size", [4, 1])
+def test_interpreted_kernel_equals_mix(family, conv_size):
+    check_step_matches_mix(family, conv_size, torch.float32, "cpu", atol=1e-5)
+
+
+def test_unsupported_shapes_and_bad_inputs():
+    _, mixer = gdn_mixer("qwen3_qknorm", 4, torch.float32)  # head_dim 24: no power-of-two tile
+    assert not mixer.fused_decode_supported()
+    engine = StaticEngine(tiny_model(["gdn", "softmax"], dtype=torch.float32), 1, 8, fused=True)
+    assert engine.fused == [True, False]  # the softmax layer has no fused step
+    with pytest.raises(ValueError, match="float32"):
+        S = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
+        op_gdn_step.gdn_step(*[torch.zeros(1, 64)] * 3, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, 64),
+                             None, None, S, torch.zeros(4), torch.zeros(4), torch.ones(16), 1e-6)
+
+
+@interpreted
+def test_interpreted_engine_decodes_the_same_tokens():
+    """A whole hybrid through the static engine, fused decode vs mix() decode, left-padded batch."""
+    model = tiny_model(["gdn", "softmax", "gdn"], dtype=torch.float32)
+    ids, mask = padded_batch([9, 3, 6])
+    fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True)
+    plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False)
+    assert torch.equal(fused_tokens, plain_tokens)
+    torch.testing.assert_close(fused_logits, plain_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused_logits, uncached_logits(model, ids, mask, fused_tokens), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama_gqa", "llama3_mha", "mistral_mqa"])
+def test_kernel_equals_mix_on_gpu(family):
+    check_step_matches_mix(family, 4, torch.float32, "cuda", atol=1e-4)
+    check_step_matches_mix(family, 4, torch.bfloat16, "cuda", atol=3e-2)  # mix rounds between its ops
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graph_captured_fused_decode_equals_mix_decode(compile):
+    model = tiny_model(["gdn", "softmax", "gdn"], dtype=torch.bfloat16).cuda()
+    ids, mask = padded_batch([12, 7, 9])
+    ids, mask = ids.cuda(), mask.cuda()
+    fused_tokens, fused_logits = engine_logits(model, ids, mask, 8, fused=True, compile=compile)
+    plain_tokens, plain_logits = engine_logits(model, ids, mask, 8, fused=False, cuda_graph=False)
+    assert (fused_tokens == plain_tokens).float().mean() > 0.9  # bf16: the kernel rounds once, mix() per op
+    torch.testing.assert_close(fused_logits.float(), uncached_logits(model, ids, mask, fused_tokens).float(),
+                               atol=0.1, rtol=0.1)
