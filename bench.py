@@ -135,7 +135,8 @@ def peak_memory(device) -> float | None:
 def bench_engine(name, model, ctx, B, bw, device, fused: bool = True, prefill_repeats: int = REPEATS) -> dict:
     clock = Clock(device)
     reset_memory(device)
-    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE, fused=fused and device.type == "cuda")
+    engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE,
+                          fused=fused and device.type == "cuda")
     want = B * cache_bytes_per_sequence(model, engine.max_len)
     if engine.cache_nbytes() != want:
         raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")

@@ -20,14 +20,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300,
            env: dict | None = None) -> subprocess.CompletedProcess:
     """python <script> (nproc 1) or torchrun --standalone with nproc processes, from the repo root, one
-    OMP thread each, env added to the environment. Output goes to files, not pipes: torchrun starts each worker in a session of its
-    own, so a worker that outlives torchrun would hold a pipe open and block the read forever. On a
+    OMP thread each, `env` added to the environment. Output goes to files, not pipes: torchrun starts
+    each worker in a session of its own, so a worker that outlives torchrun would hold a pipe open and
+    block the read forever. On a
     timeout every process of the tree dumps its Python stacks (SIGABRT with faulthandler on), is
     killed, and the test fails with the output so far: a hang shows where it hung."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-           "PYTHONFAULTHANDLER": "1", **(env or {})}
+    path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1", **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(launcher + [script, *args], cwd=REPO, text=True, stdout=out, stderr=err, env=env)
         try:
@@ -48,8 +49,8 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300,
         out.seek(0), err.seek(0)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     if timed_out:
-        pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s and was killed\n"
-                    f"stdout:\n{result.stdout[-3000:]}\nstderr (with every process's stacks):\n{result.stderr[-12000:]}")
+        pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s and was killed\nstdout:\n"
+                    f"{result.stdout[-3000:]}\nstderr (with every process's stacks):\n{result.stderr[-12000:]}")
     return result
 
 

@@ -20,14 +20,15 @@ from tests.test_mixers import D_MODEL, rope, tiny_teacher
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING), reason="runs in the child pytest with TRITON_INTERPRET=1")
+interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
+                                 reason="runs in the child pytest with TRITON_INTERPRET=1")
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
                     reason="needs Triton on a CPU machine (on CUDA the gpu tests run the kernel)")
 def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
-    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_step.py", "-k", "interpreted"],
-               env={"TRITON_INTERPRET": "1"})
+    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_step.py",
+                      "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert "7 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 kernel cases + the engine
 

@@ -13,7 +13,8 @@ state, conv state, the swa window), one (B, max_len) additive slot mask (0 / -in
 next RoPE position as tensors. Prefill runs the prompt in one pass per block of rows (fla chunk
 kernels / SDPA; logits for the last position only) and copies each layer's state into its buffer.
 A decode step embeds the token in `self.token`, writes K/V at `slot` with index_copy_, runs
-each mixer's own `mix()` on its buffers and copy_s the new state back, then advances slot and
+each mixer's own `mix()` on its buffers and copy_s the new state back (or, on GPU, its fused
+`decode_inplace` kernel, which updates the buffers itself), then advances slot and
 position in place: no host sync, no data-dependent Python, stable addresses, so on CUDA the step
 is captured once as a torch.cuda.CUDAGraph (after two eager warm-up steps that let Triton
 autotune) and replayed. Left padding: pads are masked out of the softmax slots and kept out of the

@@ -15,20 +15,19 @@ Triton's CPU interpreter and on the GPU). This file imports only torch (Triton l
 call): export.py copies it beside the exported modeling file.
 """
 
-import functools
-
 import torch
 
-
 tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
+_KERNEL = []
 
 
-@functools.cache
 def _kernel():
+    """The jitted kernel, defined on the first call. Triton comes through __import__, not an import
+    statement: transformers' remote-code loader would make it a requirement of every export."""
     global tl
-    import triton
-    import triton.language
-
+    if _KERNEL:
+        return _KERNEL[0]
+    triton = __import__("triton.language")  # the package, its language submodule loaded
     tl = triton.language
 
     @triton.jit
@@ -95,6 +94,7 @@ def _kernel():
             y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
             tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
 
+    _KERNEL.append(gdn_step_kernel)
     return gdn_step_kernel
 
 
