@@ -101,6 +101,34 @@ def test_qwen3_teacher_and_hybrid():
         torch.testing.assert_close(logits, uncached_logits(model, ids, mask, tokens), atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("name,family", [("teacher", "llama"), ("every_mixer", "llama"), ("gdn", "qwen3"),
+                                         ("teacher", "qwen3")])
+def test_packed_projections_equal_separate_ones(name, family):
+    model = tiny_model(SPECS[name], family=family)
+    ids, mask = padded_batch([9, 3, 6])
+    engine = StaticEngine(model, 3, 16, pack=True)
+    for kind, (attn_pack, mlp_pack) in zip(engine.kinds, engine.packs):  # the fused mixer step is off on CPU
+        assert mlp_pack is not None and (attn_pack is not None) == (kind == "softmax")
+    packed_tokens, packed_logits = engine_logits(model, ids, mask, 6, pack=True)
+    tokens, logits = engine_logits(model, ids, mask, 6, pack=False)
+    assert torch.equal(packed_tokens, tokens)
+    torch.testing.assert_close(packed_logits, logits, atol=1e-10, rtol=0)
+
+
+@torch.no_grad()
+def test_packed_weights_follow_the_model_at_the_next_prefill():
+    model = tiny_model(SPECS["teacher"])
+    ids, mask = padded_batch([9, 3])
+    engine = StaticEngine(model, 2, 24, pack=True)
+    before = engine.generate(ids, mask, max_new_tokens=6)
+    layer = model.model.layers[1]
+    for lin in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.up_proj):  # in place, as an optimizer
+        lin.weight.add_(0.5 * torch.randn_like(lin.weight))
+    after = engine.generate(ids, mask, max_new_tokens=6)
+    assert torch.equal(after, StaticEngine(model, 2, 24, pack=False).generate(ids, mask, max_new_tokens=6))
+    assert not torch.equal(after, before)  # the edit mattered, and the packed copy saw it
+
+
 @torch.no_grad()
 def test_fast_generate_matches_hf_generate_and_samples():
     model = tiny_model(SPECS["every_mixer"], seed=2)

@@ -30,7 +30,7 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_step.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "7 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 kernel cases + the engine
+    assert "8 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 kernel cases + 2 engines
 
 
 def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
@@ -81,12 +81,16 @@ def test_unsupported_shapes_and_bad_inputs():
 
 
 @interpreted
-def test_interpreted_engine_decodes_the_same_tokens():
-    """A whole hybrid through the static engine, fused decode vs mix() decode, left-padded batch."""
-    model = tiny_model(["gdn", "softmax", "gdn"], dtype=torch.float32)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: q/k norms applied to the packed projections
+def test_interpreted_engine_decodes_the_same_tokens(family):
+    """A whole hybrid through the static engine, fused decode of packed projections vs mix() decode,
+    left-padded batch."""
+    model = tiny_model(["gdn", "softmax", "gdn"], family=family, dtype=torch.float32)
     ids, mask = padded_batch([9, 3, 6])
-    fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True)
-    plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False)
+    engine = StaticEngine(model, 3, 16, fused=True, pack=True)
+    assert engine.fused == [True, False, True] and all(a is not None for a, _ in engine.packs)
+    fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True, pack=True)
+    plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False, pack=False)
     assert torch.equal(fused_tokens, plain_tokens)
     torch.testing.assert_close(fused_logits, plain_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fused_logits, uncached_logits(model, ids, mask, fused_tokens), atol=1e-4, rtol=1e-4)

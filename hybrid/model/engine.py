@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packed import pack_attention, pack_mlp, packed_mlp
+
 SOFTMAX = "softmax"
 
 
@@ -69,11 +71,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor, pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher attention's q (B, H, T, D), k, v (B, Hkv, T, D): projections, q/k norms, RoPE."""
+def _qkv(attn: nn.Module, x: torch.Tensor, pe, pack: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher attention's q (B, H, T, D), k, v (B, Hkv, T, D): projections (one packed matmul
+    if pack), q/k norms, RoPE."""
     B, T, _ = x.shape
     D = attn.head_dim
-    q, k, v = (proj(x).view(B, T, -1, D) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    qkv = pack(x) if pack is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = (t.view(B, T, -1, D) for t in qkv)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -118,10 +122,12 @@ class StaticEngine:
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
     norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
     on GPU, not in float64) decodes each mixer that has one through its fused kernel
-    (`decode_inplace`: GDN's op_gdn_step), the others through mix()."""
+    (`decode_inplace`: GDN's op_gdn_step), the others through mix(). pack (default: on GPU) runs the
+    projections of one input as one matmul (packed.py; copies of those weights, refreshed at each
+    prefill if the model's changed)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
-                 compile: bool = False, fused: bool | None = None):
+                 compile: bool = False, fused: bool | None = None, pack: bool | None = None):
         self.model, self.kinds = model, layer_kinds(model)
         self.layers = model.model.layers
         p = next(model.parameters())
@@ -129,6 +135,10 @@ class StaticEngine:
             fused = p.device.type == "cuda" and p.dtype != torch.float64
         self.fused = [fused and hasattr(layer.self_attn, "decode_inplace") and layer.self_attn.fused_decode_supported()
                       for layer in self.layers]
+        pack = p.device.type == "cuda" if pack is None else pack
+        # (attention pack, mlp pack) per layer; a mixer's own projections are packed only for its fused step
+        self.packs = [(pack_attention(layer.self_attn, kind) if kind == SOFTMAX or on else None, pack_mlp(layer.mlp))
+                      if pack else (None, None) for layer, kind, on in zip(self.layers, self.kinds, self.fused)]
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         # the class's function, not the bound method: an attribute holding self would make a reference
         # cycle, and a dropped engine's buffers would wait for the garbage collector
@@ -154,13 +164,14 @@ class StaticEngine:
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
-               rows: slice | None, fused: bool) -> torch.Tensor:
+               rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None) -> torch.Tensor:
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
-        fused: the mixer's decode_inplace (a fused kernel) instead of mix() for a decode step."""
+        fused: the mixer's decode_inplace (a fused kernel) instead of mix() for a decode step;
+        attn_pack, mlp_pack: PackedLinear of the attention's / MLP's input projections, or None."""
         attn, h = layer.self_attn, layer.input_layernorm(x)
         if kind == SOFTMAX:
-            q, k, v = _qkv(attn, h, pe)
+            q, k, v = _qkv(attn, h, pe, attn_pack)
             if rows is None:
                 buf["k"].index_copy_(2, self.slot, k)
                 buf["v"].index_copy_(2, self.slot, v)
@@ -171,19 +182,19 @@ class StaticEngine:
                 o = attend_prompt(q, k, v, attn.scaling, pad)
             a = attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
         elif rows is None and fused:
-            a = attn.decode_inplace(h, buf)  # one kernel from projections to o_proj, buffers updated in place
+            a = attn.decode_inplace(h, buf, attn_pack(h) if attn_pack is not None else None)  # buffers updated in place
         else:
             a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():
                 (buf[name] if rows is None else buf[name][rows]).copy_(t)
         x = x + a
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        return x + packed_mlp(layer.mlp, mlp_pack, layer.post_attention_layernorm(x))
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
         compiled = self.compiled_layer if rows is None else None
-        for layer, kind, buf, fused in zip(self.layers, self.kinds, self.buffers, self.fused):
-            x = self._layer(layer, kind, buf, x, pe, pad, rows, fused) if compiled is None else \
-                compiled(self, layer, kind, buf, x, pe, pad, rows, fused)
+        for layer, kind, buf, fused, packs in zip(self.layers, self.kinds, self.buffers, self.fused, self.packs):
+            x = self._layer(layer, kind, buf, x, pe, pad, rows, fused, *packs) if compiled is None else \
+                compiled(self, layer, kind, buf, x, pe, pad, rows, fused, *packs)
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.no_grad()
@@ -196,6 +207,8 @@ class StaticEngine:
             raise ValueError(f"prefill: ids {tuple(ids.shape)} do not fit this engine (batch {self.batch}, max_len "
                              f"{self.max_len}: the prompt plus at least one new token); build one with StaticEngine("
                              f"model, batch={B}, max_len={T}+max_new_tokens)")
+        for pack in (p for packs in self.packs for p in packs if p is not None):
+            pack.refresh()  # weights changed since the engine was built (in place: a captured graph stays valid)
         pad = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool().to(ids.device)
         pos = torch.arange(T, device=ids.device).expand(B, T) if pad is None else (pad.long().cumsum(-1) - 1).clamp(min=0)
         self.bias.fill_(float("-inf"))

@@ -95,17 +95,22 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         """Whether decode_inplace (one Triton kernel, op_gdn_step) can run this layer's shapes."""
         return gdn_step_supported(self.head_dim) and self.n_heads % self.n_kv_heads == 0
 
+    def decode_linears(self) -> list[nn.Linear]:
+        """The projections of decode_inplace's input, in the order of its `proj` argument."""
+        return [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj]
+
     @torch.compiler.disable  # a compiled engine layer calls the Triton kernel eagerly between its graphs
-    def decode_inplace(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+    def decode_inplace(self, x: torch.Tensor, state: dict, proj: tuple | None = None) -> torch.Tensor:
         """One decode token, x (B, 1, C) -> y (B, 1, C), as mix(x, state=state) with state["S"] and
-        state["conv"] updated in place: the static engine's fused step (no padding at decode)."""
+        state["conv"] updated in place: the static engine's fused step (no padding at decode). proj:
+        the outputs of decode_linears() for x, e.g. from one packed matmul (computed here if None)."""
         B = x.shape[0]
-        q, k, v = self.project(x)
-        o = gdn_step(q.reshape(B, -1).contiguous(), k.reshape(B, -1).contiguous(), v.reshape(B, -1).contiguous(),
-                     self.a_proj(x).reshape(B, -1).contiguous(), self.b_proj(x).reshape(B, -1).contiguous(),
-                     self.g_proj(x).reshape(B, -1).contiguous(), state.get("conv"),
-                     self.conv_weight if self.conv_size > 1 else None, state["S"], self.A_log, self.dt_bias,
-                     self.o_norm.weight, self.o_norm.eps)
+        q, k, v, a, b, g = (t.reshape(B, -1) for t in (proj or (lin(x) for lin in self.decode_linears())))
+        if self.q_norm is not None:  # Qwen3's per-head norms, as project() applies them
+            q = self.q_norm(q.view(B, self.n_heads, -1)).reshape(B, -1)
+            k = self.k_norm(k.view(B, self.n_kv_heads, -1)).reshape(B, -1)
+        o = gdn_step(q, k, v, a, b, g, state.get("conv"), self.conv_weight if self.conv_size > 1 else None, state["S"],
+                     self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps)
         return self.o_proj(o).view(B, 1, -1)
 
 class GLAMixer(TeacherInitMixer):

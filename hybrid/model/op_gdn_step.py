@@ -31,17 +31,17 @@ def _kernel():
     tl = triton.language
 
     @triton.jit
-    def gdn_step_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, gate_ptr, conv_ptr, convw_ptr, s_ptr, alog_ptr, dtb_ptr,
-                        normw_ptr, y_ptr, eps, scale, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-                        W: tl.constexpr, HAS_CONV: tl.constexpr):
+    def gdn_step_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, gate_ptr, q_rs, k_rs, v_rs, a_rs, b_rs, gate_rs,
+                        conv_ptr, convw_ptr, s_ptr, alog_ptr, dtb_ptr, normw_ptr, y_ptr, eps, scale,
+                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HAS_CONV: tl.constexpr):
         b = tl.program_id(0)
         j = tl.program_id(1)
         H = HKV * G
         C = (H + 2 * HKV) * D  # conv channels: [q heads | k heads | v heads]
         d = tl.arange(0, D)
 
-        k = tl.load(k_ptr + b * HKV * D + j * D + d).to(tl.float32)
-        v = tl.load(v_ptr + b * HKV * D + j * D + d).to(tl.float32)
+        k = tl.load(k_ptr + b * k_rs + j * D + d).to(tl.float32)  # *_rs: row strides (inputs may be views)
+        v = tl.load(v_ptr + b * v_rs + j * D + d).to(tl.float32)
         if HAS_CONV:
             ck = H * D + j * D + d
             cv = (H + HKV) * D + j * D + d
@@ -63,7 +63,7 @@ def _kernel():
 
         for i in tl.static_range(G):
             h = j * G + i
-            q = tl.load(q_ptr + b * H * D + h * D + d).to(tl.float32)
+            q = tl.load(q_ptr + b * q_rs + h * D + d).to(tl.float32)
             if HAS_CONV:
                 cq = h * D + d
                 q_in = q
@@ -77,8 +77,8 @@ def _kernel():
             q = q * tl.sigmoid(q)
             q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
 
-            beta = tl.sigmoid(tl.load(b_ptr + b * H + h).to(tl.float32))
-            x = tl.load(a_ptr + b * H + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+            beta = tl.sigmoid(tl.load(b_ptr + b * b_rs + h).to(tl.float32))
+            x = tl.load(a_ptr + b * a_rs + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
             softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # F.softplus's threshold
             g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
 
@@ -90,7 +90,7 @@ def _kernel():
             o = tl.sum(S * q[:, None], 0) * scale
 
             o = o * (1.0 / tl.sqrt(tl.sum(o * o, 0) / D + eps))
-            gate = tl.load(gate_ptr + b * H * D + h * D + d).to(tl.float32)
+            gate = tl.load(gate_ptr + b * gate_rs + h * D + d).to(tl.float32)
             y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
             tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
 
@@ -108,7 +108,8 @@ def gdn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
              S: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor, norm_weight: torch.Tensor,
              eps: float) -> torch.Tensor:
     """One decode token. q, gate (B, H*D); k, v (B, Hkv*D) (the teacher's projections, q/k norms
-    applied); a, b (B, H) (a_proj, b_proj outputs); conv_state (B, W-1, (H + 2 Hkv) D) and S (B, H,
+    applied); a, b (B, H) (a_proj, b_proj outputs); these six may be column slices of one packed
+    projection (any row stride, unit column stride). conv_state (B, W-1, (H + 2 Hkv) D) and S (B, H,
     D, D) fp32 are updated in place; conv_weight ((H + 2 Hkv) D, W). -> y (B, H*D) in q's dtype,
     ready for o_proj. conv_state/conv_weight None: no conv."""
     B, HD = q.shape
@@ -119,13 +120,17 @@ def gdn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
                          f"(B, H*D), k (B, Hkv*D), S (B, H, D, D) float32 with D in 16..128 a power of two")
     has_conv = conv_state is not None
     W = conv_weight.shape[1] if has_conv else 2
-    for name, t in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("gate", gate), ("S", S),
-                    ("conv_state", conv_state), ("conv_weight", conv_weight)):
+    rows = (q, k, v, a, b, gate)
+    for name, t, width in zip(("q", "k", "v", "a", "b", "gate"), rows, (HD, HKV * D, HKV * D, H, H, HD)):
+        if t.shape != (B, width) or (t.stride(1) != 1 and width > 1):
+            raise ValueError(f"gdn_step: {name} {tuple(t.shape)} stride {t.stride()}: expected ({B}, {width}) with "
+                             f"unit column stride")
+    for name, t in (("S", S), ("conv_state", conv_state), ("conv_weight", conv_weight)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"gdn_step: {name} must be contiguous (the kernel computes flat offsets)")
-    y = torch.empty_like(q)
+    y = torch.empty(B, HD, dtype=q.dtype, device=q.device)
     dummy = S  # an unused pointer argument when there is no conv
-    _kernel()[(B, HKV)](q, k, v, a, b, gate, conv_state if has_conv else dummy, conv_weight if has_conv else dummy,
-                        S, A_log, dt_bias, norm_weight, y, float(eps), float(D) ** -0.5, HKV=HKV, G=H // HKV, D=D,
-                        W=W, HAS_CONV=has_conv)
+    _kernel()[(B, HKV)](*rows, *(t.stride(0) for t in rows), conv_state if has_conv else dummy,
+                        conv_weight if has_conv else dummy, S, A_log, dt_bias, norm_weight, y, float(eps),
+                        float(D) ** -0.5, HKV=HKV, G=H // HKV, D=D, W=W, HAS_CONV=has_conv)
     return y
