@@ -4,7 +4,8 @@ Three ways to generate, same GPU, same process:
   teacher eager    the teacher's stock HF generate() (dynamic KV cache, eager), what a user runs today
   teacher engine   the teacher's own model through hybrid/model/engine.py (static KV cache, CUDA-graph step)
   hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states),
-                   each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default)
+                   each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default);
+                   both engines run the projections of one input as one matmul (PACK, the GPU default)
   hybrid unfused   the same engine decoding through the mixers' mix() (~45 small kernels per GDN layer):
                    the fused kernel's baseline, in the same cells (prefill timed once: it is the same)
 Figures per (context, batch):
@@ -56,6 +57,7 @@ EAGER = True                    # also time the teacher's stock generate() (batc
 EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
 FUSED = True                    # the hybrid's mixers decode through their fused kernels (op_gdn_step)
+PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
 UNFUSED_BASELINE = True         # also time the hybrid with mix() decode ("hybrid unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
@@ -136,7 +138,7 @@ def bench_engine(name, model, ctx, B, bw, device, fused: bool = True, prefill_re
     clock = Clock(device)
     reset_memory(device)
     engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE,
-                          fused=fused and device.type == "cuda")
+                          fused=fused and device.type == "cuda", pack=PACK)
     want = B * cache_bytes_per_sequence(model, engine.max_len)
     if engine.cache_nbytes() != want:
         raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")
@@ -195,7 +197,7 @@ def bench_eager(name, model, ctx, B, bw, device) -> dict:
 def profile_step(name, model, ctx, B, device, fused: bool) -> None:
     """GPU kernel time of eager engine decode steps (no graph: the profiler sees each kernel), by kernel."""
     from torch.profiler import ProfilerActivity, profile
-    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused)
+    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused, pack=PACK)
     token = engine.prefill(torch.randint(0, 10000, (B, ctx), device=device), None, max(1, PREFILL_TOKENS // ctx)).argmax(-1)
     for _ in range(2):
         token = engine.decode(token).argmax(-1)
@@ -282,7 +284,7 @@ def main() -> dict:
     teacher, hybrid = (random_models if RANDOM else loaded_models)(dtype, device)
     bw = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s "
-          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | fused {FUSED} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
+          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | fused {FUSED} | pack {PACK} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
     sides = {"teacher engine": teacher, "hybrid engine": hybrid}
     unfused = UNFUSED_BASELINE and FUSED and device.type == "cuda"
     if EAGER and device.type == "cuda":  # warm the eager path once (kernel selection) outside the timed cells
@@ -311,7 +313,7 @@ def main() -> dict:
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))
     os.makedirs(OUT_DIR, exist_ok=True)
-    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "fused": FUSED, "rows": rows, "targets": lines,
+    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "fused": FUSED, "pack": PACK, "rows": rows, "targets": lines,
               "max_batch": {f"{n} @ {c}": b for (n, c), b in max_batches.items()}}
     atomic_write_json(os.path.join(OUT_DIR, "bench.json"), result)
     atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), (table + "\n" + "\n".join(f"- {t}" for t in lines) + "\n").encode())
