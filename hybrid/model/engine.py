@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .op_rmsnorm import hf_rms_norm_eps, rms_norm
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -122,9 +123,10 @@ class StaticEngine:
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
     norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
     on GPU, not in float64) decodes each mixer that has one through its fused kernel
-    (`decode_inplace`: GDN's op_gdn_step), the others through mix(). pack (default: on GPU) runs the
-    projections of one input as one matmul (packed.py; copies of those weights, refreshed at each
-    prefill if the model's changed)."""
+    (`decode_inplace`: GDN's op_gdn_step), the others through mix(), and without compile also runs
+    every layer's RMSNorms (+ residual add) as one Triton kernel each (op_rmsnorm). pack (default: on
+    GPU) runs the projections of one input as one matmul (packed.py; copies of those weights,
+    refreshed at each prefill if the model's changed)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
                  compile: bool = False, fused: bool | None = None, pack: bool | None = None):
@@ -135,6 +137,10 @@ class StaticEngine:
             fused = p.device.type == "cuda" and p.dtype != torch.float64
         self.fused = [fused and hasattr(layer.self_attn, "decode_inplace") and layer.self_attn.fused_decode_supported()
                       for layer in self.layers]
+        # (input norm eps, post-attention norm eps) where both are HF RMSNorms the Triton kernel repeats
+        eps = [(hf_rms_norm_eps(layer.input_layernorm), hf_rms_norm_eps(layer.post_attention_layernorm))
+               for layer in self.layers]
+        self.norm_eps = [e if fused and not compile and None not in e else None for e in eps]
         pack = p.device.type == "cuda" if pack is None else pack
         # (attention pack, mlp pack) per layer; a mixer's own projections are packed only for its fused step
         self.packs = [(pack_attention(layer.self_attn, kind) if kind == SOFTMAX or on else None, pack_mlp(layer.mlp))
@@ -164,12 +170,15 @@ class StaticEngine:
         return sum(t.numel() * t.element_size() for b in self.buffers for t in b.values())
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
-               rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None) -> torch.Tensor:
+               rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None,
+               norm_eps: tuple | None = None) -> torch.Tensor:
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: the mixer's decode_inplace (a fused kernel) instead of mix() for a decode step;
-        attn_pack, mlp_pack: PackedLinear of the attention's / MLP's input projections, or None."""
-        attn, h = layer.self_attn, layer.input_layernorm(x)
+        attn_pack, mlp_pack: PackedLinear of the attention's / MLP's input projections, or None;
+        norm_eps: the two RMSNorms' eps, to run them (and the residual add) through op_rmsnorm."""
+        attn = layer.self_attn
+        h = layer.input_layernorm(x) if norm_eps is None else rms_norm(x, layer.input_layernorm.weight, norm_eps[0])
         if kind == SOFTMAX:
             q, k, v = _qkv(attn, h, pe, attn_pack)
             if rows is None:
@@ -187,14 +196,18 @@ class StaticEngine:
             a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():
                 (buf[name] if rows is None else buf[name][rows]).copy_(t)
-        x = x + a
-        return x + packed_mlp(layer.mlp, mlp_pack, layer.post_attention_layernorm(x))
+        if norm_eps is None:
+            x = x + a
+            h = layer.post_attention_layernorm(x)
+        else:
+            x, h = rms_norm(x, layer.post_attention_layernorm.weight, norm_eps[1], residual=a)
+        return x + packed_mlp(layer.mlp, mlp_pack, h)
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
         compiled = self.compiled_layer if rows is None else None
-        for layer, kind, buf, fused, packs in zip(self.layers, self.kinds, self.buffers, self.fused, self.packs):
-            x = self._layer(layer, kind, buf, x, pe, pad, rows, fused, *packs) if compiled is None else \
-                compiled(self, layer, kind, buf, x, pe, pad, rows, fused, *packs)
+        for i, (layer, kind, buf) in enumerate(zip(self.layers, self.kinds, self.buffers)):
+            x = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i], self.norm_eps[i]) \
+                if compiled is None else compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
         return self.model.lm_head(self.model.model.norm(x[:, -1]))
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), the delta rule on the 
 SiLU(gate). Everything runs in fp32 registers and is rounded once, to y's dtype. The eager step is
 ~45 small kernels per layer, each bound by launch latency, not bytes (docs/results.md, issue 12).
 
-The reference is the mixer's own mix() (tests/test_gdn_step.py: the same outputs and states, in
+The reference is the mixer's own mix() (tests/test_decode_kernels.py: the same outputs and states, in
 Triton's CPU interpreter and on the GPU). This file imports only torch (Triton lazily, on the first
 call): export.py copies it beside the exported modeling file.
 """

@@ -1,4 +1,6 @@
-"""The fused GDN decode step (hybrid/model/op_gdn_step.py) against the mixer's own mix().
+"""The static engine's decode kernels against their references: the fused GDN step
+(hybrid/model/op_gdn_step.py) against the mixer's own mix(), the RMSNorm (+ residual) kernel
+(hybrid/model/op_rmsnorm.py) against HF's RMSNorm modules.
 
 On CPU the Triton kernel runs in Triton's interpreter when Triton is installed (it is not in CI's
 CPU set-up: `pip install triton` to run these here). The interpreter must be chosen before anything
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from hybrid.model import op_gdn_step
+from hybrid.model.op_rmsnorm import hf_rms_norm_eps, rms_norm
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
@@ -27,10 +30,10 @@ interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
                     reason="needs Triton on a CPU machine (on CUDA the gpu tests run the kernel)")
 def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
-    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_step.py",
+    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "8 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 kernel cases + 2 engines
+    assert "10 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 GDN + 2 norm + 2 engines
 
 
 def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
@@ -69,11 +72,45 @@ def test_interpreted_kernel_equals_mix(family, conv_size):
     check_step_matches_mix(family, conv_size, torch.float32, "cpu", atol=1e-5)
 
 
+def check_rms_norm_matches_hf(dtype, device: str, tol: dict, bit_equal: float | None = None):
+    """bit_equal: also the residual sum exactly `x + a`, and at least this fraction of the outputs
+    bit-equal to HF's (one fp32 sum's order apart)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    torch.manual_seed(0)
+    for norm in (LlamaRMSNorm(96, eps=1e-5), Qwen3RMSNorm(96, eps=1e-6)):  # N = 96: a masked 128-wide block
+        norm.weight.data.normal_(1.0, 0.3)
+        norm = norm.to(device, dtype)
+        x, a = (torch.randn(3, 2, 96).to(device, dtype) for _ in range(2))
+        torch.testing.assert_close(rms_norm(x, norm.weight, hf_rms_norm_eps(norm)), norm(x), **tol)
+        total, h = rms_norm(x, norm.weight, hf_rms_norm_eps(norm), residual=a)
+        torch.testing.assert_close(total, x + a, **tol)
+        torch.testing.assert_close(h, norm(x + a), **tol)
+        if bit_equal is not None:
+            assert torch.equal(total, x + a)  # the residual stream exactly as `x + a` rounds it
+            assert (h == norm(x + a)).float().mean() > bit_equal
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_rms_norm_equals_hf(dtype):
+    # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): ~2 bf16 ulps apart there
+    if dtype == torch.float32:
+        check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-5, rtol=1e-5), bit_equal=0.5)
+    else:
+        check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-2, rtol=3e-2))
+
 def test_unsupported_shapes_and_bad_inputs():
     _, mixer = gdn_mixer("qwen3_qknorm", 4, torch.float32)  # head_dim 24: no power-of-two tile
     assert not mixer.fused_decode_supported()
     engine = StaticEngine(tiny_model(["gdn", "softmax"], dtype=torch.float32), 1, 8, fused=True)
     assert engine.fused == [True, False]  # the softmax layer has no fused step
+    assert all(e is not None for e in engine.norm_eps)
+    model = tiny_model(["gdn", "softmax"], dtype=torch.float32)
+    assert StaticEngine(model, 1, 8, fused=True, compile=True).norm_eps == [None, None]  # compile fuses them itself
+    assert hf_rms_norm_eps(torch.nn.LayerNorm(8)) is None
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    assert hf_rms_norm_eps(GemmaRMSNorm(8)) is None  # (1 + weight): another formula
     with pytest.raises(ValueError, match="float32"):
         S = torch.zeros(1, 4, 16, 16, dtype=torch.bfloat16)
         op_gdn_step.gdn_step(*[torch.zeros(1, 64)] * 3, torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1, 64),
@@ -103,6 +140,12 @@ def test_kernel_equals_mix_on_gpu(family):
     check_step_matches_mix(family, 4, torch.float32, "cuda", atol=1e-4)
     check_step_matches_mix(family, 4, torch.bfloat16, "cuda", atol=3e-2)  # mix rounds between its ops
 
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rms_norm_equals_hf_on_gpu():
+    check_rms_norm_matches_hf(torch.float32, "cuda", dict(atol=1e-5, rtol=1e-5))
+    check_rms_norm_matches_hf(torch.bfloat16, "cuda", dict(atol=1e-2, rtol=1e-2), bit_equal=0.9)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
