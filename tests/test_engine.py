@@ -139,6 +139,11 @@ def test_fast_generate_matches_hf_generate_and_samples():
     assert torch.equal(model.fast_generate(ids, do_sample=True, top_k=1, **kw), eager)  # top_k=1 is greedy
     sampled = model.fast_generate(ids, do_sample=True, temperature=1.0, **kw)
     assert sampled.shape == eager.shape and torch.equal(sampled[:, :8], ids)
+    first = model.fast_engine
+    assert torch.equal(model.fast_generate(ids, pack=True, **kw), eager) and model.fast_engine is not first
+    second = model.fast_engine
+    assert second.packs[0][1] is not None  # rebuilt with the options asked for, then reused with the same
+    assert torch.equal(model.fast_generate(ids, pack=True, **kw), eager) and model.fast_engine is second
     eos = int(eager[0, 9])  # the second new token of row 0 as EOS: the row ends there, pads after
     out = model.fast_generate(ids, **{**kw, "eos_token_id": eos})
     assert torch.equal(out[0, :10], eager[0, :10]) and (out[0, 10:] == 0).all()

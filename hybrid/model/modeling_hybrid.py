@@ -198,15 +198,19 @@ class HybridForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def fast_generate(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                       max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                      eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.LongTensor:
+                      eos_token_id: int | None = None, pad_token_id: int | None = None,
+                      **engine_options) -> torch.LongTensor:
         """generate() through the static engine: -> (B, T + max_new_tokens), prompt included. The
         engine (buffers + captured CUDA graph) is kept on the model and reused while the batch size
-        matches and the length fits; `model.fast_engine = None` frees it."""
+        matches, the length fits and engine_options (StaticEngine's compile, fused, pack, cuda_graph)
+        are the same; `model.fast_engine = None` frees it."""
         B, T = input_ids.shape
         engine = getattr(self, "fast_engine", None)
-        if engine is None or engine.batch != B or engine.max_len < T + max_new_tokens:
+        if engine is None or engine.batch != B or engine.max_len < T + max_new_tokens or \
+                getattr(self, "fast_engine_options", {}) != engine_options:
             self.fast_engine = None  # free the old buffers before allocating new ones
-            engine = self.fast_engine = StaticEngine(self, B, T + max_new_tokens)
+            engine = self.fast_engine = StaticEngine(self, B, T + max_new_tokens, **engine_options)
+            self.fast_engine_options = engine_options
         pad = self.generation_config.pad_token_id if pad_token_id is None else pad_token_id
         return engine.generate(input_ids, attention_mask, max_new_tokens, do_sample, temperature, top_k,
                                eos_token_id, 0 if pad is None else pad)
