@@ -17,6 +17,8 @@
 # Each call within 30 s of the last (the machine is given back when idle). ARGS="--name=value ..." go
 # to distill.sh (every distill.py run), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
 # instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k tokens + one eval; ~22 min for 3 arms).
+# PLAN=speed runs experiments/speed.sh (GPU tests + inference and training benches on random weights):
+# no teacher, no data, so `start` is the first call, carrying only .device/wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 P=/root/p                                   # the run's own copy of the code (calls re-sync the repo root)
@@ -65,13 +67,17 @@ teacher2)
 start)
   fla
   rm -rf $P && mkdir -p $P && cp -r $(ls -A | grep -v '^\.device$\|^\.git$\|^runs$\|^data$\|^models$') $P/
-  mkdir -p $P/data && xz -dc .device/data/debian.tar.xz | tar xf - -C $P
+  if [ -f .device/data/debian.tar.xz ]; then mkdir -p $P/data && xz -dc .device/data/debian.tar.xz | tar xf - -C $P; fi
   restore_cache
   cd $P
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
 export TRITON_CACHE_AUTOTUNING=1
-$( [ "${PLAN:-pipeline}" = compare ] && echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} bash experiments/compare.sh" || echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}")
+$(case "${PLAN:-pipeline}" in
+  compare) echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} bash experiments/compare.sh" ;;
+  speed) echo "DEADLINE_S=${DEADLINE_S:-0} bash experiments/speed.sh" ;;
+  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}" ;;
+esac)
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF
   (setsid nohup bash run_lease.sh > run.out 2>&1 < /dev/null &)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The speed measurements that need no teacher and no data (random weights in the SmolLM2-135M shape),
+# for one lease: `PLAN=speed bash experiments/lease.sh start 540`, then `poll` calls (only the fla
+# wheels carried). Parts in order of what they decide, each capped, each writing runs/speed/<part>.txt:
+#   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm kernel, packed
+#                  projections, CUDA graph, compile) against their references: the gate for the rest
+#   engine         bench.py at 16K, B32 and max batch: compile x pack = False/False, False/True,
+#                  True/True, each timing the fused hybrid beside "hybrid unfused" (issue 12)
+#   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
+#                  profile at 16K B32, with the settings of the fastest engine run
+#   train          bench_train.py's sections not yet measured on the device (issue 11)
+# DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT_DIR=runs/speed
+DEADLINE_S=${DEADLINE_S:-0}
+mkdir -p $OUT_DIR
+T0=$(date +%s)
+part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is too close
+  local name=$1 cap=$2; shift 2
+  local left=$(( DEADLINE_S - ($(date +%s) - T0) ))
+  if [ "$DEADLINE_S" -gt 0 ] && [ "$left" -lt "$cap" ]; then
+    echo "== $name: skipped ($left s left, cap $cap s)" | tee $OUT_DIR/$name.txt; return 0
+  fi
+  echo "== $name | elapsed $(( $(date +%s) - T0 ))s | cap ${cap}s: $*"
+  timeout "$cap" "$@" 2>&1 | grep -v "it/s\]" > $OUT_DIR/$name.txt
+  echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
+  tail -30 $OUT_DIR/$name.txt
+}
+part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -q -rA tests/test_decode_kernels.py tests/test_engine.py
+for cp in "False False" "False True" "True True"; do
+  set -- $cp
+  part engine_compile_$1_pack_$2 200 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
+    --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_$1_pack_$2
+done
+best=$($PY - <<'EOF'
+import glob, json
+rows = []
+for f in glob.glob("runs/speed/engine_*/bench.json"):
+    r = json.load(open(f))
+    tok = [x["decode_tok_s"] for x in r["rows"] if x["model"] == "hybrid engine" and x["batch"] == 32 and "decode_tok_s" in x]
+    if tok:
+        rows.append((tok[0], r["compile"], r["pack"]))
+print(f"--compile={max(rows)[1]} --pack={max(rows)[2]}" if rows else "")
+EOF
+)
+echo "fastest engine settings: ${best:-none measured}"
+part bench 420 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] $best \
+  --out_dir=$OUT_DIR/bench
+part train 400 $PY bench_train.py --sections=gas2,kpad,stage1 --gas2_micro_batches="(64,)" --out_dir=$OUT_DIR/train
+echo "== speed plan done after $(( $(date +%s) - T0 ))s"
