@@ -33,7 +33,7 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "10 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 GDN + 2 norm + 2 engines
+    assert "11 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 + 1 GDN, 2 norm, 2 engines
 
 
 def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
@@ -71,6 +71,23 @@ def check_step_matches_mix(family: str, conv_size: int, dtype, device: str, atol
 def test_interpreted_kernel_equals_mix(family, conv_size):
     check_step_matches_mix(family, conv_size, torch.float32, "cpu", atol=1e-5)
 
+
+@interpreted
+def test_interpreted_first_call_check_catches_a_wrong_kernel(monkeypatch):
+    from hybrid.model import mixers
+    _, mixer = gdn_mixer("llama_gqa", 4, torch.float32)
+    x = torch.randn(2, 1, D_MODEL)
+    with torch.no_grad():
+        _, state = mixer.mix(torch.randn(2, 5, D_MODEL), None)
+    monkeypatch.setattr(op_gdn_step, "CHECKED", set())
+    real = mixers.gdn_step
+    monkeypatch.setattr(mixers, "gdn_step", lambda *a: 1.5 * real(*a))  # a kernel off by half its output
+    with pytest.raises(RuntimeError, match="disagrees with mix"):
+        mixer.decode_inplace(x, {n: t.clone() for n, t in state.items()})
+    assert not op_gdn_step.CHECKED
+    monkeypatch.setattr(mixers, "gdn_step", real)
+    mixer.decode_inplace(x, {n: t.clone() for n, t in state.items()})
+    assert op_gdn_step.CHECKED == {(x.device, x.dtype)}
 
 def check_rms_norm_matches_hf(dtype, device: str, tol: dict, bit_equal: float | None = None):
     """bit_equal: also the residual sum exactly `x + a`, and at least this fraction of the outputs

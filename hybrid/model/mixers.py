@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .mixer_base import HeadRMSNorm, TeacherInitMixer, apply_rope, causal_conv, gated_rms_norm, up32, zero_pads
 from .op_gdn import gdn
-from .op_gdn_step import gdn_step, supported as gdn_step_supported
+from .op_gdn_step import check_once, gdn_step, supported as gdn_step_supported
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
 
@@ -103,7 +103,9 @@ class GatedDeltaNetMixer(TeacherInitMixer):
     def decode_inplace(self, x: torch.Tensor, state: dict, proj: tuple | None = None) -> torch.Tensor:
         """One decode token, x (B, 1, C) -> y (B, 1, C), as mix(x, state=state) with state["S"] and
         state["conv"] updated in place: the static engine's fused step (no padding at decode). proj:
-        the outputs of decode_linears() for x, e.g. from one packed matmul (computed here if None)."""
+        the outputs of decode_linears() for x, e.g. from one packed matmul (computed here if None).
+        The first call on a device and dtype checks the kernel against mix() (op_gdn_step.check_once)."""
+        check_once(x, state, lambda s: self.decode_inplace(x, s), lambda s: self.mix(x, None, s))
         B = x.shape[0]
         q, k, v, a, b, g = (t.reshape(B, -1) for t in (proj or (lin(x) for lin in self.decode_linears())))
         if self.q_norm is not None:  # Qwen3's per-head norms, as project() applies them
@@ -112,6 +114,7 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         o = gdn_step(q, k, v, a, b, g, state.get("conv"), self.conv_weight if self.conv_size > 1 else None, state["S"],
                      self.A_log, self.dt_bias, self.o_norm.weight, self.o_norm.eps)
         return self.o_proj(o).view(B, 1, -1)
+
 
 class GLAMixer(TeacherInitMixer):
     """Gated linear attention: S_t = diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t / sqrt(D),

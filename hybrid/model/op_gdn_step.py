@@ -98,6 +98,35 @@ def _kernel():
     return gdn_step_kernel
 
 
+CHECKED = set()  # (device, dtype) where the kernel has matched its reference once
+
+
+@torch.no_grad()
+def check_once(x: torch.Tensor, state: dict, fused, reference, tolerance: float = 0.05) -> None:
+    """On the first call for x's device and dtype: fused(copy of state) -> y against reference(copy of
+    state) -> (y, new state), outputs and states. A kernel that miscompiles on some GPU or Triton
+    version must fail loudly, not decode wrong tokens: RuntimeError past `tolerance` (relative to the
+    largest value; bf16 rounding is ~1e-2)."""
+    key = (x.device, x.dtype)
+    if key in CHECKED:
+        return
+    want, want_state = reference({n: t.clone() for n, t in state.items()})
+    trial = {n: t.clone() for n, t in state.items()}
+    CHECKED.add(key)  # the fused call below must not check again
+    try:
+        got = fused(trial)
+        errors = {n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+                  for n, a, b in [("output", got, want)] + [(n, trial[n], want_state[n]) for n in want_state]}
+    except Exception:
+        CHECKED.discard(key)
+        raise
+    if not all(e <= tolerance for e in errors.values()):
+        CHECKED.discard(key)
+        raise RuntimeError(f"the fused GDN decode kernel (op_gdn_step) disagrees with mix() on {x.device} {x.dtype}: "
+                           f"relative errors {errors}; decode without it (StaticEngine(..., fused=False) or "
+                           f"fast_generate(..., fused=False)) and report this")
+
+
 def supported(head_dim: int) -> bool:
     """The kernel holds a (D, D) state tile in registers: D a power of two from 16 to 128."""
     return head_dim in (16, 32, 64, 128)
