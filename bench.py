@@ -6,8 +6,9 @@ Three ways to generate, same GPU, same process:
   hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states),
                    each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default);
                    both engines run the projections of one input as one matmul (PACK, the GPU default)
-  hybrid unfused   the same engine decoding through the mixers' mix() (~45 small kernels per GDN layer):
-                   the fused kernel's baseline, in the same cells (prefill timed once: it is the same)
+  hybrid unfused   the same engine with fused=False: the mixers' mix() (~45 small kernels per GDN layer)
+                   and HF's RMSNorm modules; the fused kernels' baseline, in the same cells (prefill
+                   timed once)
 Figures per (context, batch):
   TTFT, prefill    the prompt pass alone (logits for the last position + argmax), median of REPEATS
                    after one untimed pass (fla's JIT/autotune); one timed run and no untimed one when
