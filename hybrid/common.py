@@ -46,8 +46,17 @@ def init_dist() -> tuple[int, int, int, torch.device]:
 
 
 def cleanup_dist() -> None:
+    """The end of a distributed run: a barrier, a pause, then the process group destroyed.
+
+    The pause: a gloo worker thread frees a finished collective's tensors after the caller has moved
+    on, and freeing a tensor that Python created takes the GIL. The process group's destructor joins
+    those threads while holding the GIL (the last reference often goes with DDP's Reducer as main()
+    returns), so a rank could deadlock right after the final barrier (seen with gdb: the main thread
+    in ~ProcessGroupGloo joining a runloop thread that waits for the GIL in ~AsyncBarrierWork). The
+    sleep lets the threads finish while the GIL is free."""
     if dist.is_initialized():
         dist.barrier()
+        time.sleep(0.5)
         dist.destroy_process_group()
 
 
