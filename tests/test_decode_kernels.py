@@ -145,6 +145,10 @@ def check_rms_norm_matches_hf(dtype, device: str, tol: dict, bit_equal: float | 
         if bit_equal is not None:
             assert torch.equal(total, x + a)  # the residual stream exactly as `x + a` rounds it
             assert (h == norm(x + a)).float().mean() > bit_equal
+        if dtype != torch.float32:  # a residual of another dtype: torch's promotion, as `x + a` would do
+            total, h = rms_norm(x, norm.weight, hf_rms_norm_eps(norm), residual=a.float())
+            assert total.dtype == torch.float32 and torch.equal(total, x + a.float())
+            torch.testing.assert_close(h, norm(x + a.float()), **tol)
 
 
 @interpreted

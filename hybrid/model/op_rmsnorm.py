@@ -59,9 +59,12 @@ def hf_rms_norm_eps(norm: torch.nn.Module) -> float | None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x (..., N) contiguous -> norm(x); with residual (same shape): (x + residual, norm(x + residual))."""
-    if not x.is_contiguous() or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous())):
-        raise ValueError(f"rms_norm: x {tuple(x.shape)} and residual must be contiguous and of one shape")
+    """x (..., N) -> norm(x); with residual (same shape): (x + residual, norm(x + residual))."""
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        x, residual = x + residual, None  # torch's broadcasting and type promotion, then the norm alone
+        return x, rms_norm(x, weight, eps)
+    x = x.contiguous()  # (no copy when it already is)
+    residual = residual.contiguous() if residual is not None else None
     N = x.shape[-1]
     rows = x.numel() // N
     h = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
