@@ -1,6 +1,7 @@
 """The static engine's decode kernels against their references: the fused GDN step
-(hybrid/model/op_gdn_step.py) against the mixer's own mix(), the RMSNorm (+ residual) kernel
-(hybrid/model/op_rmsnorm.py) against HF's RMSNorm modules.
+(hybrid/model/op_gdn_step.py) against the mixer's own mix(); the RMSNorm (+ residual) kernel and the
+RoPE + KV-write kernel (hybrid/model/op_decode.py) against HF's RMSNorm modules and the engine's
+eager RoPE + index_copy_.
 
 On CPU the Triton kernel runs in Triton's interpreter when Triton is installed (it is not in CI's
 CPU set-up: `pip install triton` to run these here). The interpreter must be chosen before anything
@@ -14,8 +15,8 @@ import os
 import pytest
 import torch
 
-from hybrid.model import op_gdn_step
-from hybrid.model.op_rmsnorm import hf_rms_norm_eps, rms_norm
+from hybrid.model import op_decode, op_gdn_step
+from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
@@ -33,7 +34,7 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "11 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 6 + 1 GDN, 2 norm, 2 engines
+    assert "13 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 7 GDN, 2 norm, 2 rope, 2 engines
 
 
 def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int) -> str:
@@ -70,10 +71,13 @@ def test_kernels_compile_for_hopper_without_spills():
         report = ptxas_report(op_gdn_step._kernel(), gdn, {"HKV": 3, "G": 3, "D": D, "W": 4, "HAS_CONV": True},
                               op_gdn_step.NUM_WARPS[D])
         assert "0 bytes spill stores" in report, report
+    kernels = op_decode._kernels()
     norm = {"x_ptr": p, "r_ptr": p, "w_ptr": p, "sum_ptr": p, "h_ptr": p, "eps": f32}
-    from hybrid.model import op_rmsnorm
-    assert "0 bytes spill stores" in ptxas_report(op_rmsnorm._kernel(), norm, {"N": 576, "BLOCK": 1024,
-                                                                                 "HAS_RESIDUAL": True}, 4)
+    assert "0 bytes spill stores" in ptxas_report(kernels["rms_norm"], norm, {"N": 576, "BLOCK": 1024,
+                                                                              "HAS_RESIDUAL": True}, 4)
+    rope = {**{n: p for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "kbuf_ptr", "vbuf_ptr")},
+            **{n: i32 for n in ("q_rs", "k_rs", "v_rs", "S")}, "slot_ptr": "*i64"}
+    assert "0 bytes spill stores" in ptxas_report(kernels["rope_kv"], rope, {"H": 9, "HKV": 3, "D": 64}, 1)
 
 def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
     from hybrid.model.mixers import build_mixer
@@ -159,6 +163,29 @@ def test_interpreted_rms_norm_equals_hf(dtype):
         check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-5, rtol=1e-5), bit_equal=0.5)
     else:
         check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-2, rtol=3e-2))
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_rope_kv_step_equals_eager(dtype):
+    from hybrid.model.engine import _rope
+    torch.manual_seed(0)
+    B, H, HKV, D, S = 3, 4, 2, 16, 10
+    z = torch.randn(B, (H + 2 * HKV) * D).to(dtype)  # q/k/v as column views of one packed output
+    q, k, v = z.split([H * D, HKV * D, HKV * D], dim=-1)
+    angle = torch.rand(B, 1, D // 2) * 6.0
+    cos, sin = (torch.cat([f(angle), f(angle)], -1).to(dtype) for f in (torch.cos, torch.sin))  # (B, 1, D)
+    kbuf, vbuf = torch.randn(B, HKV, S, D).to(dtype), torch.randn(B, HKV, S, D).to(dtype)
+    want_k, want_v = kbuf.clone(), vbuf.clone()
+    slot = torch.tensor([7])
+    got_q = rope_kv_step(q, k, v, cos, sin, kbuf, vbuf, slot)
+    c, s_ = cos[:, None], sin[:, None]  # (B, 1, 1, D) against (B, heads, 1, D)
+    want_q = _rope(q.reshape(B, H, 1, D), c, s_)
+    want_k.index_copy_(2, slot, _rope(k.reshape(B, HKV, 1, D), c, s_))
+    want_v.index_copy_(2, slot, v.reshape(B, HKV, 1, D))
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)  # eager rounds 3x
+    torch.testing.assert_close(got_q, want_q, **tol)
+    torch.testing.assert_close(kbuf, want_k, **tol)
+    assert torch.equal(vbuf, want_v)  # v copied, every other slot untouched
 
 def test_unsupported_shapes_and_bad_inputs():
     _, mixer = gdn_mixer("qwen3_qknorm", 4, torch.float32)  # head_dim 24: no power-of-two tile

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_rmsnorm import hf_rms_norm_eps, rms_norm
+from .op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -72,18 +72,15 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _qkv(attn: nn.Module, x: torch.Tensor, pe, pack: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher attention's q (B, H, T, D), k, v (B, Hkv, T, D): projections (one packed matmul
-    if pack), q/k norms, RoPE."""
+def _projections(attn: nn.Module, x: torch.Tensor, pack: nn.Module | None) -> tuple[torch.Tensor, ...]:
+    """The teacher attention's q (B, T, H, D), k, v (B, T, Hkv, D): projections (one packed matmul if
+    pack), q/k norms."""
     B, T, _ = x.shape
-    D = attn.head_dim
     qkv = pack(x) if pack is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-    q, k, v = (t.view(B, T, -1, D) for t in qkv)
+    q, k, v = (t.view(B, T, -1, attn.head_dim) for t in qkv)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    cos, sin = (t.unsqueeze(1).to(q.dtype) for t in pe)
-    return _rope(q, cos, sin), _rope(k, cos, sin), v
+    return q, k, v
 
 
 def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -122,11 +119,9 @@ class StaticEngine:
     and the decode step (a CUDA graph on CUDA unless cuda_graph=False). compile=True also runs
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
     norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
-    on GPU, not in float64) decodes each mixer that has one through its fused kernel
-    (`decode_inplace`: GDN's op_gdn_step), the others through mix(), and without compile also runs
-    every layer's RMSNorms (+ residual add) as one Triton kernel each (op_rmsnorm). pack (default: on
-    GPU) runs the projections of one input as one matmul (packed.py; copies of those weights,
-    refreshed at each prefill if the model's changed)."""
+    GPU, not float64): a mixer's fused step (`decode_inplace`, GDN's op_gdn_step) instead of mix(),
+    and without compile each RMSNorm (+ residual add) and softmax RoPE + KV write as one Triton kernel
+    (op_decode). pack (default: GPU): the projections of one input as one matmul (packed.py)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
                  compile: bool = False, fused: bool | None = None, pack: bool | None = None):
@@ -174,16 +169,22 @@ class StaticEngine:
                norm_eps: tuple | None = None) -> torch.Tensor:
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
-        fused: the mixer's decode_inplace (a fused kernel) instead of mix() for a decode step;
-        attn_pack, mlp_pack: PackedLinear of the attention's / MLP's input projections, or None;
-        norm_eps: the two RMSNorms' eps, to run them (and the residual add) through op_rmsnorm."""
+        fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
+        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode."""
         attn = layer.self_attn
         h = layer.input_layernorm(x) if norm_eps is None else rms_norm(x, layer.input_layernorm.weight, norm_eps[0])
         if kind == SOFTMAX:
-            q, k, v = _qkv(attn, h, pe, attn_pack)
+            q, k, v = _projections(attn, h, attn_pack)  # (B, T, heads, D)
+            if rows is None and norm_eps is not None:  # RoPE on q and k, k and v into the buffers: one kernel
+                q = rope_kv_step(*(t.flatten(1) for t in (q, k, v)), *(t.to(q.dtype) for t in pe), buf["k"], buf["v"],
+                                 self.slot)
+            else:
+                cos, sin = (t.unsqueeze(1).to(q.dtype) for t in pe)
+                q, k, v = _rope(q.transpose(1, 2), cos, sin), _rope(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+                if rows is None:
+                    buf["k"].index_copy_(2, self.slot, k)
+                    buf["v"].index_copy_(2, self.slot, v)
             if rows is None:
-                buf["k"].index_copy_(2, self.slot, k)
-                buf["v"].index_copy_(2, self.slot, v)
                 o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.bias)
             else:
                 buf["k"][rows, :, :k.shape[2]].copy_(k)

@@ -1,0 +1,123 @@
+"""Small fused kernels of the static engine's step (engine.py), for the teacher and the hybrid alike.
+
+A decode step at batch 32 is bound by kernel count, not bytes: each eager op on a few rows is one
+launch-latency-bound kernel. Here, each in one Triton kernel:
+
+    h = rms_norm(x, weight, eps)                 # HF's RMSNorm (~7 eager kernels)
+    x, h = rms_norm(x, weight, eps, residual=a)  # x + a, and norm(x + a)
+    q = rope_kv_step(q, k, v, cos, sin, kbuf, vbuf, slot)
+        # RoPE on q and k (HF's rotate_half convention), k and v written into the KV buffers at
+        # `slot` (a device tensor: no host sync, so it can sit in a CUDA graph): ~14 eager kernels
+
+RMSNorm keeps HF's roundings (the sum and the normalised row rounded to x's dtype before the
+weight), so it equals HF's up to the order of one fp32 sum; RoPE rounds once where HF rounds three
+times. Both are checked against the eager ops in Triton's CPU interpreter and compiled for sm_90
+(tests/test_decode_kernels.py). This file imports only torch (Triton lazily): export.py ships it.
+"""
+
+import torch
+
+tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
+_KERNELS = {}
+
+
+def _kernels() -> dict:
+    """The jitted kernels, defined on the first call (Triton through __import__: no import statement,
+    which transformers' remote-code check would make a requirement of every export)."""
+    global tl
+    if _KERNELS:
+        return _KERNELS
+    triton = __import__("triton.language")
+    tl = triton.language
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, h_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(r_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(sum_ptr.dtype.element_ty)  # the residual stream in its dtype, as `x + a` rounds it
+            tl.store(sum_ptr + row * N + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        normed = xf * tl.rsqrt(tl.sum(xf * xf, 0) / N + eps)
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)  # HF casts back before the weight
+        h = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed
+        tl.store(h_ptr + row * N + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_rs, k_rs, v_rs, cos_ptr, sin_ptr, qo_ptr, kbuf_ptr, vbuf_ptr,
+                       slot_ptr, S, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        i = tl.program_id(1)  # q heads 0..H-1, then kv heads
+        half = tl.arange(0, D // 2)
+        c1 = tl.load(cos_ptr + b * D + half).to(tl.float32)
+        c2 = tl.load(cos_ptr + b * D + D // 2 + half).to(tl.float32)
+        s1 = tl.load(sin_ptr + b * D + half).to(tl.float32)
+        s2 = tl.load(sin_ptr + b * D + D // 2 + half).to(tl.float32)
+        if i < H:
+            src = q_ptr + b * q_rs + i * D
+            dst = qo_ptr + (b * H + i) * D
+        else:
+            j = i - H
+            slot = tl.load(slot_ptr)
+            src = k_ptr + b * k_rs + j * D
+            dst = kbuf_ptr + ((b * HKV + j) * S + slot) * D
+            vdst = vbuf_ptr + ((b * HKV + j) * S + slot) * D
+            tl.store(vdst + half, tl.load(v_ptr + b * v_rs + j * D + half))
+            tl.store(vdst + D // 2 + half, tl.load(v_ptr + b * v_rs + j * D + D // 2 + half))
+        x1 = tl.load(src + half).to(tl.float32)
+        x2 = tl.load(src + D // 2 + half).to(tl.float32)
+        tl.store(dst + half, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty))  # x * cos + rotate_half(x) * sin
+        tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty))
+
+    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel)
+    return _KERNELS
+
+
+def hf_rms_norm_eps(norm: torch.nn.Module) -> float | None:
+    """eps of an HF RMSNorm whose arithmetic this kernel repeats (weight * normed, no offset), else None."""
+    name = type(norm).__name__
+    eps = getattr(norm, "variance_epsilon", None)
+    if name.endswith("RMSNorm") and "Gemma" not in name and eps is not None and getattr(norm, "weight", None) is not None:
+        return float(eps)
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """x (..., N) -> norm(x); with residual (same shape): (x + residual, norm(x + residual))."""
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        x, residual = x + residual, None  # torch's broadcasting and type promotion, then the norm alone
+        return x, rms_norm(x, weight, eps)
+    x = x.contiguous()  # (no copy when it already is)
+    residual = residual.contiguous() if residual is not None else None
+    N = x.shape[-1]
+    rows = x.numel() // N
+    h = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total = torch.empty_like(x) if residual is not None else x
+    block = 1 << (N - 1).bit_length()
+    _kernels()["rms_norm"][(rows,)](x, residual if residual is not None else x, weight, total, h, float(eps), N=N,
+                                    BLOCK=block, HAS_RESIDUAL=residual is not None)
+    return (total, h) if residual is not None else h
+
+
+def rope_kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kbuf: torch.Tensor, vbuf: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """One decode token of a softmax layer. q (B, H*D), k and v (B, Hkv*D) (projections, q/k norms
+    applied; any row stride, e.g. column views of one packed matmul); cos, sin (B, D) (the teacher's
+    rotary embedding at each row's position); kbuf, vbuf (B, Hkv, S, D) contiguous; slot (1,) long.
+    Writes RoPE(k) and v at kbuf/vbuf[:, :, slot] -> RoPE(q) as (B, H, 1, D)."""
+    B, S, D = kbuf.shape[0], kbuf.shape[2], kbuf.shape[3]
+    H, HKV = q.shape[1] // D, kbuf.shape[1]
+    if D % 2 or D & (D - 1) or k.shape != (B, HKV * D) or v.shape != k.shape or not kbuf.is_contiguous() or \
+            not vbuf.is_contiguous() or any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError(f"rope_kv_step: q {tuple(q.shape)}, k {tuple(k.shape)}, kbuf {tuple(kbuf.shape)}: expected "
+                         f"(B, H*D), (B, Hkv*D) rows and contiguous (B, Hkv, S, D) buffers, D a power of two")
+    cos, sin = (t.reshape(B, D).contiguous() for t in (cos, sin))
+    out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
+    _kernels()["rope_kv"][(B, H + HKV)](q, k, v, q.stride(0), k.stride(0), v.stride(0), cos, sin, out, kbuf, vbuf,
+                                        slot, S, H=H, HKV=HKV, D=D)
+    return out
