@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
+export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
 part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is too close
@@ -28,7 +29,7 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
   echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
   tail -30 $OUT_DIR/$name.txt
 }
-part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -q -rA tests/test_decode_kernels.py tests/test_engine.py
+part gpu_tests 420 $PY -m pytest -m gpu -o addopts="" -v -rA tests/test_decode_kernels.py tests/test_engine.py  # -v: a line per test, kept if the cap cuts the run
 for cp in "False False" "False True" "True True"; do
   set -- $cp
   part engine_compile_$1_pack_$2 200 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
