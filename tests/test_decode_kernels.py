@@ -20,7 +20,7 @@ from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
-from tests.test_mixers import D_MODEL, rope, tiny_teacher
+from tests.test_mixers import D_MODEL, make_mixer, rope
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -80,10 +80,7 @@ def test_kernels_compile_for_hopper_without_spills():
     assert "0 bytes spill stores" in ptxas_report(kernels["rope_kv"], rope, {"H": 9, "HKV": 3, "D": 64}, 1)
 
 def gdn_mixer(family: str, conv_size: int, dtype, device="cpu"):
-    from hybrid.model.mixers import build_mixer
-    teacher = tiny_teacher(family, dtype=torch.float32)
-    torch.manual_seed(1)
-    mixer = build_mixer("gdn", teacher.model.layers[1].self_attn, teacher.config, 1, conv_size=conv_size)
+    teacher, mixer = make_mixer("gdn", family, perturb=False, conv_size=conv_size)
     with torch.no_grad():
         for p in mixer.parameters():  # off the identity conv and unit norms: every term matters
             p.add_(0.3 * torch.randn_like(p))
