@@ -100,11 +100,7 @@ bench_compile)  # issue 12's levers: compile off/on, packed projections off/on; 
   fla
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
   cd $P 2>/dev/null || true
-  for cp in "False False" "False True" "True True"; do  # compile, pack
-    set -- $cp
-    timeout 180 python3 bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] --batches=[32,max] \
-      --eager=False --repeats=3 --out_dir=runs/bench_compile_$1_$2 2>&1 | grep -v "it/s\]" | tail -20
-  done | tee "$OUT/bench_compile.txt"
+  PARTS=engine bash experiments/speed.sh | tee "$OUT/bench_compile.txt"  # its "engine" part alone
   ;;
 gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machine, fla autotune cached
   fla

@@ -10,16 +10,19 @@
 #                  profile at 16K B32, with the settings of the fastest engine run
 #   train          bench_train.py's sections not yet measured on the device (issue 11)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
+# PARTS (default all: "gpu_tests engine bench train"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
+PARTS=${PARTS:-gpu_tests engine bench train}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
 part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is too close
   local name=$1 cap=$2; shift 2
+  [[ " $PARTS " == *" ${name%%_compile_*} "* ]] || return 0  # engine_compile_X_pack_Y is part "engine"
   local left=$(( DEADLINE_S - ($(date +%s) - T0) ))
   if [ "$DEADLINE_S" -gt 0 ] && [ "$left" -lt "$cap" ]; then
     echo "== $name: skipped ($left s left, cap $cap s)" | tee $OUT_DIR/$name.txt; return 0
