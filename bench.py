@@ -6,9 +6,10 @@ Three ways to generate, same GPU, same process:
   hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states),
                    each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default);
                    both engines run the projections of one input as one matmul (PACK, the GPU default)
-  hybrid unfused   the same engine with fused=False: the mixers' mix() (~45 small kernels per GDN layer)
-                   and HF's RMSNorm modules; the fused kernels' baseline, in the same cells (prefill
-                   timed once)
+  hybrid unfused   the same engine with fused=False: the mixers' mix() (~45 small kernels per GDN layer),
+                   HF's RMSNorm modules, eager RoPE and matmul + softmax attention over the cache; the
+                   fused kernels' baseline, in the same cells (prefill timed once)
+  teacher unfused  the teacher the same way (its layers have no mixer: norms, RoPE and attention)
 Figures per (context, batch):
   TTFT, prefill    the prompt pass alone (logits for the last position + argmax), median of REPEATS
                    after one untimed pass (fla's JIT/autotune); one timed run and no untimed one when
@@ -59,7 +60,7 @@ EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
 FUSED = True                    # the hybrid's mixers decode through their fused kernels (op_gdn_step)
 PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
-UNFUSED_BASELINE = True         # also time the hybrid with mix() decode ("hybrid unfused"), same cells
+UNFUSED_BASELINE = True         # also time both engines with fused=False ("... unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
@@ -274,7 +275,9 @@ def targets(rows: list[dict], max_batches: dict) -> list[str]:
            f"{max_batches.get(('hybrid engine', long))} (target ratio >= 3.5)"]
     for ctx in (mid, long):
         out.append(f"prefill at {ctx // 1024}K B1: hybrid / teacher engine x{get('hybrid engine', ctx, 1, 'prefill_tok_s') / get('teacher engine', ctx, 1, 'prefill_tok_s'):.2f} (target >= 1)")
-    out.append(f"fused kernel: hybrid engine / hybrid unfused decode at 16K B32: x{get('hybrid engine', mid, 32, 'decode_tok_s') / get('hybrid unfused', mid, 32, 'decode_tok_s'):.2f}")
+    for side in ("hybrid", "teacher"):
+        out.append(f"fused kernels: {side} engine / {side} unfused decode at 16K B32: "
+                   f"x{get(f'{side} engine', mid, 32, 'decode_tok_s') / get(f'{side} unfused', mid, 32, 'decode_tok_s'):.2f}")
     out.append(f"teacher engine / teacher eager decode at 16K B32: x{get('teacher engine', mid, 32, 'decode_tok_s') / get('teacher eager', mid, 32, 'decode_tok_s'):.2f} (target >= 5)")
     return out
 
@@ -300,10 +303,10 @@ def main() -> dict:
                 if batch == "max":
                     max_batches[(name, ctx)] = B
                 rows.append(cell(bench_engine, name, model, ctx, B, bw, device, FUSED))
-            if unfused:
-                B = max_batches[("hybrid engine", ctx)] if batch == "max" else batch
-                rows.append(cell(bench_engine, "hybrid unfused", hybrid, ctx, B, bw, device, False, 1))
-            for r in rows[-(len(sides) + unfused + (EAGER and batch != "max")):]:
+            for name, model in sides.items() if unfused else ():
+                B = max_batches[(name, ctx)] if batch == "max" else batch
+                rows.append(cell(bench_engine, name.replace("engine", "unfused"), model, ctx, B, bw, device, False, 1))
+            for r in rows[-(len(sides) * (1 + unfused) + (EAGER and batch != "max")):]:
                 print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()), flush=True)
     if PROFILE and device.type == "cuda":
         for name, model in sides.items():

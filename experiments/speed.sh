@@ -5,7 +5,7 @@
 #   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm kernel, packed
 #                  projections, CUDA graph, compile) against their references: the gate for the rest
 #   engine         bench.py at 16K, B32 and max batch: compile x pack = False/False, False/True,
-#                  True/True, each timing the fused hybrid beside "hybrid unfused" (issue 12)
+#                  True/True, each timing the fused engines beside "... unfused" (issue 12)
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
 #                  profile at 16K B32, with the settings of the fastest engine run
 #   train          bench_train.py's sections not yet measured on the device (issue 11)

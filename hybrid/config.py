@@ -39,11 +39,19 @@ def config_names(g: dict) -> list[str]:
             and (own is None or k in own)]
 
 
-def _parse(raw: str, default, name: str):
+def _literal(raw: str):
     try:
-        value = ast.literal_eval(raw)
+        return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw  # a bare word such as --teacher=models/x is a string
+        return raw  # a bare word such as --teacher=models/x is a string
+
+
+def _parse(raw: str, default, name: str):
+    value = _literal(raw)
+    inner = raw.strip()[1:-1] if raw.strip()[:1] + raw.strip()[-1:] in ("[]", "()") else raw
+    if isinstance(default, (list, tuple)) and isinstance(value, str) and not any(c in inner for c in "[]()"):
+        # bare words in a flat list, as a shell passes them: --batches=[32,max] is [32, 'max']
+        value = [_literal(item.strip()) for item in inner.split(",") if item.strip()]
     if default is None or value is None:
         return value
     if isinstance(default, bool):

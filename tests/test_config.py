@@ -24,6 +24,11 @@ def test_overrides_parse_and_check_types():
     g2 = _cfg()
     apply_overrides(g2, ["--lr=1"], verbose=False)  # an int where a float is expected is fine
     assert g2["LR"] == 1.0 and isinstance(g2["LR"], float)
+    g3 = _cfg()  # bare words in a list, as a shell passes them unquoted
+    apply_overrides(g3, ["--ks=[32,max]"], verbose=False)
+    assert g3["KS"] == [32, "max"]
+    apply_overrides(g3, ["--ks=(64, gdn;softmax=0)"], verbose=False)
+    assert g3["KS"] == [64, "gdn;softmax=0"]
 
 
 def test_unknown_setting_suggests():

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
+from .op_decode import attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -120,8 +120,9 @@ class StaticEngine:
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
     norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
     GPU, not float64): a mixer's fused step (`decode_inplace`, GDN's op_gdn_step) instead of mix(),
-    and without compile each RMSNorm (+ residual add) and softmax RoPE + KV write as one Triton kernel
-    (op_decode). pack (default: GPU): the projections of one input as one matmul (packed.py)."""
+    and without compile each RMSNorm (+ residual add), a softmax layer's RoPE + KV write, and its
+    attention over the cache (split-KV) as Triton kernels (op_decode). pack (default: GPU): the
+    projections of one input as one matmul (packed.py)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
                  compile: bool = False, fused: bool | None = None, pack: bool | None = None):
@@ -184,7 +185,9 @@ class StaticEngine:
                 if rows is None:
                     buf["k"].index_copy_(2, self.slot, k)
                     buf["v"].index_copy_(2, self.slot, v)
-            if rows is None:
+            if rows is None and norm_eps is not None:  # split-KV kernels, slots after the current one skipped
+                o = attend_cache_split(q, buf["k"], buf["v"], attn.scaling, self.bias, self.slot)
+            elif rows is None:
                 o = attend_cache(q, buf["k"], buf["v"], attn.scaling, self.bias)
             else:
                 buf["k"][rows, :, :k.shape[2]].copy_(k)

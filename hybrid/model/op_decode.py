@@ -8,12 +8,18 @@ launch-latency-bound kernel. Here, each in one Triton kernel:
     q = rope_kv_step(q, k, v, cos, sin, kbuf, vbuf, slot)
         # RoPE on q and k (HF's rotate_half convention), k and v written into the KV buffers at
         # `slot` (a device tensor: no host sync, so it can sit in a CUDA graph): ~14 eager kernels
+    o = attend_cache_split(q, kbuf, vbuf, scale, bias, slot)
+        # one query per sequence against the KV buffers, split-KV ("flash-decoding"): K and V read
+        # once per kv head, in parallel over slot ranges, slots after `slot` skipped; then a merge
 
 RMSNorm keeps HF's roundings (the sum and the normalised row rounded to x's dtype before the
 weight), so it equals HF's up to the order of one fp32 sum; RoPE rounds once where HF rounds three
-times. Both are checked against the eager ops in Triton's CPU interpreter and compiled for sm_90
-(tests/test_decode_kernels.py). This file imports only torch (Triton lazily): export.py ships it.
+times; the attention keeps its scores and softmax in fp32 where the eager path (engine.attend_cache)
+rounds the scores to the model's dtype. All are checked against the eager ops in Triton's CPU
+interpreter and compiled for sm_90 (tests/test_decode_kernels.py). This file imports only torch (Triton lazily): export.py ships it.
 """
+
+import os
 
 import torch
 
@@ -73,7 +79,59 @@ def _kernels() -> dict:
         tl.store(dst + half, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty))  # x * cos + rotate_half(x) * sin
         tl.store(dst + D // 2 + half, (x2 * c2 + x1 * s2).to(dst.dtype.element_ty))
 
-    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel)
+    @triton.jit
+    def attn_split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, m_ptr, l_ptr, S, scale,
+                          HKV: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
+                          SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr):
+        b = tl.program_id(0)
+        j = tl.program_id(1)  # kv head: its REP q heads are the rows of one dot
+        s = tl.program_id(2)  # which SPLIT slots
+        r = tl.arange(0, REP_P)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + ((b * HKV + j) * REP + r[:, None]) * D + d[None, :], mask=r[:, None] < REP, other=0.0)
+        q = q.to(DOT_DTYPE)
+        last = tl.load(slot_ptr)  # the current token's slot: later ones hold nothing yet
+        m = tl.full((REP_P,), float("-inf"), tl.float32)
+        l = tl.zeros((REP_P,), tl.float32)
+        acc = tl.zeros((REP_P, D), tl.float32)
+        kv = (b * HKV + j) * S
+        for i in range(0, SPLIT // BLOCK_S):  # constant bounds (the interpreter needs them); empty blocks skipped
+            start = s * SPLIT + i * BLOCK_S
+            if start <= last:
+                offs = start + tl.arange(0, BLOCK_S)
+                ok = offs <= last
+                k = tl.load(k_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0).to(DOT_DTYPE)
+                x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (REP_P, BLOCK_S) in fp32
+                x += tl.load(bias_ptr + b * S + offs, mask=ok, other=float("-inf")).to(tl.float32)[None, :]
+                m_new = tl.maximum(m, tl.max(x, 1))
+                shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid slot yet stays empty
+                p = tl.exp(x - shift[:, None])
+                alpha = tl.exp(m - shift)
+                l = l * alpha + tl.sum(p, 1)
+                v = tl.load(v_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PREC)
+                m = m_new
+        part = (b * HKV + j) * REP + r  # q head, then this split: every program writes, empty or not
+        tl.store(o_ptr + (part[:, None] * NSPLIT + s) * D + d[None, :], acc, mask=r[:, None] < REP)
+        tl.store(m_ptr + part * NSPLIT + s, m, mask=r < REP)
+        tl.store(l_ptr + part * NSPLIT + s, l, mask=r < REP)
+
+    @triton.jit
+    def attn_combine_kernel(o_ptr, m_ptr, l_ptr, out_ptr, NSPLIT: tl.constexpr, NSPLIT_P: tl.constexpr,
+                            D: tl.constexpr):
+        h = tl.program_id(0)  # (sequence, q head), flat
+        s = tl.arange(0, NSPLIT_P)
+        d = tl.arange(0, D)
+        m = tl.load(m_ptr + h * NSPLIT + s, mask=s < NSPLIT, other=float("-inf"))
+        w = tl.exp(m - tl.max(m, 0))  # an empty split (m = -inf) weighs 0
+        w = tl.where(m == float("-inf"), 0.0, w)
+        total = tl.sum(w * tl.load(l_ptr + h * NSPLIT + s, mask=s < NSPLIT, other=0.0), 0)
+        acc = tl.load(o_ptr + (h * NSPLIT + s[:, None]) * D + d[None, :], mask=s[:, None] < NSPLIT, other=0.0)
+        tl.store(out_ptr + h * D + d, (tl.sum(w[:, None] * acc, 0) / total).to(out_ptr.dtype.element_ty))
+
+    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel, attn_split=attn_split_kernel,
+                    attn_combine=attn_combine_kernel)
     return _KERNELS
 
 
@@ -120,4 +178,45 @@ def rope_kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
     out = torch.empty(B, H, 1, D, dtype=q.dtype, device=q.device)
     _kernels()["rope_kv"][(B, H + HKV)](q, k, v, q.stride(0), k.stride(0), v.stride(0), cos, sin, out, kbuf, vbuf,
                                         slot, S, H=H, HKV=HKV, D=D)
+    return out
+
+
+ATTN_BLOCK = 64  # slots per inner step of the decode attention
+ATTN_PROGRAMS = 1024  # aim: enough (sequence, kv head, split) programs to fill every SM several times
+
+
+def attend_cache_split(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale: float,
+                       bias: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """engine.attend_cache as split-KV ("flash-decoding") kernels: each program streams K and V of
+    one kv head over a range of slots once, for all the q heads that share it, with an online fp32
+    softmax; a second kernel merges the ranges. Slots after `slot` (the current token's, a device
+    tensor) are skipped: they hold nothing yet. q (B, H, 1, D) contiguous; kbuf, vbuf (B, Hkv, S, D)
+    contiguous; bias (B, S) additive (0 / -inf) -> (B, H, 1, D) in q's dtype."""
+    B, H, _, D = q.shape
+    HKV, S = kbuf.shape[1], kbuf.shape[2]
+    if H % HKV or D < 16 or D & (D - 1) or not all(t.is_contiguous() for t in (q, kbuf, vbuf, bias)) \
+            or bias.shape != (B, S) or vbuf.shape != kbuf.shape or kbuf.dtype not in (torch.float32, torch.bfloat16,
+                                                                                    torch.float16):
+        raise ValueError(f"attend_cache_split: q {tuple(q.shape)}, kbuf {tuple(kbuf.shape)}, bias {tuple(bias.shape)}: "
+                         f"expected contiguous (B, H, 1, D), (B, Hkv, S, D), (B, S), H a multiple of Hkv, "
+                         f"D a power of two >= 16")
+    blocks = -(-S // ATTN_BLOCK)
+    want = max(1, ATTN_PROGRAMS // (B * HKV))  # splits per (sequence, kv head)
+    split = ATTN_BLOCK * -(-blocks // min(want, blocks))
+    nsplit = -(-S // split)
+    rep = H // HKV
+    part_o = torch.empty(B, H, nsplit, D, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(B, H, nsplit, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    kernels = _kernels()
+    kernels["attn_split"][(B, HKV, nsplit)](
+        q, kbuf, vbuf, bias, slot, part_o, part_m, part_l, S, float(scale), HKV=HKV, REP=rep,
+        REP_P=max(16, 1 << (rep - 1).bit_length()), D=D, SPLIT=split, NSPLIT=nsplit, BLOCK_S=ATTN_BLOCK,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        # Triton's CPU interpreter multiplies bf16 as raw bits: there the dots take fp32 copies
+        DOT_DTYPE=tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else
+        {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[kbuf.dtype])
+    out = torch.empty_like(q)
+    kernels["attn_combine"][(B * H,)](part_o, part_m, part_l, out, NSPLIT=nsplit,
+                                      NSPLIT_P=1 << (nsplit - 1).bit_length(), D=D, num_warps=4)
     return out

@@ -1,14 +1,18 @@
-"""One Gated DeltaNet decode token in one Triton kernel: what GatedDeltaNetMixer.mix does between
+"""One Gated DeltaNet decode token in two Triton kernels: what GatedDeltaNetMixer.mix does between
 its projections and o_proj, for T = 1, with the states updated in place.
 
     y = gdn_step(q, k, v, a, b, gate, conv_state, conv_weight, S, A_log, dt_bias, norm_weight, eps)
 
-Per sequence b and kv head j, one program: the short causal conv over [conv_state, this token] for
-the q heads of group j and for k_j, v_j (the window shifts by one in place), q, k = L2norm(SiLU(.)),
-beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), the delta rule on the fp32 state
-(S <- exp(g) S; u = beta (v - S^T k); S <- S + k u^T; o = S^T q / sqrt(D)), then RMSNorm(o) * w *
-SiLU(gate). Everything runs in fp32 registers and is rounded once, to y's dtype. The eager step is
-~45 small kernels per layer, each bound by launch latency, not bytes (docs/results.md, issue 12).
+1. qkv, one program per sequence and head of the conv channels [q heads | k heads | v heads]: the
+   short causal conv over [conv_state, this token] (the window shifts by one in place; the program
+   owns its channels), then q, k = L2norm(SiLU(.)), into an fp32 scratch row.
+2. step, one program per sequence and q/value head (its k and v are those of its kv group): beta =
+   sigmoid(b), g = -exp(A_log) softplus(a + dt_bias), the delta rule on the fp32 state (S <- exp(g) S;
+   u = beta (v - S^T k); S <- S + k u^T; o = S^T q / sqrt(D)), then RMSNorm(o) * w * SiLU(gate).
+Two kernels because the k/v conv window is shared by the heads of a group: shifting it in place in
+the step kernel would race with the other heads' reads. Everything runs in fp32 and is rounded once,
+to y's dtype. The eager step is ~45 small kernels per layer, each bound by launch latency, not bytes
+(docs/results.md, issue 12).
 
 The reference is the mixer's own mix() (tests/test_decode_kernels.py: the same outputs and states, in
 Triton's CPU interpreter and on the GPU). This file imports only torch (Triton lazily, on the first
@@ -21,9 +25,10 @@ tl = None  # triton.language, imported by the first call: a module global, where
 _KERNEL = []
 
 
-def _kernel():
-    """The jitted kernel, defined on the first call. Triton comes through __import__, not an import
-    statement: transformers' remote-code loader would make it a requirement of every export."""
+def _kernel() -> dict:
+    """The jitted kernels {"qkv", "step"}, defined on the first call. Triton comes through __import__,
+    not an import statement: transformers' remote-code loader would make it a requirement of every
+    export."""
     global tl
     if _KERNEL:
         return _KERNEL[0]
@@ -31,82 +36,69 @@ def _kernel():
     tl = triton.language
 
     @triton.jit
-    def gdn_step_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, gate_ptr, q_rs, k_rs, v_rs, a_rs, b_rs, gate_rs,
-                        conv_ptr, convw_ptr, s_ptr, alog_ptr, dtb_ptr, normw_ptr, y_ptr, eps, scale,
-                        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HAS_CONV: tl.constexpr):
+    def gdn_qkv_kernel(q_ptr, k_ptr, v_ptr, q_rs, k_rs, v_rs, conv_ptr, convw_ptr, x_ptr, H: tl.constexpr,
+                       HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, HAS_CONV: tl.constexpr):
         b = tl.program_id(0)
-        j = tl.program_id(1)
-        H = HKV * G
-        C = (H + 2 * HKV) * D  # conv channels: [q heads | k heads | v heads]
+        c = tl.program_id(1)  # a head of the conv channels [q heads | k heads | v heads]
+        C = (H + 2 * HKV) * D
         d = tl.arange(0, D)
-
-        k = tl.load(k_ptr + b * k_rs + j * D + d).to(tl.float32)  # *_rs: row strides (inputs may be views)
-        v = tl.load(v_ptr + b * v_rs + j * D + d).to(tl.float32)
+        ch = c * D + d
+        if c < H:  # *_rs: row strides (the inputs may be column views of one packed projection)
+            x = tl.load(q_ptr + b * q_rs + c * D + d).to(tl.float32)
+        elif c < H + HKV:
+            x = tl.load(k_ptr + b * k_rs + (c - H) * D + d).to(tl.float32)
+        else:
+            x = tl.load(v_ptr + b * v_rs + (c - H - HKV) * D + d).to(tl.float32)
         if HAS_CONV:
-            ck = H * D + j * D + d
-            cv = (H + HKV) * D + j * D + d
-            k_in, v_in = k, v
-            k = k_in * tl.load(convw_ptr + ck * W + W - 1).to(tl.float32)
-            v = v_in * tl.load(convw_ptr + cv * W + W - 1).to(tl.float32)
+            x_in = x
+            x = x_in * tl.load(convw_ptr + ch * W + W - 1).to(tl.float32)
             for w in tl.static_range(W - 1):  # taps 0..W-2 read the stored inputs, oldest first
-                k += tl.load(conv_ptr + (b * (W - 1) + w) * C + ck).to(tl.float32) * \
-                    tl.load(convw_ptr + ck * W + w).to(tl.float32)
-                v += tl.load(conv_ptr + (b * (W - 1) + w) * C + cv).to(tl.float32) * \
-                    tl.load(convw_ptr + cv * W + w).to(tl.float32)
+                x += tl.load(conv_ptr + (b * (W - 1) + w) * C + ch).to(tl.float32) * \
+                    tl.load(convw_ptr + ch * W + w).to(tl.float32)
             # shift the window in place (this program alone owns these channels). A value may live in
             # several threads, so barriers order every read of a row before any write to it.
             tl.debug_barrier()
             for w in tl.static_range(W - 2):
-                next_k = tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + ck)
-                next_v = tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + cv)
+                nxt = tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + ch)
                 tl.debug_barrier()
-                tl.store(conv_ptr + (b * (W - 1) + w) * C + ck, next_k)
-                tl.store(conv_ptr + (b * (W - 1) + w) * C + cv, next_v)
+                tl.store(conv_ptr + (b * (W - 1) + w) * C + ch, nxt)
                 tl.debug_barrier()
-            tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + ck, k_in.to(conv_ptr.dtype.element_ty))
-            tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + cv, v_in.to(conv_ptr.dtype.element_ty))
-        k = k * tl.sigmoid(k)
-        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-12)  # F.normalize's eps
+            tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + ch, x_in.to(conv_ptr.dtype.element_ty))
+        if c < H + HKV:  # q and k: L2norm(SiLU(.)), F.normalize's eps
+            x = x * tl.sigmoid(x)
+            x = x / tl.maximum(tl.sqrt(tl.sum(x * x, 0)), 1e-12)
+        tl.store(x_ptr + b * C + ch, x)
 
-        for i in tl.static_range(G):
-            h = j * G + i
-            q = tl.load(q_ptr + b * q_rs + h * D + d).to(tl.float32)
-            if HAS_CONV:
-                cq = h * D + d
-                q_in = q
-                q = q_in * tl.load(convw_ptr + cq * W + W - 1).to(tl.float32)
-                for w in tl.static_range(W - 1):
-                    q += tl.load(conv_ptr + (b * (W - 1) + w) * C + cq).to(tl.float32) * \
-                        tl.load(convw_ptr + cq * W + w).to(tl.float32)
-                tl.debug_barrier()
-                for w in tl.static_range(W - 2):
-                    next_q = tl.load(conv_ptr + (b * (W - 1) + w + 1) * C + cq)
-                    tl.debug_barrier()
-                    tl.store(conv_ptr + (b * (W - 1) + w) * C + cq, next_q)
-                    tl.debug_barrier()
-                tl.store(conv_ptr + (b * (W - 1) + W - 2) * C + cq, q_in.to(conv_ptr.dtype.element_ty))
-            q = q * tl.sigmoid(q)
-            q = q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-12)
+    @triton.jit
+    def gdn_step_kernel(x_ptr, a_ptr, b_ptr, gate_ptr, a_rs, b_rs, gate_rs, s_ptr, alog_ptr, dtb_ptr, normw_ptr,
+                        y_ptr, eps, scale, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)  # one q/value head; its k and v are kv head h // (H // HKV)
+        j = h // (H // HKV)
+        C = (H + 2 * HKV) * D
+        d = tl.arange(0, D)
+        q = tl.load(x_ptr + b * C + h * D + d)
+        k = tl.load(x_ptr + b * C + (H + j) * D + d)
+        v = tl.load(x_ptr + b * C + (H + HKV + j) * D + d)
+        beta = tl.sigmoid(tl.load(b_ptr + b * b_rs + h).to(tl.float32))
+        x = tl.load(a_ptr + b * a_rs + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # F.softplus's threshold
+        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
 
-            beta = tl.sigmoid(tl.load(b_ptr + b * b_rs + h).to(tl.float32))
-            x = tl.load(a_ptr + b * a_rs + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
-            softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # F.softplus's threshold
-            g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+        s_off = ((b * H + h) * D + d[:, None]) * D + d[None, :]  # S[b, h] is (K, V), row-major
+        S = tl.load(s_ptr + s_off) * tl.exp(g)
+        u = beta * (v - tl.sum(S * k[:, None], 0))
+        S = S + k[:, None] * u[None, :]
+        tl.store(s_ptr + s_off, S)
+        o = tl.sum(S * q[:, None], 0) * scale
 
-            s_off = ((b * H + h) * D + d[:, None]) * D + d[None, :]  # S[b, h] is (K, V), row-major
-            S = tl.load(s_ptr + s_off) * tl.exp(g)
-            u = beta * (v - tl.sum(S * k[:, None], 0))
-            S = S + k[:, None] * u[None, :]
-            tl.store(s_ptr + s_off, S)
-            o = tl.sum(S * q[:, None], 0) * scale
+        o = o * (1.0 / tl.sqrt(tl.sum(o * o, 0) / D + eps))
+        gate = tl.load(gate_ptr + b * gate_rs + h * D + d).to(tl.float32)
+        y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
+        tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
 
-            o = o * (1.0 / tl.sqrt(tl.sum(o * o, 0) / D + eps))
-            gate = tl.load(gate_ptr + b * gate_rs + h * D + d).to(tl.float32)
-            y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
-            tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
-
-    _KERNEL.append(gdn_step_kernel)
-    return gdn_step_kernel
+    _KERNEL.append({"qkv": gdn_qkv_kernel, "step": gdn_step_kernel})
+    return _KERNEL[0]
 
 
 CHECKED = set()  # (device, dtype) where the kernel has matched its reference once
@@ -138,10 +130,11 @@ def check_once(x: torch.Tensor, state: dict, fused, reference, tolerance: float 
                            f"fast_generate(..., fused=False)) and report this")
 
 
-# warps per program by head_dim: the (D, D) fp32 state tile and the q/k/v rows broadcast over it in
-# registers. ptxas for sm_90 (bf16): D=64 at 8 warps 172 registers, no spills (4 warps: 255); D=128
-# spills ~2 KB even at 16 warps (correct, slower: a V-split grid would avoid it).
-NUM_WARPS = {16: 1, 32: 2, 64: 8, 128: 16}
+# warps per program by head_dim, (qkv kernel, step kernel): the step holds one head's (D, D) fp32
+# state tile and the q/k rows broadcast over it in registers. ptxas for sm_90 (bf16): D=64 at 8 warps
+# 101 registers, no spills (4 warps: 184); D=128 at 16 warps 128 registers and 200 bytes of spills
+# (4-8 warps: 255 registers and more spills; a V-split grid would avoid them).
+NUM_WARPS = {16: (1, 1), 32: (1, 2), 64: (2, 8), 128: (4, 16)}
 
 
 def supported(head_dim: int) -> bool:
@@ -174,10 +167,14 @@ def gdn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
     for name, t in (("S", S), ("conv_state", conv_state), ("conv_weight", conv_weight)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"gdn_step: {name} must be contiguous (the kernel computes flat offsets)")
+    C = (H + 2 * HKV) * D
+    x = torch.empty(B, C, dtype=torch.float32, device=q.device)  # q, k (normalised) and v after the conv
     y = torch.empty(B, HD, dtype=q.dtype, device=q.device)
     dummy = S  # an unused pointer argument when there is no conv
-    _kernel()[(B, HKV)](*rows, *(t.stride(0) for t in rows), conv_state if has_conv else dummy,
-                        conv_weight if has_conv else dummy, S, A_log, dt_bias, norm_weight, y, float(eps),
-                        float(D) ** -0.5, HKV=HKV, G=H // HKV, D=D, W=W, HAS_CONV=has_conv,
-                        num_warps=NUM_WARPS[D])
+    kernels = _kernel()
+    kernels["qkv"][(B, H + 2 * HKV)](q, k, v, q.stride(0), k.stride(0), v.stride(0), conv_state if has_conv else dummy,
+                                      conv_weight if has_conv else dummy, x, H=H, HKV=HKV, D=D, W=W,
+                                      HAS_CONV=has_conv, num_warps=NUM_WARPS[D][0])
+    kernels["step"][(B, H)](x, a, b, gate, a.stride(0), b.stride(0), gate.stride(0), S, A_log, dt_bias, norm_weight, y,
+                            float(eps), float(D) ** -0.5, H=H, HKV=HKV, D=D, num_warps=NUM_WARPS[D][1])
     return y
