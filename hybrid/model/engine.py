@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_decode import attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
+from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -95,20 +95,6 @@ def attend_prompt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     mask = (causal & valid[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-
-
-def attend_cache(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale: float,
-                 bias: torch.Tensor) -> torch.Tensor:
-    """One query per sequence against the whole static KV buffer: q (B, H, 1, D), kbuf/vbuf
-    (B, Hkv, S, D), bias (B, S) 0 at valid slots and -inf elsewhere. The q heads sharing a kv head
-    are stacked as rows of one matmul, so each K/V byte is read once (no repeat_kv copy); scores in
-    the model's dtype as HF's eager attention has them, scaled and masked in one kernel, softmax
-    accumulated in fp32 inside the kernel: few passes over the small (B, H, S) scores."""
-    B, H, _, D = q.shape
-    Hkv = kbuf.shape[1]
-    scores = q.reshape(B, Hkv, H // Hkv, D) @ kbuf.transpose(-1, -2)  # (B, Hkv, rep, S)
-    scores = torch.add(bias[:, None, None, :], scores, alpha=scale)
-    return (scores.softmax(-1) @ vbuf).reshape(B, H, 1, D)
 
 
 SLOT_ALIGN = 64  # max_len rounded up to this: a 16484-slot buffer decoded at half the speed of a 16400-slot one

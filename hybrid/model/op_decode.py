@@ -83,7 +83,7 @@ def _kernels() -> dict:
     def attn_split_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, slot_ptr, o_ptr, m_ptr, l_ptr, S, scale,
                           HKV: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
                           SPLIT: tl.constexpr, NSPLIT: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr):
+                          DOT_DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         b = tl.program_id(0)
         j = tl.program_id(1)  # kv head: its REP q heads are the rows of one dot
         s = tl.program_id(2)  # which SPLIT slots
@@ -91,27 +91,30 @@ def _kernels() -> dict:
         d = tl.arange(0, D)
         q = tl.load(q_ptr + ((b * HKV + j) * REP + r[:, None]) * D + d[None, :], mask=r[:, None] < REP, other=0.0)
         q = q.to(DOT_DTYPE)
-        last = tl.load(slot_ptr)  # the current token's slot: later ones hold nothing yet
+        last = tl.load(slot_ptr)  # the current token's slot
         m = tl.full((REP_P,), float("-inf"), tl.float32)
         l = tl.zeros((REP_P,), tl.float32)
         acc = tl.zeros((REP_P, D), tl.float32)
         kv = (b * HKV + j) * S
-        for i in range(0, SPLIT // BLOCK_S):  # constant bounds (the interpreter needs them); empty blocks skipped
-            start = s * SPLIT + i * BLOCK_S
-            if start <= last:
-                offs = start + tl.arange(0, BLOCK_S)
-                ok = offs <= last
-                k = tl.load(k_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0).to(DOT_DTYPE)
-                x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (REP_P, BLOCK_S) in fp32
-                x += tl.load(bias_ptr + b * S + offs, mask=ok, other=float("-inf")).to(tl.float32)[None, :]
-                m_new = tl.maximum(m, tl.max(x, 1))
-                shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid slot yet stays empty
-                p = tl.exp(x - shift[:, None])
-                alpha = tl.exp(m - shift)
-                l = l * alpha + tl.sum(p, 1)
-                v = tl.load(v_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PREC)
-                m = m_new
+        lo = s * SPLIT
+        hi = tl.minimum(lo + SPLIT, last + 1)  # slots after the current token's hold nothing yet
+        # compiled: a loop of the real length, which Triton software-pipelines (loads ahead of the dots);
+        # Triton's CPU interpreter needs constant bounds (inline: it makes every assigned value a
+        # tensor), and there the blocks past hi are no-ops
+        for i in range(0, SPLIT // BLOCK_S if INTERPRET else tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_S)):
+            offs = lo + i * BLOCK_S + tl.arange(0, BLOCK_S)
+            ok = offs < hi
+            k = tl.load(k_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0).to(DOT_DTYPE)
+            x = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (REP_P, BLOCK_S) in fp32
+            x += tl.load(bias_ptr + b * S + offs, mask=ok, other=float("-inf")).to(tl.float32)[None, :]
+            m_new = tl.maximum(m, tl.max(x, 1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no valid slot yet stays empty
+            p = tl.exp(x - shift[:, None])
+            alpha = tl.exp(m - shift)
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + (kv + offs[:, None]) * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PREC)
+            m = m_new
         part = (b * HKV + j) * REP + r  # q head, then this split: every program writes, empty or not
         tl.store(o_ptr + (part[:, None] * NSPLIT + s) * D + d[None, :], acc, mask=r[:, None] < REP)
         tl.store(m_ptr + part * NSPLIT + s, m, mask=r < REP)
@@ -181,8 +184,23 @@ def rope_kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
     return out
 
 
+def attend_cache(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale: float,
+                 bias: torch.Tensor) -> torch.Tensor:
+    """One query per sequence against the whole static KV buffer: q (B, H, 1, D), kbuf/vbuf
+    (B, Hkv, S, D), bias (B, S) 0 at valid slots and -inf elsewhere. The q heads sharing a kv head
+    are stacked as rows of one matmul, so each K/V byte is read once (no repeat_kv copy); scores in
+    the model's dtype as HF's eager attention has them, scaled and masked in one kernel, softmax
+    accumulated in fp32 inside the kernel: few passes over the small (B, H, S) scores."""
+    B, H, _, D = q.shape
+    Hkv = kbuf.shape[1]
+    scores = q.reshape(B, Hkv, H // Hkv, D) @ kbuf.transpose(-1, -2)  # (B, Hkv, rep, S)
+    scores = torch.add(bias[:, None, None, :], scores, alpha=scale)
+    return (scores.softmax(-1) @ vbuf).reshape(B, H, 1, D)
+
+
 ATTN_BLOCK = 64  # slots per inner step of the decode attention
-ATTN_PROGRAMS = 1024  # aim: enough (sequence, kv head, split) programs to fill every SM several times
+ATTN_PROGRAMS = 2048  # aim: enough (sequence, kv head, split) programs to fill every SM several times
+ATTN_CHECKED = set()  # (device, dtype) where the split kernels have matched attend_cache once
 
 
 def attend_cache_split(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale: float,
@@ -209,14 +227,25 @@ def attend_cache_split(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, 
     part_m = torch.empty(B, H, nsplit, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     kernels = _kernels()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
     kernels["attn_split"][(B, HKV, nsplit)](
         q, kbuf, vbuf, bias, slot, part_o, part_m, part_l, S, float(scale), HKV=HKV, REP=rep,
         REP_P=max(16, 1 << (rep - 1).bit_length()), D=D, SPLIT=split, NSPLIT=nsplit, BLOCK_S=ATTN_BLOCK,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
         # Triton's CPU interpreter multiplies bf16 as raw bits: there the dots take fp32 copies
-        DOT_DTYPE=tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else
-        {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[kbuf.dtype])
+        DOT_DTYPE=tl.float32 if interpret else
+        {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[kbuf.dtype],
+        INTERPRET=interpret)
     out = torch.empty_like(q)
     kernels["attn_combine"][(B * H,)](part_o, part_m, part_l, out, NSPLIT=nsplit,
                                       NSPLIT_P=1 << (nsplit - 1).bit_length(), D=D, num_warps=4)
+    if (q.device, q.dtype) not in ATTN_CHECKED:  # first call: a kernel that miscompiles must fail loudly
+        later = torch.arange(S, device=q.device) > slot  # the reference masks the skipped slots too
+        want = attend_cache(q, kbuf, vbuf, scale, bias.masked_fill(later, float("-inf")))
+        error = ((out.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6)).item()
+        if not error <= 0.05:
+            raise RuntimeError(f"the split-KV decode attention (op_decode) disagrees with attend_cache on {q.device} "
+                               f"{q.dtype}: relative error {error:.3g}; decode without it (StaticEngine(..., "
+                               f"fused=False)) and report this")
+        ATTN_CHECKED.add((q.device, q.dtype))
     return out
