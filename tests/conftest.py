@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 import psutil
@@ -15,6 +16,24 @@ import torch
 
 VOCAB = 256
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _signal_quietly(p: psutil.Process, sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _dump_stacks_and_wait(p: psutil.Process, timeout: float = 3.0) -> None:
+    """SIGABRT (faulthandler prints the Python stacks), then wait until p has ended (exited or a zombie)."""
+    try:
+        p.send_signal(signal.SIGABRT)
+        deadline = time.time() + timeout
+        while time.time() < deadline and p.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.05)
+    except psutil.NoSuchProcess:
+        pass
 
 
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300,
@@ -38,19 +57,22 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300,
             timed_out = True
             tree = psutil.Process(proc.pid)
             family = [*tree.children(recursive=True), tree]  # torchrun's workers are its children
-            for signal_name in ("SIGABRT", "SIGKILL"):
-                for p in family:
-                    try:
-                        p.send_signal(getattr(signal, signal_name))
-                    except psutil.NoSuchProcess:
-                        pass
-                psutil.wait_procs(family, timeout=5)
+            # torchrun paused first: seeing a worker end, it would SIGTERM the others before their dumps
+            _signal_quietly(tree, signal.SIGSTOP)
+            for p in family[:-1]:  # one at a time: dumps written at once interleave their lines in the file
+                _dump_stacks_and_wait(p)
+            _signal_quietly(tree, signal.SIGCONT)
+            _dump_stacks_and_wait(tree)
+            for p in family:
+                _signal_quietly(p, signal.SIGKILL)
+            psutil.wait_procs(family, timeout=5)
             proc.wait()
         out.seek(0), err.seek(0)
         result = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
-    if timed_out:
+    if timed_out:  # faulthandler's long "Extension modules: ..." lines dropped: the stacks must fit
+        stacks = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("Extension modules:"))
         pytest.fail(f"{script} {' '.join(args)} ran past {timeout} s and was killed\nstdout:\n"
-                    f"{result.stdout[-3000:]}\nstderr (with every process's stacks):\n{result.stderr[-12000:]}")
+                    f"{result.stdout[-3000:]}\nstderr (with every process's stacks):\n{stacks[-40000:]}")
     return result
 
 
