@@ -62,6 +62,7 @@ FUSED = True                    # the hybrid's mixers decode through their fused
 PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
 UNFUSED_BASELINE = True         # also time both engines with fused=False ("... unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
+PROFILE_PREFILL = []            # e.g. [16384]: also profile one batch-1 prefill there (wall vs GPU kernel time)
 DTYPE = "bfloat16"              # on GPU; float32 on CPU
 OUT_DIR = "runs/bench"
 # -----------------------------------------------------------------------------
@@ -213,6 +214,28 @@ def profile_step(name, model, ctx, B, device, fused: bool) -> None:
     print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
+def profile_prefill(name, model, ctx, device, fused: bool) -> None:
+    """One batch-1 prefill after an untimed one: wall time against GPU kernel time (a wall far above
+    the kernels means launch-bound: the host is the bottleneck), and the top ops by host time."""
+    from torch.profiler import ProfilerActivity, profile
+    engine = StaticEngine(model, 1, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused and device.type == "cuda",
+                          pack=PACK)
+    ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    engine.prefill(ids)
+    sync()
+    gpu = [ProfilerActivity.CUDA] if device.type == "cuda" else []
+    with profile(activities=[ProfilerActivity.CPU, *gpu]) as prof:
+        start = time.perf_counter()
+        engine.prefill(ids)
+        sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    print(f"== prefill {name} ctx {ctx} B 1: wall {1e3 * wall:.1f} ms, GPU kernels {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms "
+          f"({sum(e.count for e in events if e.self_device_time_total > 0)} kernels)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+
+
 def random_models(dtype, device):
     """The SmolLM2-135M shape with random weights: the teacher (Llama) and a hybrid of RANDOM_SPEC."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -313,6 +336,9 @@ def main() -> dict:
             profile_step(name, model, *PROFILE, device, FUSED)
         if unfused:
             profile_step("hybrid unfused", hybrid, *PROFILE, device, False)
+    for ctx in PROFILE_PREFILL:
+        for name, model in sides.items():
+            profile_prefill(name, model, ctx, device, FUSED)
     table = markdown(rows)
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))

@@ -50,7 +50,8 @@ print(f"--compile={max(rows)[1]} --pack={max(rows)[2]}" if rows else "")
 EOF
 )
 echo "fastest engine settings: ${best:-none measured}"
-part bench 420 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] $best \
+part bench 420 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
+  --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
 part train 300 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train  # gas2: measured 2026-12-02
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"

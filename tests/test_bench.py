@@ -36,8 +36,12 @@ def check_rows(rows: list[dict]) -> None:
             assert r["cache_bytes_allocated"] >= r["batch"] * r["cache_bytes_per_seq"]
 
 
-def test_bench_random_models(monkeypatch, tmp_path):
-    result = run(monkeypatch, tmp_path, RANDOM=True, RANDOM_SHAPE=TINY, RANDOM_SPEC="gdn;softmax=1")
+def test_bench_random_models(monkeypatch, tmp_path, capsys):
+    result = run(monkeypatch, tmp_path, RANDOM=True, RANDOM_SHAPE=TINY, RANDOM_SPEC="gdn;softmax=1", PROFILE_PREFILL=[16])
+    printed = capsys.readouterr().out
+    for side in ("teacher", "hybrid"):  # the prefill profile: its wall time and the top host ops
+        line = next(x for x in printed.splitlines() if x.startswith(f"== prefill {side} engine ctx 16 B 1: wall "))
+        assert float(line.split("wall ")[1].split(" ms")[0]) > 0, line
     rows = result["rows"]
     check_rows(rows)
     assert len(rows) == 2 * (3 + 2)  # per context: eager + 2 engines at B2, 2 engines at max batch
