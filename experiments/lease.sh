@@ -107,7 +107,7 @@ gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machin
   fla
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
   cd $P 2>/dev/null || true
-  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rA -x ${TESTS:-tests/test_decode_kernels.py tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rfE -x ${TESTS:-tests/test_decode_kernels.py tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
   ;;
 *)
   sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-; exit 2

@@ -32,10 +32,10 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
   echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
   tail -30 $OUT_DIR/$name.txt
 }
-part gpu_tests 420 $PY -m pytest -m gpu -o addopts="" -v -rA tests/test_decode_kernels.py tests/test_engine.py  # -v: a line per test, kept if the cap cuts the run
+part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py  # -v: a line per test, kept if the cap cuts the run
 for cp in "False False" "False True" "True True"; do
   set -- $cp
-  part engine_compile_$1_pack_$2 200 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
+  part engine_compile_$1_pack_$2 180 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
     --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_$1_pack_$2
 done
 best=$($PY - <<'EOF'
@@ -50,7 +50,7 @@ print(f"--compile={max(rows)[1]} --pack={max(rows)[2]}" if rows else "")
 EOF
 )
 echo "fastest engine settings: ${best:-none measured}"
-part bench 420 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
+part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
 part train 300 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train  # gas2: measured 2026-12-02
