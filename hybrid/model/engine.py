@@ -153,13 +153,20 @@ class StaticEngine:
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
                rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None,
-               norm_eps: tuple | None = None) -> torch.Tensor:
+               norm_eps: tuple | None = None, pending: torch.Tensor | None = None):
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
-        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode."""
+        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode. With
+        norm_eps the MLP's output is not added here: -> (x, mlp output), and the next layer adds it as
+        `pending` inside its input norm's kernel (one kernel less per layer); without -> x + it."""
         attn = layer.self_attn
-        h = layer.input_layernorm(x) if norm_eps is None else rms_norm(x, layer.input_layernorm.weight, norm_eps[0])
+        if norm_eps is None:
+            h = layer.input_layernorm(x if pending is None else x + pending)
+        elif pending is None:
+            h = rms_norm(x, layer.input_layernorm.weight, norm_eps[0])
+        else:
+            x, h = rms_norm(x, layer.input_layernorm.weight, norm_eps[0], residual=pending)
         if kind == SOFTMAX:
             q, k, v = _projections(attn, h, attn_pack)  # (B, T, heads, D)
             if rows is None and norm_eps is not None:  # RoPE on q and k, k and v into the buffers: one kernel
@@ -191,14 +198,20 @@ class StaticEngine:
             h = layer.post_attention_layernorm(x)
         else:
             x, h = rms_norm(x, layer.post_attention_layernorm.weight, norm_eps[1], residual=a)
-        return x + packed_mlp(layer.mlp, mlp_pack, h)
+        out = packed_mlp(layer.mlp, mlp_pack, h)
+        return x + out if norm_eps is None else (x, out)
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
         compiled = self.compiled_layer if rows is None else None
+        pending = None  # the last MLP output, when its layer left the residual add to the next norm
         for i, (layer, kind, buf) in enumerate(zip(self.layers, self.kinds, self.buffers)):
-            x = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i], self.norm_eps[i]) \
-                if compiled is None else compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
-        return self.model.lm_head(self.model.model.norm(x[:, -1]))
+            if compiled is not None:
+                x = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
+                continue
+            out = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i], self.norm_eps[i], pending)
+            x, pending = out if isinstance(out, tuple) else (out, None)
+        x = x[:, -1] if pending is None else x[:, -1] + pending[:, -1]
+        return self.model.lm_head(self.model.model.norm(x))
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
