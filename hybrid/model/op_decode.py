@@ -133,7 +133,13 @@ def _kernels() -> dict:
         acc = tl.load(o_ptr + (h * NSPLIT + s[:, None]) * D + d[None, :], mask=s[:, None] < NSPLIT, other=0.0)
         tl.store(out_ptr + h * D + d, (tl.sum(w[:, None] * acc, 0) / total).to(out_ptr.dtype.element_ty))
 
-    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel, attn_split=attn_split_kernel,
+    # the split kernel's block, warps and pipeline depth, measured on the first call per shape (it only
+    # writes its own partial buffers, so the trial runs change nothing); one fixed config interpreted
+    configs = [triton.Config({"BLOCK_S": 64}, num_warps=4)] if os.environ.get("TRITON_INTERPRET") == "1" else [
+        triton.Config({"BLOCK_S": block}, num_warps=warps, num_stages=stages)
+        for block in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
+    attn_split = triton.autotune(configs=configs, key=["S", "SPLIT", "HKV", "REP_P", "D"])(attn_split_kernel)
+    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel, attn_split=attn_split,
                     attn_combine=attn_combine_kernel)
     return _KERNELS
 
@@ -198,7 +204,7 @@ def attend_cache(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, scale:
     return (scores.softmax(-1) @ vbuf).reshape(B, H, 1, D)
 
 
-ATTN_BLOCK = 64  # slots per inner step of the decode attention
+ATTN_UNIT = 128  # a split's slots are a multiple of this (the largest block the autotuner tries)
 ATTN_PROGRAMS = 2048  # aim: enough (sequence, kv head, split) programs to fill every SM several times
 ATTN_CHECKED = set()  # (device, dtype) where the split kernels have matched attend_cache once
 
@@ -218,9 +224,9 @@ def attend_cache_split(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, 
         raise ValueError(f"attend_cache_split: q {tuple(q.shape)}, kbuf {tuple(kbuf.shape)}, bias {tuple(bias.shape)}: "
                          f"expected contiguous (B, H, 1, D), (B, Hkv, S, D), (B, S), H a multiple of Hkv, "
                          f"D a power of two >= 16")
-    blocks = -(-S // ATTN_BLOCK)
+    units = -(-S // ATTN_UNIT)
     want = max(1, ATTN_PROGRAMS // (B * HKV))  # splits per (sequence, kv head)
-    split = ATTN_BLOCK * -(-blocks // min(want, blocks))
+    split = ATTN_UNIT * -(-units // min(want, units))
     nsplit = -(-S // split)
     rep = H // HKV
     part_o = torch.empty(B, H, nsplit, D, dtype=torch.float32, device=q.device)
@@ -230,8 +236,8 @@ def attend_cache_split(q: torch.Tensor, kbuf: torch.Tensor, vbuf: torch.Tensor, 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     kernels["attn_split"][(B, HKV, nsplit)](
         q, kbuf, vbuf, bias, slot, part_o, part_m, part_l, S, float(scale), HKV=HKV, REP=rep,
-        REP_P=max(16, 1 << (rep - 1).bit_length()), D=D, SPLIT=split, NSPLIT=nsplit, BLOCK_S=ATTN_BLOCK,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
+        REP_P=max(16, 1 << (rep - 1).bit_length()), D=D, SPLIT=split, NSPLIT=nsplit,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # Triton's CPU interpreter multiplies bf16 as raw bits: there the dots take fp32 copies
         DOT_DTYPE=tl.float32 if interpret else
         {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[kbuf.dtype],
