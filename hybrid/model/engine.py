@@ -157,9 +157,9 @@ class StaticEngine:
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
-        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode. With
-        norm_eps the MLP's output is not added here: -> (x, mlp output), and the next layer adds it as
-        `pending` inside its input norm's kernel (one kernel less per layer); without -> x + it."""
+        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode. -> (x,
+        pending): with norm_eps the MLP's output is not added here but returned as `pending`, which the
+        next layer adds inside its input norm's kernel (one kernel less per layer); without, (x + it, None)."""
         attn = layer.self_attn
         if norm_eps is None:
             h = layer.input_layernorm(x if pending is None else x + pending)
@@ -199,17 +199,17 @@ class StaticEngine:
         else:
             x, h = rms_norm(x, layer.post_attention_layernorm.weight, norm_eps[1], residual=a)
         out = packed_mlp(layer.mlp, mlp_pack, h)
-        return x + out if norm_eps is None else (x, out)
+        return (x + out, None) if norm_eps is None else (x, out)
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
         compiled = self.compiled_layer if rows is None else None
         pending = None  # the last MLP output, when its layer left the residual add to the next norm
         for i, (layer, kind, buf) in enumerate(zip(self.layers, self.kinds, self.buffers)):
-            if compiled is not None:
-                x = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
-                continue
-            out = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i], self.norm_eps[i], pending)
-            x, pending = out if isinstance(out, tuple) else (out, None)
+            if compiled is not None:  # (no norm_eps under compile: nothing pending)
+                x, pending = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
+            else:
+                x, pending = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i],
+                                         self.norm_eps[i], pending)
         x = x[:, -1] if pending is None else x[:, -1] + pending[:, -1]
         return self.model.lm_head(self.model.model.norm(x))
 

@@ -92,7 +92,7 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         return self.o_proj(o.reshape(B, T, H * D)), (new_state if output_state else None)
 
     def fused_decode_supported(self) -> bool:
-        """Whether decode_inplace (one Triton kernel, op_gdn_step) can run this layer's shapes."""
+        """Whether decode_inplace (op_gdn_step's Triton kernels) can run this layer's shapes."""
         return gdn_step_supported(self.head_dim) and self.n_heads % self.n_kv_heads == 0
 
     def decode_linears(self) -> list[nn.Linear]:

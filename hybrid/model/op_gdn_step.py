@@ -15,11 +15,13 @@ to y's dtype. The eager step is ~45 small kernels per layer, each bound by launc
 (docs/results.md, issue 12).
 
 The reference is the mixer's own mix() (tests/test_decode_kernels.py: the same outputs and states, in
-Triton's CPU interpreter and on the GPU). This file imports only torch (Triton lazily, on the first
-call): export.py copies it beside the exported modeling file.
+Triton's CPU interpreter and on the GPU). This file imports only torch and op_decode (Triton
+lazily, on the first call): export.py copies it beside the exported modeling file.
 """
 
 import torch
+
+from .op_decode import check_agrees
 
 tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
 _KERNEL = []
@@ -107,9 +109,8 @@ CHECKED = set()  # (device, dtype) where the kernel has matched its reference on
 @torch.no_grad()
 def check_once(x: torch.Tensor, state: dict, fused, reference, tolerance: float = 0.05) -> None:
     """On the first call for x's device and dtype: fused(copy of state) -> y against reference(copy of
-    state) -> (y, new state), outputs and states. A kernel that miscompiles on some GPU or Triton
-    version must fail loudly, not decode wrong tokens: RuntimeError past `tolerance` (relative to the
-    largest value; bf16 rounding is ~1e-2)."""
+    state) -> (y, new state), outputs and states (op_decode.check_agrees: RuntimeError past
+    `tolerance` of the largest value)."""
     key = (x.device, x.dtype)
     if key in CHECKED:
         return
@@ -118,16 +119,11 @@ def check_once(x: torch.Tensor, state: dict, fused, reference, tolerance: float 
     CHECKED.add(key)  # the fused call below must not check again
     try:
         got = fused(trial)
-        errors = {n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-                  for n, a, b in [("output", got, want)] + [(n, trial[n], want_state[n]) for n in want_state]}
+        check_agrees(f"the fused GDN decode kernel (op_gdn_step) disagrees with mix() on {x.device} {x.dtype}",
+                     [("output", got, want)] + [(n, trial[n], want_state[n]) for n in want_state], tolerance)
     except Exception:
         CHECKED.discard(key)
         raise
-    if not all(e <= tolerance for e in errors.values()):
-        CHECKED.discard(key)
-        raise RuntimeError(f"the fused GDN decode kernel (op_gdn_step) disagrees with mix() on {x.device} {x.dtype}: "
-                           f"relative errors {errors}; decode without it (StaticEngine(..., fused=False) or "
-                           f"fast_generate(..., fused=False)) and report this")
 
 
 # warps per program by head_dim, (qkv kernel, step kernel): the step holds one head's (D, D) fp32
