@@ -4,7 +4,8 @@ Three ways to generate, same GPU, same process:
   teacher eager    the teacher's stock HF generate() (dynamic KV cache, eager), what a user runs today
   teacher engine   the teacher's own model through hybrid/model/engine.py (static KV cache, CUDA-graph step)
   hybrid engine    the hybrid through the same engine (KV for its softmax layers, fixed-size mixer states),
-                   each GDN layer's decode token in one fused Triton kernel (FUSED, the engine's GPU default);
+                   its GDN layers' decode token through fused Triton kernels (FUSED, the engine's GPU default:
+                   op_gdn_step, and op_decode's norms, RoPE and split-KV attention on both sides);
                    both engines run the projections of one input as one matmul (PACK, the GPU default)
   hybrid unfused   the same engine with fused=False: the mixers' mix() (~45 small kernels per GDN layer),
                    HF's RMSNorm modules, eager RoPE and matmul + softmax attention over the cache; the
@@ -58,7 +59,7 @@ PREFILL_TOKENS = 65536          # tokens per prefill pass (rows per pass = this 
 EAGER = True                    # also time the teacher's stock generate() (batches 1 and 32 only)
 EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
-FUSED = True                    # the hybrid's mixers decode through their fused kernels (op_gdn_step)
+FUSED = True                    # the engines' fused decode kernels (op_gdn_step, op_decode)
 PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
 UNFUSED_BASELINE = True         # also time both engines with fused=False ("... unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there

@@ -15,9 +15,10 @@
 #   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
-# ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start. ARGS="--name=value ..." go
-# to distill.sh (every distill.py run), e.g. a shorter run. PLAN=compare runs experiments/compare.sh
-# instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k tokens + one eval; ~22 min for 3 arms).
+# ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
+# ARGS="--name=value ..." go to distill.sh (every distill.py run), e.g. a shorter run.
+# PLAN=compare runs experiments/compare.sh instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k
+# tokens + one eval; ~22 min for 3 arms).
 # PLAN=speed runs experiments/speed.sh (GPU tests + inference and training benches on random weights):
 # no teacher, no data, so `start` is the first call, carrying only .device/wheels.
 set -euo pipefail

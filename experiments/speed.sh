@@ -2,12 +2,14 @@
 # The speed measurements that need no teacher and no data (random weights in the SmolLM2-135M shape),
 # for one lease: `PLAN=speed bash experiments/lease.sh start 540`, then `poll` calls (only the fla
 # wheels carried). Parts in order of what they decide, each capped, each writing runs/speed/<part>.txt:
-#   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm kernel, packed
-#                  projections, CUDA graph, compile) against their references: the gate for the rest
+#   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm, RoPE and split-KV
+#                  attention kernels, packed projections, CUDA graph, compile) against their references:
+#                  the gate for the rest
 #   engine         bench.py at 16K, B32 and max batch: compile x pack = False/False, False/True,
 #                  True/True, each timing the fused engines beside "... unfused" (issue 12)
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
-#                  profile at 16K B32, with the settings of the fastest engine run
+#                  decode profile at 16K B32 and a batch-1 prefill profile at 16K, with the settings of
+#                  the fastest engine run
 #   train          bench_train.py's sections not yet measured on the device (issue 11): kpad, stage1
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
 # PARTS (default all: "gpu_tests engine bench train"): the parts to run, e.g. PARTS=engine.

@@ -41,9 +41,9 @@ def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 300,
     """python <script> (nproc 1) or torchrun --standalone with nproc processes, from the repo root, one
     OMP thread each, `env` added to the environment. Output goes to files, not pipes: torchrun starts
     each worker in a session of its own, so a worker that outlives torchrun would hold a pipe open and
-    block the read forever. On a
-    timeout every process of the tree dumps its Python stacks (SIGABRT with faulthandler on), is
-    killed, and the test fails with the output so far: a hang shows where it hung."""
+    block the read forever. On a timeout every process of the tree dumps its Python stacks (SIGABRT
+    with faulthandler on; torchrun paused while its workers dump, one at a time), all are killed,
+    and the test fails with the output so far: a hang shows where it hung."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     path = os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])

@@ -218,7 +218,6 @@ def test_interpreted_rope_kv_step_equals_eager(dtype):
 def test_interpreted_split_attention_equals_attend_cache(dtype, B, H, HKV, S, last):
     """Split-KV decode attention vs the engine's matmul + softmax: many splits (B=1), one split, GQA
     groups of 3/1/3 heads, left pads (-inf) inside the valid range, slots after `last` ignored."""
-    from hybrid.model.engine import attend_cache
     torch.manual_seed(0)
     D = 16
     q = torch.randn(B, H, 1, D).to(dtype)
@@ -226,7 +225,7 @@ def test_interpreted_split_attention_equals_attend_cache(dtype, B, H, HKV, S, la
     bias = torch.zeros(B, S, dtype=dtype)
     bias[:, last + 1:] = float("-inf")  # as the engine keeps it: nothing written there yet
     bias[0, :min(5, last)] = float("-inf")  # row 0 left-padded
-    want = attend_cache(q, kbuf, vbuf, 0.25, bias)
+    want = op_decode.attend_cache(q, kbuf, vbuf, 0.25, bias)
     kbuf[:, :, last + 1:] = 1e4  # whatever sits after the current slot must not be read
     got = op_decode.attend_cache_split(q, kbuf, vbuf, 0.25, bias, torch.tensor([last]))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)  # eager: bf16 scores
