@@ -13,8 +13,9 @@ weights) and random token batches, through the library's own training code:
            does, eager rebuilds from the CPU teacher); eager = a teacher forward
            per micro-step; fast = hybrid.stage2.TeacherTargets (teacher once per batch, shared by
            all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64 (fla #640 guard lifted: speed only) vs the
-           dispatcher's K=64->128 padding (op_gdn._pad_k).
+  kpad     fla's GDN chunk kernel fwd+bwd at K=64 with fla's own blocks (fla #640 guard lifted: wrong
+           on Hopper, speed only) vs op_gdn's two workarounds (pad K to 128; narrow blocks in the one
+           affected kernel), each with its gradient error against the fp32 chunked reference.
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
 
 Launch (1 GPU, fla installed):  python bench_train.py --out_dir=runs/bench_train
@@ -407,33 +408,53 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
 
 
 def run_kpad(device):
-    emit("\n## GDN kernel at K=64: fla #640 padding to K=128 vs unpadded (guard lifted; speed only)\n")
+    """fla's GDN fwd+bwd at K=64 three ways: as fla picks its blocks (wrong on Hopper + Triton < 3.7.1:
+    fla #640; speed only), op_gdn's "pad" workaround and its "narrow" one; gradient errors against the
+    fp32 chunked reference on the same inputs, so the row that is wrong shows it."""
+    emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks) vs none\n")
+    from hybrid.model import op_gdn
     from hybrid.model.op_common import fla_module
-    from hybrid.model.op_gdn import gdn
     chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
-    fla_module("fla.ops.common.chunk_o").TRITON_ABOVE_3_7_1 = True
+    chunk, chunk_o = fla_module("fla.ops.gated_delta_rule.chunk"), fla_module("fla.ops.common.chunk_o")
+    op_gdn._narrow_dqkwg()
+    narrow, original = chunk.chunk_bwd_dqkwg, chunk.chunk_bwd_dqkwg.original
     B, T, H, D = BASE_MICRO_BATCH, STAGE2_SEQ_LEN, HEADS, HIDDEN // HEADS
     g0 = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, generator=g0) for _ in range(3))
     q, k = (torch.nn.functional.normalize(t, dim=-1) for t in (q, k))
     g = -torch.rand(B, T, H, device=device, generator=g0) * 0.1
     beta = torch.rand(B, T, H, device=device, generator=g0).to(torch.bfloat16)
-    for t in (q, k, v, g, beta):
-        t.requires_grad_(True)
-    emit("| path | fwd+bwd ms | x unpadded |\n|---|---|---|")
-    base = None
-    for label, fn in (("unpadded K=64", lambda: chunk_fn(q, k, v, g, beta)[0]), ("padded K=128 (dispatcher)",
-                                                                                lambda: gdn(q, k, v, g, beta)[0])):
-        for _ in range(3):
-            fn().sum().backward()
+    do = torch.randn(B, T, H, D, device=device, generator=g0)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g, beta)]
+
+    def grads(fn):
+        for t in leaves:
+            t.grad = None
+        (fn(*leaves)[0].float() * do).sum().backward()
+        return [t.grad.float() for t in leaves]
+
+    ref = grads(lambda *x: op_gdn.gdn_chunked(*(t.float() for t in x)))
+    paths = (("fla's blocks (K=64, BK=64)", original, chunk_fn, None),
+             ("pad: K=128 everywhere", original, op_gdn.gdn, "pad"),
+             ("narrow: dqkwg at BK=32", narrow, op_gdn.gdn, "narrow"))
+    emit("| path | fwd+bwd ms | x fla's blocks | max rel err dq, dk, dv, dg, dbeta |\n|---|---|---|---|")
+    base, saved = None, (chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND)
+    for label, dqkwg, fn, workaround in paths:
+        chunk.chunk_bwd_dqkwg, op_gdn.HOPPER_WORKAROUND = dqkwg, workaround or saved[2]
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # fla's guard lifted (the first row is the bug it guards against)
+        got = grads(fn)
+        errs = [float((a - r).abs().max() / r.abs().max().clamp(min=1e-12)) for a, r in zip(got, ref)]
+        for _ in range(2):
+            grads(fn)
         sync(device)
         t0 = time.time()
         for _ in range(10):
-            fn().sum().backward()
+            grads(fn)
         sync(device)
         ms = (time.time() - t0) * 100
         base = base or ms
-        emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x |")
+        emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x | {', '.join(f'{e:.1e}' for e in errs)} |")
+    chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND = saved
 
 
 def run_copy(device):

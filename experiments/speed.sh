@@ -5,20 +5,22 @@
 #   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm, RoPE and split-KV
 #                  attention kernels, packed projections, CUDA graph, compile) against their references:
 #                  the gate for the rest
-#   engine         bench.py at 16K, B32 and max batch: compile x pack = False/False, False/True,
-#                  True/True, each timing the fused engines beside "... unfused" (issue 12)
+#   engine         bench.py at 16K, B32 and max batch: compile x pack = False/True, True/True, each
+#                  timing the fused engines beside "... unfused" (issue 12)
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
 #                  decode profile at 16K B32 and a batch-1 prefill profile at 16K, with the settings of
 #                  the fastest engine run
-#   train          bench_train.py's sections not yet measured on the device (issue 11): kpad, stage1
+#   train          bench_train.py's sections not yet measured on the device (issue 11): kpad (with the
+#                  fla #640 workarounds' gradient errors), stage1
+#   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default all: "gpu_tests engine bench train"): the parts to run, e.g. PARTS=engine.
+# PARTS (default all: "gpu_tests engine bench train train_profile"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests engine bench train}
+PARTS=${PARTS:-gpu_tests engine bench train train_profile}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -34,8 +36,9 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
   echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
   tail -30 $OUT_DIR/$name.txt
 }
-part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py  # -v: a line per test, kept if the cap cuts the run
-for cp in "False False" "False True" "True True"; do
+part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
+  tests/test_ops.py::test_fla_gdn_fp32_gates_with_bf16_qkv  # -v: a line per test, kept if the cap cuts the run
+for cp in "False True" "True True"; do
   set -- $cp
   part engine_compile_$1_pack_$2 180 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
     --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_$1_pack_$2
@@ -55,5 +58,7 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part train 300 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train  # gas2: measured 2026-12-02
+part train 240 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train  # gas2: measured 2026-12-02
+part train_profile 240 $PY bench_train.py --sections=phases --paths=fast --base_micro_batch=32 \
+  --out_dir=$OUT_DIR/train_profile  # where the fast stage-2 step's kernel time goes, top kernels per spec
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"

@@ -209,15 +209,46 @@ def test_fla_decode_step_matches_reference(op):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fla_available(), reason="needs a CUDA device and flash-linear-attention")
-def test_fla_gdn_fp32_gates_with_bf16_qkv():
+@pytest.mark.parametrize("workaround", ["narrow", "pad"])
+def test_fla_gdn_fp32_gates_with_bf16_qkv(workaround, monkeypatch):
     """The GDN mixer passes fp32 g/beta beside bf16 q/k/v (as fla's own layer does). On Hopper with
-    Triton < 3.7.1 this also checks the K-padding workaround for fla #640 (gradients included)."""
+    Triton < 3.7.1 this also checks each workaround for fla #640 (gradients included)."""
+    from hybrid.model import op_gdn
+    monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", workaround)
     x = make_inputs("gdn", B=2, T=200, H=3, K=64, V=64, dtype=torch.bfloat16, device="cuda", seed=12)
     x["g"], x["beta"] = x["g"].float(), x["beta"].float()
     o1, S1, g1 = run_with_grads(gdn, x, impl="fla")
     o2, S2, g2 = run_with_grads(gdn_chunked, {n: t.double() for n, t in x.items()})
     errs = {"o": rel_err(o1, o2), "state": rel_err(S1, S2), **{f"d{n}": rel_err(g1[n], g2[n]) for n in x}}
     assert all(v < 1e-2 for v in errs.values()), errs
+
+
+def test_narrow_dqkwg_workaround_sets_fla_globals_for_its_call_only(monkeypatch):
+    """op_gdn._narrow_dqkwg on stand-in fla modules: inside the wrapped chunk_bwd_dqkwg fla's shared-memory
+    check says no (-> block width 32) and its #640 guard is lifted; after the call, even one that
+    raised, both are as before; installing twice wraps once."""
+    import types
+    from hybrid.model import op_gdn
+    seen = []
+
+    def chunk_bwd_dqkwg(q, k, fail=False):
+        seen.append((chunk_o.check_shared_mem("hopper", 0), chunk_o.TRITON_ABOVE_3_7_1))
+        if fail:
+            raise RuntimeError("kernel failed")
+        return q + k
+
+    chunk_o = types.SimpleNamespace(check_shared_mem=lambda arch="none", idx=0: True, TRITON_ABOVE_3_7_1=False)
+    chunk = types.SimpleNamespace(chunk_bwd_dqkwg=chunk_bwd_dqkwg)
+    fake = {"fla.ops.gated_delta_rule.chunk": chunk, "fla.ops.common.chunk_o": chunk_o}
+    monkeypatch.setattr(op_gdn, "fla_module", fake.__getitem__)
+    op_gdn._narrow_dqkwg()
+    op_gdn._narrow_dqkwg()
+    assert chunk.chunk_bwd_dqkwg.original is chunk_bwd_dqkwg
+    assert chunk.chunk_bwd_dqkwg(q=1, k=2) == 3
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        chunk.chunk_bwd_dqkwg(1, 2, fail=True)
+    assert seen == [(False, True), (False, True)]
+    assert chunk_o.check_shared_mem("hopper", 0) is True and chunk_o.TRITON_ABOVE_3_7_1 is False
 
 
 def test_gdn_zero_padded_head_dim_is_exact():

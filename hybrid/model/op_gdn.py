@@ -121,6 +121,9 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return o.to(out_dtype), (S if output_final_state else None)
 
 
+HOPPER_WORKAROUND = "narrow"  # fla #640 on Hopper with Triton < 3.7.1: "narrow" | "pad" (see below)
+
+
 def _fla_hopper_bug() -> bool:
     """fla #640: on Hopper with 3.4 <= Triton < 3.7.1, fla's gated chunk_bwd_dqkwg miscompiles at
     block width 64 (wrong dk/dg) and fla 0.6 refuses the whole GDN backward there. The issue's
@@ -130,12 +133,37 @@ def _fla_hopper_bug() -> bool:
                 and not getattr(fu, "TRITON_ABOVE_3_7_1", True))
 
 
+def _narrow_dqkwg() -> None:
+    """The "narrow" workaround for fla #640, installed once: the GDN backward's one affected kernel,
+    chunk_bwd_dqkwg, runs at block width 32 (K = 64 in two blocks), every other kernel at K = 64 as
+    fla picks. fla sizes that kernel's blocks from its module's `check_shared_mem` (Hopper -> 128,
+    else ... -> 32) and refuses to run while its `TRITON_ABOVE_3_7_1` is False; the wrapper sets
+    both for the length of its call only. Module globals: one backward at a time per process (as
+    autograd runs them); the rest of fla never sees the change."""
+    chunk = fla_module("fla.ops.gated_delta_rule.chunk")
+    if getattr(chunk.chunk_bwd_dqkwg, "narrow_blocks", False):
+        return
+    chunk_o, original = fla_module("fla.ops.common.chunk_o"), chunk.chunk_bwd_dqkwg
+
+    def chunk_bwd_dqkwg(*args, **kwargs):
+        saved = chunk_o.check_shared_mem, chunk_o.TRITON_ABOVE_3_7_1
+        chunk_o.check_shared_mem, chunk_o.TRITON_ABOVE_3_7_1 = (lambda *a, **k: False), True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            chunk_o.check_shared_mem, chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+    chunk_bwd_dqkwg.narrow_blocks, chunk_bwd_dqkwg.original = True, original
+    chunk.chunk_bwd_dqkwg = chunk_bwd_dqkwg
+
+
 def _pad_k(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Work around fla #640 for K = 64 heads (SmolLM2, Llama, Qwen): zero-pad q/k to K = 128 so fla
-    picks block width 128 (correct); the extra zero dims add nothing to q.k, to the state rows that
-    are read, or to the output, and their grads are sliced off. fla's blanket guard, which it checks
-    in the backward, is lifted once: every gated call that reaches it from here is padded. Costs
-    ~1.3x the kernel time, far cheaper than the torch fallback (15-60x)."""
+    """The "pad" workaround for fla #640 (the first one; `bench_train.py --sections=kpad` times both):
+    zero-pad q/k to K = 128 so fla picks block width 128 (correct) in every kernel; the extra zero
+    dims add nothing to q.k, to the state rows that are read, or to the output, and their grads are
+    sliced off. fla's blanket guard, which it checks in the backward, is lifted once: every gated call
+    that reaches it from here is padded. Costs ~1.3x the kernel time, far cheaper than the torch
+    fallback (15-60x)."""
     fla_module("fla.ops.common.chunk_o").TRITON_ABOVE_3_7_1 = True
     K = q.shape[-1]
     pad = (0, 128 - K)
@@ -149,8 +177,9 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
 
     impl="auto": fla's chunk kernel for CUDA/ROCm tensors (its fused recurrent kernel for a single
     decode step without autograd, since that kernel has no backward; K = 64 heads padded to 128
-    for training on Hopper with Triton < 3.7.1, see _pad_k); on CPU the recurrent loop for T == 1 and the chunked form otherwise. "recurrent" | "chunked"
-    force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
+    for training on Hopper with Triton < 3.7.1 the fla #640 workaround HOPPER_WORKAROUND picks:
+    _narrow_dqkwg or _pad_k); on CPU the recurrent loop for T == 1 and the chunked form otherwise.
+    "recurrent" | "chunked" force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
     """
     kernel = pick_kernel("GDN", q, impl, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
                          "fused_recurrent_gated_delta_rule")
@@ -168,7 +197,9 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
         return recurrent_fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=h0,
                             output_final_state=output_final_state)
     K = q.shape[-1]
-    if grad and _fla_hopper_bug() and 32 < K < 128:
+    if grad and _fla_hopper_bug() and 32 < K <= 64 and HOPPER_WORKAROUND == "narrow":
+        _narrow_dqkwg()
+    elif grad and _fla_hopper_bug() and 32 < K < 128:
         scale = K ** -0.5 if scale is None else scale
         q, k, K = _pad_k(q, k)
         if h0 is not None:  # the state's padded rows are zero and stay zero (k is zero there)
