@@ -12,7 +12,8 @@
 #           (DEADLINE_S: the lease's budget_left_s at this call minus ~90 s for the last pack; distill.sh
 #           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
-#   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here)
+#   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here; a
+#                poll that sees the run ended packs them too)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
@@ -37,6 +38,16 @@ restore_cache() {  # an earlier lease's compile caches (pack_cache), when this c
   for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz; do
     if [ -f $f ]; then tar xzf $f -C / && echo "restored $f"; fi
   done
+}
+pack_cache() {  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
+  # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process);
+  # each only when it fits what one call brings back (64 MiB) beside the results
+  tar czf /tmp/triton_cache.tgz -C / root/.triton/cache 2>/dev/null || true
+  tar czf /tmp/inductor_cache.tgz -C / tmp/torchinductor_root 2>/dev/null || true
+  local t=$(stat -c %s /tmp/triton_cache.tgz 2>/dev/null || echo 0) i=$(stat -c %s /tmp/inductor_cache.tgz 2>/dev/null || echo 0)
+  if [ "$t" -gt 0 ] && [ "$t" -lt 56000000 ]; then mv /tmp/triton_cache.tgz "$OUT/"; else t=0; fi
+  if [ "$i" -gt 0 ] && [ $(( t + i )) -lt 60000000 ]; then mv /tmp/inductor_cache.tgz "$OUT/"; fi
+  ls -la "$OUT"
 }
 wait_done() {  # up to $1 s, or until the run has ended
   local t=0
@@ -86,17 +97,12 @@ EOF
   cd - > /dev/null
   wait_done "${2:-540}"; pack
   ;;
-poll)
+poll)  # once the run has ended, its compile caches come back too (pack_cache)
   wait_done "${2:-560}"; pack
+  if [ -f $P/DONE ]; then pack_cache; fi
   ;;
-pack_cache)  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
-  # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process)
-  tar czf "$OUT/triton_cache.tgz" -C / root/.triton/cache 2>/dev/null || true
-  tar czf /tmp/inductor_cache.tgz -C / tmp/torchinductor_root 2>/dev/null || true
-  if [ $(( $(stat -c %s "$OUT/triton_cache.tgz") + $(stat -c %s /tmp/inductor_cache.tgz) )) -lt 62000000 ]; then
-    mv /tmp/inductor_cache.tgz "$OUT/"  # both fit what one call brings back
-  fi
-  ls -la "$OUT"
+pack_cache)
+  pack_cache
   ;;
 bench_compile)  # issue 12's levers: compile off/on, packed projections off/on; each run: fused GDN decode and mix()
   fla

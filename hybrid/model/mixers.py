@@ -77,15 +77,17 @@ class GatedDeltaNetMixer(TeacherInitMixer):
             qkv, new_state["conv"] = causal_conv(qkv, self.conv_weight, None if state is None else state["conv"])
             q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        q = F.normalize(F.silu(q), dim=-1)
-        k = F.normalize(F.silu(k), dim=-1)
+        # q/k in v's dtype, as the kernel takes them (under autocast F.normalize returns fp32): cast here,
+        # where a compiled layer fuses it into the norm and the GQA expansion moves half the bytes
+        q = F.normalize(F.silu(q), dim=-1).to(v.dtype)
+        k = F.normalize(F.silu(k), dim=-1).to(v.dtype)
         k, v = self.expand_kv(k), self.expand_kv(v)
         beta = torch.sigmoid(up32(self.b_proj(x)))  # (B, T, H)
         g = -up32(self.A_log).exp() * F.softplus(up32(self.a_proj(x)) + up32(self.dt_bias))
         if m is not None:  # beta = 0, g = 0, k = 0 at pads: the state passes through unchanged
             beta, g, k = beta * m[..., 0], g * m[..., 0], k * m
-        # dtypes as fla's own GatedDeltaNet layer hands them to its kernel: beta in q's dtype, g in fp32
-        o, S = gdn(q, k, v, g, beta.to(q.dtype), initial_state=None if state is None else state["S"],
+        # beta and g in (at least) fp32, beside bf16 q/k/v under autocast: fla accepts both
+        o, S = gdn(q, k, v, g, beta, initial_state=None if state is None else state["S"],
                    output_final_state=output_state, impl=self.impl)
         o = gated_rms_norm(o, self.g_proj(x).view(B, T, H, D), self.o_norm)
         new_state["S"] = S
