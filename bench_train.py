@@ -13,9 +13,9 @@ weights) and random token batches, through the library's own training code:
            does, eager rebuilds from the CPU teacher); eager = a teacher forward
            per micro-step; fast = hybrid.stage2.TeacherTargets (teacher once per batch, shared by
            all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64 with fla's own blocks (fla #640 guard lifted: wrong
-           on Hopper, speed only) vs op_gdn's two workarounds (pad K to 128; narrow blocks in the one
-           affected kernel), each with its gradient error against the fp32 chunked reference.
+  kpad     fla's GDN chunk kernel fwd+bwd at K=64 with fla's own blocks (fla #640 guard lifted) vs
+           op_gdn's workarounds (pad K to 128; narrow blocks in the one affected kernel; fla's blocks
+           checked once against narrow), each with its gradient error against the fp32 reference.
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
 
 Launch (1 GPU, fla installed):  python bench_train.py --out_dir=runs/bench_train
@@ -408,16 +408,16 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
 
 
 def run_kpad(device):
-    """fla's GDN fwd+bwd at K=64 three ways: as fla picks its blocks (wrong on Hopper + Triton < 3.7.1:
-    fla #640; speed only), op_gdn's "pad" workaround and its "narrow" one; gradient errors against the
-    fp32 chunked reference on the same inputs, so the row that is wrong shows it."""
-    emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks) vs none\n")
+    """fla's GDN fwd+bwd at K=64 four ways: as fla picks its blocks (wrong on Hopper + Triton < 3.7.1 by
+    fla #640), and op_gdn's three workarounds; gradient errors against the fp32 chunked reference on
+    the same inputs, so a row that is wrong shows it."""
+    emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks, checked) vs none\n")
     from hybrid.model import op_gdn
     from hybrid.model.op_common import fla_module
     chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
     chunk, chunk_o = fla_module("fla.ops.gated_delta_rule.chunk"), fla_module("fla.ops.common.chunk_o")
-    op_gdn._narrow_dqkwg()
-    narrow, original = chunk.chunk_bwd_dqkwg, chunk.chunk_bwd_dqkwg.original
+    op_gdn._guard_dqkwg()
+    guarded, original = chunk.chunk_bwd_dqkwg, chunk.chunk_bwd_dqkwg.original
     B, T, H, D = BASE_MICRO_BATCH, STAGE2_SEQ_LEN, HEADS, HIDDEN // HEADS
     g0 = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, generator=g0) for _ in range(3))
@@ -436,7 +436,8 @@ def run_kpad(device):
     ref = grads(lambda *x: op_gdn.gdn_chunked(*(t.float() for t in x)))
     paths = (("fla's blocks (K=64, BK=64)", original, chunk_fn, None),
              ("pad: K=128 everywhere", original, op_gdn.gdn, "pad"),
-             ("narrow: dqkwg at BK=32", narrow, op_gdn.gdn, "narrow"))
+             ("narrow: dqkwg at BK=32", guarded, op_gdn.gdn, "narrow"),
+             ("checked: BK=64 checked once vs BK=32", guarded, op_gdn.gdn, "checked"))
     emit("| path | fwd+bwd ms | x fla's blocks | max rel err dq, dk, dv, dg, dbeta |\n|---|---|---|---|")
     base, saved = None, (chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND)
     for label, dqkwg, fn, workaround in paths:

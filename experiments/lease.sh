@@ -12,8 +12,8 @@
 #           (DEADLINE_S: the lease's budget_left_s at this call minus ~90 s for the last pack; distill.sh
 #           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
-#   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz in .device/cache/ here; a
-#                poll that sees the run ended packs them too)
+#   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz.part* in .device/cache/ here;
+#                a poll that sees the run ended packs them too)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
@@ -34,19 +34,22 @@ pack() {  # small results only, into $OUT
   [ -d $P/runs ] || return 0
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
 }
-restore_cache() {  # an earlier lease's compile caches (pack_cache), when this call carried them
+restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), when this call carried them
   for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz; do
-    if [ -f $f ]; then tar xzf $f -C / && echo "restored $f"; fi
+    if ls $f.part* > /dev/null 2>&1; then cat $f.part* | tar xzf - -C / && echo "restored $f"; fi
   done
 }
 pack_cache() {  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
-  # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process);
-  # each only when it fits what one call brings back (64 MiB) beside the results
+  # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process).
+  # A call brings back at most 8 files of <= 16 MiB, 64 MiB in all: each archive in 15 MB parts, the
+  # inductor cache only when both fit beside the results
   tar czf /tmp/triton_cache.tgz -C / root/.triton/cache 2>/dev/null || true
   tar czf /tmp/inductor_cache.tgz -C / tmp/torchinductor_root 2>/dev/null || true
   local t=$(stat -c %s /tmp/triton_cache.tgz 2>/dev/null || echo 0) i=$(stat -c %s /tmp/inductor_cache.tgz 2>/dev/null || echo 0)
-  if [ "$t" -gt 0 ] && [ "$t" -lt 56000000 ]; then mv /tmp/triton_cache.tgz "$OUT/"; else t=0; fi
-  if [ "$i" -gt 0 ] && [ $(( t + i )) -lt 60000000 ]; then mv /tmp/inductor_cache.tgz "$OUT/"; fi
+  if [ "$t" -gt 0 ] && [ "$t" -lt 60000000 ]; then split -b 15000000 -d -a 1 /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part"; else t=0; fi
+  if [ "$i" -gt 0 ] && [ $(( t + i )) -lt 60000000 ] && [ $(( (t + 14999999) / 15000000 + (i + 14999999) / 15000000 )) -le 7 ]; then
+    split -b 15000000 -d -a 1 /tmp/inductor_cache.tgz "$OUT/inductor_cache.tgz.part"
+  fi
   ls -la "$OUT"
 }
 wait_done() {  # up to $1 s, or until the run has ended

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hybrid.model import op_decode, op_gdn_step
-from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
+from hybrid.model.op_decode import hf_rms_norm_eps, norm_linear, rms_norm, rope_kv_step
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
@@ -34,7 +34,8 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "23 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]  # 10 GDN, 2 norm, 2 rope, 7 attention, 2 engines
+    # 10 GDN, 2 norm, 4 norm + linear, 2 rope, 7 attention, 2 engines
+    assert "27 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -103,6 +104,15 @@ def test_kernels_compile_for_hopper_without_spills():
         # its slot loop is software-pipelined (K/V loads issued ahead of the dots): without it the
         # kernel read the cache at ~2.7 TB/s on the H200, slower than matmul + softmax
         assert "cp.async" in compile_for_hopper(split, attn, constexprs, 4).asm["ptx"]
+    linear = {**{n: p for n in ("x_ptr", "r_ptr", "nw_ptr", "w_ptr", "bias_ptr", "sum_ptr", "h_ptr", "y_ptr")},
+              "M": i32, "eps": f32}
+    for swiglu in (False, True):  # SmolLM2 at B32: a GDN layer's packed projections; the MLP's gate/up
+        for bn, bk in ((16, 128), (64, 64)):
+            constexprs = {"K": 576, "N": 1536 if swiglu else 1554, "BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk,
+                          "HAS_RESIDUAL": True, "HAS_BIAS": False, "SWIGLU": swiglu, "DOT_DTYPE": tl.bfloat16,
+                          "PREC": "tf32"}
+            report = ptxas_report(kernels["norm_linear"].fn, linear, constexprs, 4)
+            assert "0 bytes spill stores" in report, (swiglu, bn, bk, report)
     combine = {"o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": p}
     assert "0 bytes spill stores" in ptxas_report(kernels["attn_combine"], combine,
                                                   {"NSPLIT": 10, "NSPLIT_P": 16, "D": 64}, 4)
@@ -188,6 +198,39 @@ def test_interpreted_rms_norm_equals_hf(dtype):
         check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-5, rtol=1e-5), bit_equal=0.5)
     else:
         check_rms_norm_matches_hf(dtype, "cpu", dict(atol=1e-2, rtol=3e-2))
+
+def check_norm_linear_matches_eager(dtype, device: str, swiglu: bool, M: int = 3, K: int = 96, N: int = 50):
+    """norm_linear against HF's RMSNorm then F.linear (+ bias), or with swiglu then SiLU(gate) * up, with
+    and without a residual: the sum exactly, h as rms_norm's, y within the matmul's rounding."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(1)
+    norm = LlamaRMSNorm(K, eps=1e-5)
+    norm.weight.data.normal_(1.0, 0.3)
+    norm = norm.to(device, dtype)
+    w = (torch.randn(2 * N if swiglu else N, K) / K ** 0.5).to(device, dtype)
+    bias = None if swiglu else torch.randn(N).to(device, dtype)
+    x, a = (torch.randn(M, 1, K).to(device, dtype) for _ in range(2))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for residual in (None, a):
+        total, h, y = norm_linear(x, norm.weight, 1e-5, w, bias, residual=residual, swiglu=swiglu)
+        want_total = x if residual is None else x + residual
+        want_h = norm(want_total)
+        z = torch.nn.functional.linear(want_h, w, bias)
+        want_y = torch.nn.functional.silu(z[..., :N]) * z[..., N:] if swiglu else z
+        assert y.shape == (M, 1, N) and y.dtype == dtype
+        if dtype == torch.float32 or device != "cpu":  # the interpreter truncates fp32 -> bf16, the GPU rounds
+            assert torch.equal(total, want_total)
+        torch.testing.assert_close(total, want_total, **tol)
+        torch.testing.assert_close(h, want_h, **tol)
+        torch.testing.assert_close(y, want_y, **tol)
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_interpreted_norm_linear_equals_norm_then_linear(dtype, swiglu):
+    check_norm_linear_matches_eager(dtype, "cpu", swiglu)  # K = 96, N = 50: masked blocks on both
+
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -325,6 +368,15 @@ def check_bf16_step_at_least_as_close_as_mix(family: str, device: str):
 def test_rms_norm_equals_hf_on_gpu():
     check_rms_norm_matches_hf(torch.float32, "cuda", dict(atol=1e-5, rtol=1e-5))
     check_rms_norm_matches_hf(torch.bfloat16, "cuda", dict(atol=1e-2, rtol=1e-2), bit_equal=0.9)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_norm_linear_equals_eager_on_gpu():
+    for dtype in (torch.float32, torch.bfloat16):
+        for swiglu in (False, True):
+            check_norm_linear_matches_eager(dtype, "cuda", swiglu)
+            check_norm_linear_matches_eager(dtype, "cuda", swiglu, M=32, K=576, N=1536 if swiglu else 1554)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

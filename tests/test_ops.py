@@ -209,7 +209,7 @@ def test_fla_decode_step_matches_reference(op):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _fla_available(), reason="needs a CUDA device and flash-linear-attention")
-@pytest.mark.parametrize("workaround", ["narrow", "pad"])
+@pytest.mark.parametrize("workaround", ["checked", "narrow", "pad"])
 def test_fla_gdn_fp32_gates_with_bf16_qkv(workaround, monkeypatch):
     """The GDN mixer passes fp32 g/beta beside bf16 q/k/v (as fla's own layer does). On Hopper with
     Triton < 3.7.1 this also checks each workaround for fla #640 (gradients included)."""
@@ -223,31 +223,48 @@ def test_fla_gdn_fp32_gates_with_bf16_qkv(workaround, monkeypatch):
     assert all(v < 1e-2 for v in errs.values()), errs
 
 
-def test_narrow_dqkwg_workaround_sets_fla_globals_for_its_call_only(monkeypatch):
-    """op_gdn._narrow_dqkwg on stand-in fla modules: inside the wrapped chunk_bwd_dqkwg fla's shared-memory
-    check says no (-> block width 32) and its #640 guard is lifted; after the call, even one that
-    raised, both are as before; installing twice wraps once."""
+@pytest.mark.parametrize("miscompiled", [False, True])
+def test_dqkwg_guard_checks_width_64_once_and_keeps_to_width_32_where_it_is_wrong(miscompiled, monkeypatch):
+    """op_gdn's fla #640 guard on stand-in fla modules. Inside the wrapped chunk_bwd_dqkwg fla's guard is
+    lifted and, for width 32, its shared-memory check says no; afterwards (even after a raise) both are
+    as before. "checked" runs width 64 and, on its first call per shape, width 32 beside it: it keeps
+    width 64 where they agree, else warns and uses width 32 from then on; "narrow" always width 32."""
     import types
+    import warnings
     from hybrid.model import op_gdn
-    seen = []
+    calls = []
 
-    def chunk_bwd_dqkwg(q, k, fail=False):
-        seen.append((chunk_o.check_shared_mem("hopper", 0), chunk_o.TRITON_ABOVE_3_7_1))
+    def chunk_bwd_dqkwg(q, k, v, fail=False):
+        narrow = not chunk_o.check_shared_mem("hopper", 0)
+        calls.append(("narrow" if narrow else "fla", chunk_o.TRITON_ABOVE_3_7_1))
         if fail:
             raise RuntimeError("kernel failed")
-        return q + k
+        wrong = 100.0 if miscompiled and not narrow else 0.0
+        return q + k, q - k + wrong, None, v.sum(-1)
 
     chunk_o = types.SimpleNamespace(check_shared_mem=lambda arch="none", idx=0: True, TRITON_ABOVE_3_7_1=False)
     chunk = types.SimpleNamespace(chunk_bwd_dqkwg=chunk_bwd_dqkwg)
     fake = {"fla.ops.gated_delta_rule.chunk": chunk, "fla.ops.common.chunk_o": chunk_o}
     monkeypatch.setattr(op_gdn, "fla_module", fake.__getitem__)
-    op_gdn._narrow_dqkwg()
-    op_gdn._narrow_dqkwg()
+    monkeypatch.setattr(op_gdn, "DQKWG_VERDICT", {})
+    monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", "checked")
+    op_gdn._guard_dqkwg()
+    op_gdn._guard_dqkwg()
     assert chunk.chunk_bwd_dqkwg.original is chunk_bwd_dqkwg
-    assert chunk.chunk_bwd_dqkwg(q=1, k=2) == 3
+    q, k, v = torch.ones(2, 5, 3, 4), torch.full((2, 5, 3, 4), 0.5), torch.ones(2, 5, 3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = chunk.chunk_bwd_dqkwg(q=q, k=k, v=v)
+    assert calls == [("fla", True), ("narrow", True)] and len(caught) == int(miscompiled)
+    assert torch.equal(first[1], q - k)  # the right answer either way
+    calls.clear()
+    chunk.chunk_bwd_dqkwg(q, k, v)  # decided: one run, the kept width
+    assert calls == [("narrow" if miscompiled else "fla", True)]
+    calls.clear()
+    monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", "narrow")
     with pytest.raises(RuntimeError, match="kernel failed"):
-        chunk.chunk_bwd_dqkwg(1, 2, fail=True)
-    assert seen == [(False, True), (False, True)]
+        chunk.chunk_bwd_dqkwg(q, k, v, fail=True)
+    assert calls == [("narrow", True)]
     assert chunk_o.check_shared_mem("hopper", 0) is True and chunk_o.TRITON_ABOVE_3_7_1 is False
 
 

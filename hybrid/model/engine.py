@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
+from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, norm_linear, rms_norm, rope_kv_step
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -72,11 +72,13 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _projections(attn: nn.Module, x: torch.Tensor, pack: nn.Module | None) -> tuple[torch.Tensor, ...]:
+def _projections(attn: nn.Module, x: torch.Tensor, pack: nn.Module | None,
+                 qkv: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """The teacher attention's q (B, T, H, D), k, v (B, T, Hkv, D): projections (one packed matmul if
-    pack), q/k norms."""
+    pack; given as qkv when norm_linear computed them), q/k norms."""
     B, T, _ = x.shape
-    qkv = pack(x) if pack is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    if qkv is None:
+        qkv = pack(x) if pack is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
     q, k, v = (t.view(B, T, -1, attn.head_dim) for t in qkv)
     if getattr(attn, "q_norm", None) is not None:  # Qwen3
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -127,6 +129,11 @@ class StaticEngine:
         # (attention pack, mlp pack) per layer; a mixer's own projections are packed only for its fused step
         self.packs = [(pack_attention(layer.self_attn, kind) if kind == SOFTMAX or on else None, pack_mlp(layer.mlp))
                       if pack else (None, None) for layer, kind, on in zip(self.layers, self.kinds, self.fused)]
+        # with the norm kernels and a packed SiLU MLP, a decode step runs the post-attention norm, gate/up
+        # and SiLU(gate) * up as one kernel (op_decode.norm_linear; the input norm + projection always)
+        self.swiglu = [eps is not None and mlp is not None and mlp.bias is None and
+                       type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
+                       for layer, eps, (_, mlp) in zip(self.layers, self.norm_eps, self.packs)]
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         # the class's function, not the bound method: an attribute holding self would make a reference
         # cycle, and a dropped engine's buffers would wait for the garbage collector
@@ -153,22 +160,28 @@ class StaticEngine:
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
                rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None,
-               norm_eps: tuple | None = None, pending: torch.Tensor | None = None):
+               norm_eps: tuple | None = None, pending: torch.Tensor | None = None, swiglu: bool = False):
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
-        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode. -> (x,
+        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode (at decode
+        with the packed projections after them: norm_linear; swiglu: the MLP's too). -> (x,
         pending): with norm_eps the MLP's output is not added here but returned as `pending`, which the
         next layer adds inside its input norm's kernel (one kernel less per layer); without, (x + it, None)."""
         attn = layer.self_attn
+        proj = None  # the packed projections' outputs, when the input norm's kernel computed them too
         if norm_eps is None:
             h = layer.input_layernorm(x if pending is None else x + pending)
+        elif rows is None and attn_pack is not None:  # decode: norm + packed projection, one kernel
+            x, h, y = norm_linear(x, layer.input_layernorm.weight, norm_eps[0], attn_pack.weight, attn_pack.bias,
+                                  residual=pending)
+            proj = y.split(attn_pack.sizes, dim=-1)
         elif pending is None:
             h = rms_norm(x, layer.input_layernorm.weight, norm_eps[0])
         else:
             x, h = rms_norm(x, layer.input_layernorm.weight, norm_eps[0], residual=pending)
         if kind == SOFTMAX:
-            q, k, v = _projections(attn, h, attn_pack)  # (B, T, heads, D)
+            q, k, v = _projections(attn, h, attn_pack, proj)  # (B, T, heads, D)
             if rows is None and norm_eps is not None:  # RoPE on q and k, k and v into the buffers: one kernel
                 q = rope_kv_step(*(t.flatten(1) for t in (q, k, v)), *(t.to(q.dtype) for t in pe), buf["k"], buf["v"],
                                  self.slot)
@@ -188,17 +201,23 @@ class StaticEngine:
                 o = attend_prompt(q, k, v, attn.scaling, pad)
             a = attn.o_proj(o.transpose(1, 2).reshape(*h.shape[:2], -1))
         elif rows is None and fused:
-            a = attn.decode_inplace(h, buf, attn_pack(h) if attn_pack is not None else None)  # buffers updated in place
+            if proj is None and attn_pack is not None:
+                proj = attn_pack(h)
+            a = attn.decode_inplace(h, buf, proj)  # buffers updated in place
         else:
             a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():
                 (buf[name] if rows is None else buf[name][rows]).copy_(t)
         if norm_eps is None:
             x = x + a
-            h = layer.post_attention_layernorm(x)
+            out = packed_mlp(layer.mlp, mlp_pack, layer.post_attention_layernorm(x))
+        elif rows is None and swiglu:  # decode: norm, gate/up and SiLU(gate) * up in one kernel
+            x, _, act = norm_linear(x, layer.post_attention_layernorm.weight, norm_eps[1], mlp_pack.weight,
+                                    residual=a, swiglu=True)
+            out = layer.mlp.down_proj(act)
         else:
             x, h = rms_norm(x, layer.post_attention_layernorm.weight, norm_eps[1], residual=a)
-        out = packed_mlp(layer.mlp, mlp_pack, h)
+            out = packed_mlp(layer.mlp, mlp_pack, h)
         return (x + out, None) if norm_eps is None else (x, out)
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
@@ -209,7 +228,7 @@ class StaticEngine:
                 x, pending = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
             else:
                 x, pending = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i],
-                                         self.norm_eps[i], pending)
+                                         self.norm_eps[i], pending, self.swiglu[i])
         x = x[:, -1] if pending is None else x[:, -1] + pending[:, -1]
         return self.model.lm_head(self.model.model.norm(x))
 
