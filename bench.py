@@ -61,6 +61,7 @@ EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
 FUSED = True                    # the engines' fused decode kernels (op_gdn_step, op_decode)
 PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
+NORM_LINEAR = False             # each decode norm + the packed projection after it as one kernel (op_decode.norm_linear)
 UNFUSED_BASELINE = True         # also time both engines with fused=False ("... unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 PROFILE_PREFILL = []            # e.g. [16384]: also profile one batch-1 prefill there (wall vs GPU kernel time)
@@ -142,7 +143,7 @@ def bench_engine(name, model, ctx, B, bw, device, fused: bool = True, prefill_re
     clock = Clock(device)
     reset_memory(device)
     engine = StaticEngine(model, B, ctx + 1 + REPEATS * DECODE_STEPS + 3, compile=COMPILE,
-                          fused=fused and device.type == "cuda", pack=PACK)
+                          fused=fused and device.type == "cuda", pack=PACK, norm_linear=NORM_LINEAR)
     want = B * cache_bytes_per_sequence(model, engine.max_len)
     if engine.cache_nbytes() != want:
         raise AssertionError(f"{name}: engine allocated {engine.cache_nbytes()} cache bytes, the mixers count {want}")
@@ -312,7 +313,7 @@ def main() -> dict:
     teacher, hybrid = (random_models if RANDOM else loaded_models)(dtype, device)
     bw = copy_bandwidth(device)
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} | copy bandwidth {bw / 1e12:.2f} TB/s "
-          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | fused {FUSED} | pack {PACK} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
+          f"| {'random weights' if RANDOM else 'loaded weights'} | compile {COMPILE} | fused {FUSED} | pack {PACK} | norm_linear {NORM_LINEAR} | hybrid {','.join(layer_kinds(hybrid))} | {dtype}")
     sides = {"teacher engine": teacher, "hybrid engine": hybrid}
     unfused = UNFUSED_BASELINE and FUSED and device.type == "cuda"
     if EAGER and device.type == "cuda":  # warm the eager path once (kernel selection) outside the timed cells

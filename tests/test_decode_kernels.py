@@ -34,8 +34,8 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    # 10 GDN, 2 norm, 4 norm + linear, 2 rope, 7 attention, 2 engines
-    assert "27 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    # 10 GDN, 2 norm, 4 norm + linear, 2 rope, 7 attention, 4 engines
+    assert "29 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -309,15 +309,17 @@ def test_unsupported_shapes_and_bad_inputs():
 
 
 @interpreted
-@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3: q/k norms applied to the packed projections
-def test_interpreted_engine_decodes_the_same_tokens(family):
-    """A whole hybrid through the static engine, fused decode of packed projections vs mix() decode,
-    left-padded batch."""
+@pytest.mark.parametrize("family,norm_linear", [("llama", False), ("qwen3", False), ("llama", True), ("qwen3", True)])
+def test_interpreted_engine_decodes_the_same_tokens(family, norm_linear):
+    """A whole hybrid through the static engine, fused decode of packed projections (each after its norm
+    in one kernel with norm_linear) vs mix() decode, left-padded batch. qwen3: q/k norms applied to the
+    packed projections."""
     model = tiny_model(["gdn", "softmax", "gdn"], family=family, dtype=torch.float32)
     ids, mask = padded_batch([9, 3, 6])
-    engine = StaticEngine(model, 3, 16, fused=True, pack=True)
+    engine = StaticEngine(model, 3, 16, fused=True, pack=True, norm_linear=norm_linear)
     assert engine.fused == [True, False, True] and all(a is not None for a, _ in engine.packs)
-    fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True, pack=True)
+    assert engine.norm_linear == engine.swiglu == [norm_linear] * 3
+    fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True, pack=True, norm_linear=norm_linear)
     plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False, pack=False)
     assert torch.equal(fused_tokens, plain_tokens)
     torch.testing.assert_close(fused_logits, plain_logits, atol=1e-4, rtol=1e-4)

@@ -110,10 +110,12 @@ class StaticEngine:
     GPU, not float64): a mixer's fused step (`decode_inplace`, GDN's op_gdn_step) instead of mix(),
     and without compile each RMSNorm (+ residual add), a softmax layer's RoPE + KV write, and its
     attention over the cache (split-KV) as Triton kernels (op_decode). pack (default: GPU): the
-    projections of one input as one matmul (packed.py)."""
+    projections of one input as one matmul (packed.py). norm_linear (opt-in, with fused and pack): each
+    decode norm and the packed projection after it as one kernel (op_decode.norm_linear)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
-                 compile: bool = False, fused: bool | None = None, pack: bool | None = None):
+                 compile: bool = False, fused: bool | None = None, pack: bool | None = None,
+                 norm_linear: bool = False):
         self.model, self.kinds = model, layer_kinds(model)
         self.layers = model.model.layers
         p = next(model.parameters())
@@ -129,11 +131,12 @@ class StaticEngine:
         # (attention pack, mlp pack) per layer; a mixer's own projections are packed only for its fused step
         self.packs = [(pack_attention(layer.self_attn, kind) if kind == SOFTMAX or on else None, pack_mlp(layer.mlp))
                       if pack else (None, None) for layer, kind, on in zip(self.layers, self.kinds, self.fused)]
-        # with the norm kernels and a packed SiLU MLP, a decode step runs the post-attention norm, gate/up
-        # and SiLU(gate) * up as one kernel (op_decode.norm_linear; the input norm + projection always)
-        self.swiglu = [eps is not None and mlp is not None and mlp.bias is None and
-                       type(layer.mlp.act_fn).__name__ in ("SiLU", "SiLUActivation")
-                       for layer, eps, (_, mlp) in zip(self.layers, self.norm_eps, self.packs)]
+        # norm_linear (opt-in: on the H200 its kernel took ~10 us, as long as the kernels it replaces): a
+        # decode step runs each norm with the packed projection after it as one kernel, the post-attention
+        # one with gate/up and SiLU(gate) * up where the MLP is a packed SiLU one (op_decode.norm_linear)
+        self.norm_linear = [norm_linear and eps is not None for eps in self.norm_eps]
+        self.swiglu = [on and mlp is not None and mlp.bias is None and type(layer.mlp.act_fn).__name__ in
+                       ("SiLU", "SiLUActivation") for layer, on, (_, mlp) in zip(self.layers, self.norm_linear, self.packs)]
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         # the class's function, not the bound method: an attribute holding self would make a reference
         # cycle, and a dropped engine's buffers would wait for the garbage collector
@@ -160,19 +163,21 @@ class StaticEngine:
 
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
                rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None,
-               norm_eps: tuple | None = None, pending: torch.Tensor | None = None, swiglu: bool = False):
+               norm_eps: tuple | None = None, pending: torch.Tensor | None = None, linear: bool = False,
+               swiglu: bool = False):
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
-        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode (at decode
-        with the packed projections after them: norm_linear; swiglu: the MLP's too). -> (x,
+        the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode; linear: at
+        decode, the input norm with the packed projection after it as norm_linear (swiglu: the MLP's
+        norm with gate/up too). -> (x,
         pending): with norm_eps the MLP's output is not added here but returned as `pending`, which the
         next layer adds inside its input norm's kernel (one kernel less per layer); without, (x + it, None)."""
         attn = layer.self_attn
         proj = None  # the packed projections' outputs, when the input norm's kernel computed them too
         if norm_eps is None:
             h = layer.input_layernorm(x if pending is None else x + pending)
-        elif rows is None and attn_pack is not None:  # decode: norm + packed projection, one kernel
+        elif rows is None and attn_pack is not None and linear:  # decode: norm + packed projection, one kernel
             x, h, y = norm_linear(x, layer.input_layernorm.weight, norm_eps[0], attn_pack.weight, attn_pack.bias,
                                   residual=pending)
             proj = y.split(attn_pack.sizes, dim=-1)
@@ -228,7 +233,7 @@ class StaticEngine:
                 x, pending = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
             else:
                 x, pending = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i],
-                                         self.norm_eps[i], pending, self.swiglu[i])
+                                         self.norm_eps[i], pending, self.norm_linear[i], self.swiglu[i])
         x = x[:, -1] if pending is None else x[:, -1] + pending[:, -1]
         return self.model.lm_head(self.model.model.norm(x))
 
