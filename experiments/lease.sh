@@ -6,6 +6,8 @@
 #                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz;
 #                                                             the GGUF's md5 beside its second half)
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
+#           (also starts, detached, the GPU test of the fla #640 workaround; the run falls back to
+#           HYBRID_FLA640=pad if it fails)
 #           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
 #   call 3, carry [.device/wheels, .device/data]:  DEADLINE_S=<s> bash experiments/lease.sh start 540
@@ -52,6 +54,16 @@ pack_cache() {  # Triton's kernels + autotune results and inductor's compiled gr
   fi
   ls -la "$OUT"
 }
+fla640_check() {  # detached, while the teacher and data arrive: the GPU test of op_gdn's default fla #640
+  # workaround ("checked"), which also warms fla's JIT; the run waits for it and falls back to "pad" if it failed
+  fla
+  rm -rf /root/fla640 && mkdir -p /root/fla640 && cp -r hybrid tests pyproject.toml /root/fla640/
+  (cd /root/fla640 && setsid nohup bash -c 'PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1 timeout 400 \
+    python3 -m pytest -m gpu -o addopts= -q -p no:cacheprovider -rfE \
+    "tests/test_ops.py::test_fla_gdn_fp32_gates_with_bf16_qkv[checked]" > ../fla640.txt 2>&1; echo "rc=$?" >> ../fla640.txt' \
+    > /dev/null 2>&1 < /dev/null &)
+  echo "fla #640 check started (/root/fla640.txt)"
+}
 wait_done() {  # up to $1 s, or until the run has ended
   local t=0
   while [ ! -f $P/DONE ] && [ "$t" -lt "$1" ]; do sleep 10; t=$((t + 10)); done
@@ -70,6 +82,7 @@ pack_data)
 teacher1)
   mkdir -p /root/teacher && cp .device/t1/* /root/teacher/ && ls -la /root/teacher
   restore_cache
+  fla640_check
   ;;
 teacher2)
   cat /root/teacher/teacher.gguf.part1 .device/t2/teacher.gguf.part2 > $GGUF
@@ -89,10 +102,17 @@ start)
   cat > run_lease.sh <<EOF
 export PYTHONPATH=/tmp/site:\${PYTHONPATH:-}
 export TRITON_CACHE_AUTOTUNING=1
+T0=\$(date +%s)
+if [ -f /root/fla640.txt ]; then  # teacher1's fla #640 check: wait for it; if it failed, the "pad" workaround
+  while ! grep -q '^rc=' /root/fla640.txt && [ \$(( \$(date +%s) - T0 )) -lt 400 ]; do sleep 5; done
+  tail -3 /root/fla640.txt
+  grep -q '^rc=0' /root/fla640.txt || { echo "fla #640 check failed or unfinished: HYBRID_FLA640=pad"; export HYBRID_FLA640=pad; }
+fi
+DEADLINE_S=\$(( ${DEADLINE_S:-0} > 0 ? ${DEADLINE_S:-0} - (\$(date +%s) - T0) : 0 ))  # less the wait
 $(case "${PLAN:-pipeline}" in
   compare) echo "TEACHER=$GGUF ARMS='${ARMS:-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} bash experiments/compare.sh" ;;
-  speed) echo "DEADLINE_S=${DEADLINE_S:-0} bash experiments/speed.sh" ;;
-  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=${DEADLINE_S:-0} bash distill.sh ${ARGS:-}" ;;
+  speed) echo "DEADLINE_S=\$DEADLINE_S bash experiments/speed.sh" ;;
+  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S bash distill.sh ${ARGS:-}" ;;
 esac)
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF

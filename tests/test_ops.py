@@ -268,6 +268,13 @@ def test_dqkwg_guard_checks_width_64_once_and_keeps_to_width_32_where_it_is_wron
     assert chunk_o.check_shared_mem("hopper", 0) is True and chunk_o.TRITON_ABOVE_3_7_1 is False
 
 
+def test_unknown_fla640_workaround_is_named(monkeypatch):
+    from hybrid.model import op_gdn
+    monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", "padd")
+    with pytest.raises(ValueError, match="'padd'.*HYBRID_FLA640.*checked"):
+        gdn(**make_inputs("gdn", B=1, T=4, H=2, K=8, V=8, state=False))
+
+
 def test_gdn_zero_padded_head_dim_is_exact():
     """The premise of the Hopper workaround for fla #640 (op_gdn._pad_k): zero-padding q/k from K to
     128 changes neither the output, nor the state rows that exist, nor the grads of the real dims."""
