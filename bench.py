@@ -345,7 +345,8 @@ def main() -> dict:
     lines = targets(rows, max_batches)
     print(table + "\n".join(lines))
     os.makedirs(OUT_DIR, exist_ok=True)
-    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "fused": FUSED, "pack": PACK, "rows": rows, "targets": lines,
+    result = {"copy_bandwidth": bw, "device": str(device), "random": RANDOM, "compile": COMPILE, "fused": FUSED, "pack": PACK,
+              "norm_linear": NORM_LINEAR, "rows": rows, "targets": lines,
               "max_batch": {f"{n} @ {c}": b for (n, c), b in max_batches.items()}}
     atomic_write_json(os.path.join(OUT_DIR, "bench.json"), result)
     atomic_write_bytes(os.path.join(OUT_DIR, "bench.md"), (table + "\n" + "\n".join(f"- {t}" for t in lines) + "\n").encode())

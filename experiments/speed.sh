@@ -5,8 +5,8 @@
 #   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm, RoPE and split-KV
 #                  attention kernels, packed projections, CUDA graph, compile) against their references:
 #                  the gate for the rest
-#   engine         bench.py at 16K, B32 and max batch: compile x pack = False/True, True/True, each
-#                  timing the fused engines beside "... unfused" (issue 12)
+#   engine         bench.py at 16K, B32 and max batch: norm_linear off and on, each timing the fused
+#                  engines beside "... unfused" (issue 12)
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
 #                  decode profile at 16K B32 and a batch-1 prefill profile at 16K, with the settings of
 #                  the fastest engine run
@@ -26,7 +26,7 @@ mkdir -p $OUT_DIR
 T0=$(date +%s)
 part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is too close
   local name=$1 cap=$2; shift 2
-  [[ " $PARTS " == *" ${name%%_compile_*} "* ]] || return 0  # engine_compile_X_pack_Y is part "engine"
+  [[ " $PARTS " == *" ${name%%_compile_*} "* ]] || return 0  # engine_compile_X_... is part "engine"
   local left=$(( DEADLINE_S - ($(date +%s) - T0) ))
   if [ "$DEADLINE_S" -gt 0 ] && [ "$left" -lt "$cap" ]; then
     echo "== $name: skipped ($left s left, cap $cap s)" | tee $OUT_DIR/$name.txt; return 0
@@ -38,10 +38,9 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
 }
 part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
   tests/test_ops.py::test_fla_gdn_fp32_gates_with_bf16_qkv  # -v: a line per test, kept if the cap cuts the run
-for cp in "False True" "True True"; do
-  set -- $cp
-  part engine_compile_$1_pack_$2 180 $PY bench.py --random=True --compile=$1 --pack=$2 --contexts=[16384] \
-    --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_$1_pack_$2
+for nl in False True; do  # compile=True measured slower than the Triton kernels (results.md, run 3)
+  part engine_compile_False_norm_linear_$nl 180 $PY bench.py --random=True --norm_linear=$nl --contexts=[16384] \
+    --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_False_norm_linear_$nl
 done
 best=$($PY - <<'EOF'
 import glob, json
@@ -50,8 +49,8 @@ for f in glob.glob("runs/speed/engine_*/bench.json"):
     r = json.load(open(f))
     tok = [x["decode_tok_s"] for x in r["rows"] if x["model"] == "hybrid engine" and x["batch"] == 32 and "decode_tok_s" in x]
     if tok:
-        rows.append((tok[0], r["compile"], r["pack"]))
-print(f"--compile={max(rows)[1]} --pack={max(rows)[2]}" if rows else "")
+        rows.append((tok[0], r["compile"], r.get("norm_linear", False)))
+print(f"--compile={max(rows)[1]} --norm_linear={max(rows)[2]}" if rows else "")
 EOF
 )
 echo "fastest engine settings: ${best:-none measured}"
