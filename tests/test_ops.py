@@ -260,6 +260,14 @@ def test_dqkwg_guard_checks_width_64_once_and_keeps_to_width_32_where_it_is_wron
     calls.clear()
     chunk.chunk_bwd_dqkwg(q, k, v)  # decided: one run, the kept width
     assert calls == [("narrow" if miscompiled else "fla", True)]
+    op_gdn.DQKWG_VERDICT.clear()
+    calls.clear()
+    chunk.chunk_bwd_dqkwg(q, k, v * float("nan"))  # non-finite grads decide nothing
+    assert calls == [("fla", True), ("narrow", True)] and not op_gdn.DQKWG_VERDICT
+    chunk.chunk_bwd_dqkwg(q, k, v)
+    calls.clear()
+    chunk.chunk_bwd_dqkwg(q, k, v)
+    assert calls == [("narrow" if miscompiled else "fla", True)]
     calls.clear()
     monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", "narrow")
     with pytest.raises(RuntimeError, match="kernel failed"):
