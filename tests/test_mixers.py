@@ -193,6 +193,33 @@ def test_projections_carry_biases_and_qk_norms(name, family):
     assert torch.equal(q, q_t) and torch.equal(k, k_t) and torch.equal(v, v_t)
 
 
+@pytest.mark.parametrize("family", ["qwen2_bias", "qwen3_qknorm"])
+def test_packed_projection_equals_separate_linears(family):
+    """project(x, *extra): q/k/v and the extra projections as one matmul on concatenated weights (q/k/v
+    biases, zero ones for the extras) == each nn.Linear alone, values and weight/bias/input grads."""
+    _, mixer = make_mixer("gdn", family)
+    extra = (mixer.a_proj, mixer.b_proj, mixer.g_proj)
+    assert all(type(lin) is torch.nn.Linear for lin in (mixer.q_proj, mixer.k_proj, mixer.v_proj, *extra))  # packable
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for packed in (True, False):
+        mixer.zero_grad()
+        x.grad = None
+        if packed:
+            got = mixer.project(x, *extra)
+        else:  # the reference: project() alone, then each extra linear by its own forward
+            got = (*mixer.project(x), *(lin(x) for lin in extra))
+        sum((t * torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view(t.shape)).sum() for t in got).backward()
+        outs.append(got)
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in mixer.parameters() if p.grad is not None])
+    assert len(outs[0]) == 6 and [t.shape for t in outs[0]] == [t.shape for t in outs[1]]
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert len(grads[0]) == len(grads[1]) > 6
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_swa_with_a_wide_window_is_the_teacher_attention(family):
     teacher, mixer = make_mixer("swa", family, perturb=False, window=64)

@@ -119,18 +119,29 @@ class TeacherInitMixer(nn.Module):
         self.q_norm = _copy_head_norm(getattr(teacher_attn, "q_norm", None), self.head_dim, where + " q_norm")
         self.k_norm = _copy_head_norm(getattr(teacher_attn, "k_norm", None), self.head_dim, where + " k_norm")
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, *extra: nn.Linear) -> tuple[torch.Tensor, ...]:
         """x (B, T, C) -> q (B, T, H, D), k and v (B, T, Hkv, D): the teacher's projections with
-        biases and q/k norms, before RoPE and before any feature map."""
+        biases and q/k norms, before RoPE and before any feature map; then each of `extra` (more
+        projections of x, e.g. a mixer's gates) as (B, T, out). With extra, plain nn.Linears all, they
+        run as one matmul on their concatenated weights (the small gate projections are slow GEMMs
+        alone, and one launch replaces several); each output column is the same dot product."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
+        if extra and all(type(lin) is nn.Linear for lin in linears):
+            bias = None if all(lin.bias is None for lin in linears) else torch.cat(
+                [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
+            outs = F.linear(x, torch.cat([lin.weight for lin in linears]), bias).split(
+                [lin.out_features for lin in linears], dim=-1)
+        else:
+            outs = [lin(x) for lin in linears]
+        q = outs[0].view(B, T, self.n_heads, self.head_dim)
+        k = outs[1].view(B, T, self.n_kv_heads, self.head_dim)
+        v = outs[2].view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return q, k, v
+        return (q, k, v, *outs[3:])
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, Hkv, D) -> (B, T, H, D); q head h reads kv head h // (H // Hkv)."""

@@ -67,7 +67,7 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         x = zero_pads(x, pad_mask)
-        q, k, v = self.project(x)
+        q, k, v, a, b, gate = self.project(x, self.a_proj, self.b_proj, self.g_proj)  # one matmul
         m = None if pad_mask is None else pad_mask.to(x.dtype)[..., None, None]  # (B, T, 1, 1)
         new_state = {}
         if self.conv_size > 1:
@@ -82,14 +82,14 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         q = F.normalize(F.silu(q), dim=-1).to(v.dtype)
         k = F.normalize(F.silu(k), dim=-1).to(v.dtype)
         k, v = self.expand_kv(k), self.expand_kv(v)
-        beta = torch.sigmoid(up32(self.b_proj(x)))  # (B, T, H)
-        g = -up32(self.A_log).exp() * F.softplus(up32(self.a_proj(x)) + up32(self.dt_bias))
+        beta = torch.sigmoid(up32(b))  # (B, T, H)
+        g = -up32(self.A_log).exp() * F.softplus(up32(a) + up32(self.dt_bias))
         if m is not None:  # beta = 0, g = 0, k = 0 at pads: the state passes through unchanged
             beta, g, k = beta * m[..., 0], g * m[..., 0], k * m
         # beta and g in (at least) fp32, beside bf16 q/k/v under autocast: fla accepts both
         o, S = gdn(q, k, v, g, beta, initial_state=None if state is None else state["S"],
                    output_final_state=output_state, impl=self.impl)
-        o = gated_rms_norm(o, self.g_proj(x).view(B, T, H, D), self.o_norm)
+        o = gated_rms_norm(o, gate.view(B, T, H, D), self.o_norm)
         new_state["S"] = S
         return self.o_proj(o.reshape(B, T, H * D)), (new_state if output_state else None)
 
@@ -144,7 +144,7 @@ class GLAMixer(TeacherInitMixer):
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         x = zero_pads(x, pad_mask)
-        q, k, v = self.project(x)
+        q, k, v, gate = self.project(x, self.g_proj)  # one matmul
         k, v = self.expand_kv(k), self.expand_kv(v)
         gk = F.logsigmoid(up32(self.gk_up(self.gk_down(x)))).view(B, T, H, D) / self.gate_normalizer
         if pad_mask is not None:  # k = 0 and no decay at pads
@@ -152,7 +152,7 @@ class GLAMixer(TeacherInitMixer):
             k, gk = k * m, gk * m
         o, S = gla(q, k, v, gk, initial_state=None if state is None else state["S"],
                    output_final_state=output_state, impl=self.impl)
-        o = gated_rms_norm(o, self.g_proj(x).view(B, T, H, D), self.o_norm)
+        o = gated_rms_norm(o, gate.view(B, T, H, D), self.o_norm)
         return self.o_proj(o.reshape(B, T, H * D)), ({"S": S} if output_state else None)
 
 
