@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from hybrid.model import op_decode, op_gdn_step
+from hybrid.model import op_decode, op_gdn_prefill, op_gdn_step
 from hybrid.model.op_decode import hf_rms_norm_eps, norm_linear, rms_norm, rope_kv_step
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
@@ -34,8 +34,8 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    # 10 GDN, 2 norm, 4 norm + linear, 2 rope, 7 attention, 4 engines
-    assert "29 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    # 10 GDN step, 4 GDN prefill, 2 norm, 4 norm + linear, 2 rope, 7 attention, 4 engines
+    assert "33 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -113,6 +113,18 @@ def test_kernels_compile_for_hopper_without_spills():
                           "PREC": "tf32"}
             report = ptxas_report(kernels["norm_linear"].fn, linear, constexprs, 4)
             assert "0 bytes spill stores" in report, (swiglu, bn, bk, report)
+    prefill = op_gdn_prefill._kernels()
+    inputs = {**{n: p for n in ("q_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr")},
+              **{n: i32 for n in ("q_sb", "q_st", "k_sb", "k_st", "v_sb", "v_st", "ab_sb", "ab_st")},
+              "convw_ptr": p, "mask_ptr": "*fp32", "alog_ptr": p, "dtb_ptr": p, "qo_ptr": p, "ko_ptr": p, "vo_ptr": p,
+              "beta_ptr": "*fp32", "g_ptr": "*fp32", "T": i32}
+    for D in (64, 128):  # the GDN prompt pass's two kernels (op_gdn_prefill)
+        report = ptxas_report(prefill["inputs"], inputs, {"H": 9, "HKV": 3, "D": D, "W": 4, "BLOCK_T": 16,
+                                                          "HAS_CONV": True, "HAS_MASK": True}, 4)
+        assert "0 bytes spill stores" in report, (D, report)
+        norm = {"o_ptr": p, "o_sb": i32, "o_st": i32, "o_sh": i32, "gate_ptr": p, "gate_sb": i32, "gate_st": i32,
+                "w_ptr": p, "y_ptr": p, "eps": f32, "T": i32}
+        assert "0 bytes spill stores" in ptxas_report(prefill["norm"], norm, {"H": 9, "D": D, "BLOCK_T": 16}, 4)
     combine = {"o_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "out_ptr": p}
     assert "0 bytes spill stores" in ptxas_report(kernels["attn_combine"], combine,
                                                   {"NSPLIT": 10, "NSPLIT_P": 16, "D": 64}, 4)
@@ -166,6 +178,33 @@ def test_interpreted_first_call_check_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(mixers, "gdn_step", real)
     mixer.decode_inplace(x, {n: t.clone() for n, t in state.items()})
     assert op_gdn_step.CHECKED == {(x.device, x.dtype)}
+
+def check_prefill_matches_mix(family: str, conv_size: int, dtype, device: str, rel: float, T: int = 21):
+    """The fused prompt pass (op_gdn_prefill) against mix() from an empty state, left-padded rows:
+    the output at real tokens and the state a decode continues from (S and the conv window), within
+    `rel` of each one's largest value (gdn_mixer's extreme decays make the chunked solve amplify
+    fp32 rounding: inputs 1e-7 apart give outputs ~5e-5 apart, relative)."""
+    teacher, mixer = gdn_mixer(family, conv_size, dtype, device)
+    lengths = [T, T - 5, 2]  # a row shorter than the conv window
+    x = torch.randn(3, T, D_MODEL, dtype=dtype, device=device)
+    pad = torch.arange(T, device=device)[None, :] >= T - torch.tensor(lengths, device=device)[:, None]
+    with torch.no_grad():
+        want_y, want = mixer.mix(x, None, None, pad)
+        got_y, got = mixer.prefill_fused(x, pad)
+    close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
+        a, b.to(a.dtype), atol=rel * b.abs().max().item(), rtol=0, msg=what)
+    close(got_y[pad], want_y[pad], "output")
+    assert got.keys() == want.keys()
+    for n in want:
+        close(got[n], want[n], f"state {n}")
+
+
+@interpreted
+@pytest.mark.parametrize("family,conv_size", [("llama_gqa", 4), ("llama3_mha", 4), ("mistral_mqa", 4),
+                                              ("llama_gqa", 1)])  # kv groups of 2, 1, 4 heads; no conv
+def test_interpreted_prefill_equals_mix(family, conv_size):
+    check_prefill_matches_mix(family, conv_size, torch.float32, "cpu", rel=3e-4)
+
 
 def check_rms_norm_matches_hf(dtype, device: str, tol: dict, bit_equal: float | None = None):
     """bit_equal: also the residual sum exactly `x + a`, and at least this fraction of the outputs
@@ -370,6 +409,13 @@ def check_bf16_step_at_least_as_close_as_mix(family: str, device: str):
 def test_rms_norm_equals_hf_on_gpu():
     check_rms_norm_matches_hf(torch.float32, "cuda", dict(atol=1e-5, rtol=1e-5))
     check_rms_norm_matches_hf(torch.bfloat16, "cuda", dict(atol=1e-2, rtol=1e-2), bit_equal=0.9)
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral_mqa"])
+def test_prefill_equals_mix_on_gpu(family):
+    check_prefill_matches_mix(family, 4, torch.float32, "cuda", rel=5e-3, T=300)  # fla's dots run in TF32
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

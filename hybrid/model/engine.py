@@ -108,6 +108,7 @@ class StaticEngine:
     each decode layer through torch.compile (fuses the small elementwise kernels of the mixers and
     norms; compiled once per layer kind and shape, reused by every layer of that kind). fused (default:
     GPU, not float64): a mixer's fused step (`decode_inplace`, GDN's op_gdn_step) instead of mix(),
+    and its fused prompt pass where it has one (`prefill_fused`, GDN's op_gdn_prefill),
     and without compile each RMSNorm (+ residual add), a softmax layer's RoPE + KV write, and its
     attention over the cache (split-KV) as Triton kernels (op_decode). pack (default: GPU): the
     projections of one input as one matmul (packed.py). norm_linear (opt-in, with fused and pack): each
@@ -167,7 +168,8 @@ class StaticEngine:
                swiglu: bool = False):
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
-        fused: decode_inplace instead of mix(); attn_pack, mlp_pack: PackedLinear or None; norm_eps:
+        fused: decode_inplace (prompt: prefill_fused, where the mixer has it) instead of mix(); attn_pack,
+        mlp_pack: PackedLinear or None; norm_eps:
         the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode; linear: at
         decode, the input norm with the packed projection after it as norm_linear (swiglu: the MLP's
         norm with gate/up too). -> (x,
@@ -209,6 +211,10 @@ class StaticEngine:
             if proj is None and attn_pack is not None:
                 proj = attn_pack(h)
             a = attn.decode_inplace(h, buf, proj)  # buffers updated in place
+        elif fused and hasattr(attn, "prefill_fused"):  # a prompt: the mixer's fused prefill kernels
+            a, state = attn.prefill_fused(h, pad)
+            for name, t in state.items():
+                buf[name][rows].copy_(t)
         else:
             a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():

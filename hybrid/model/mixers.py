@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .mixer_base import HeadRMSNorm, TeacherInitMixer, apply_rope, causal_conv, gated_rms_norm, up32, zero_pads
 from .op_gdn import gdn
+from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 from .op_gdn_step import check_once, gdn_step, supported as gdn_step_supported
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
@@ -100,6 +101,26 @@ class GatedDeltaNetMixer(TeacherInitMixer):
     def decode_linears(self) -> list[nn.Linear]:
         """The projections of decode_inplace's input, in the order of its `proj` argument."""
         return [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj]
+
+    @torch.no_grad()
+    def prefill_fused(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """A prompt from an empty state, as mix(x, None, None, pad_mask) -> (y, state), with the
+        elementwise work around the chunk kernel in op_gdn_prefill's two Triton kernels: the static
+        engine's prefill where its fused decode runs (the same shapes: fused_decode_supported)."""
+        B, T, _ = x.shape
+        x = zero_pads(x, pad_mask)
+        q, k, v, a, b, gate = self.project(x, self.a_proj, self.b_proj, self.g_proj)
+        state = {}
+        if self.conv_size > 1:  # the window a decode continues from: the last W - 1 (masked) inputs
+            W = self.conv_size
+            tail = torch.cat([t[:, max(0, T - W + 1):].flatten(2) for t in (q, k, v)], dim=-1)
+            if pad_mask is not None:
+                tail = tail * pad_mask[:, max(0, T - W + 1):, None].to(tail.dtype)
+            state["conv"] = F.pad(tail, (0, 0, W - 1 - tail.shape[1], 0))
+        q, k, v, beta, g = gdn_prefill_inputs(q, k, v, a, b, self.conv_weight if self.conv_size > 1 else None,
+                                              self.A_log, self.dt_bias, pad_mask, self.head_dim)
+        o, state["S"] = gdn(q, k, v, g, beta, output_final_state=True, impl=self.impl)
+        return self.o_proj(gated_rms_norm_prefill(o, gate, self.o_norm.weight, self.o_norm.eps)), state
 
     @torch.compiler.disable  # a compiled engine layer calls the Triton kernel eagerly between its graphs
     def decode_inplace(self, x: torch.Tensor, state: dict, proj: tuple | None = None) -> torch.Tensor:
