@@ -36,7 +36,7 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
   echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
   tail -30 $OUT_DIR/$name.txt
 }
-part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
+part gpu_tests 360 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
   tests/test_ops.py::test_fla_gdn_fp32_gates_with_bf16_qkv  # -v: a line per test, kept if the cap cuts the run
 for nl in False True; do  # compile=True measured slower than the Triton kernels (results.md, run 3)
   part engine_compile_False_norm_linear_$nl 180 $PY bench.py --random=True --norm_linear=$nl --contexts=[16384] \
