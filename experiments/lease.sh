@@ -6,8 +6,8 @@
 #                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz;
 #                                                             the GGUF's md5 beside its second half)
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
-#           (also starts, detached, the GPU test of the fla #640 workaround; the run falls back to
-#           HYBRID_FLA640=pad if it fails)
+#           (also starts, detached, the GPU test of the fla #640 workaround; if it fails, the run's
+#           copy of the code pads instead: op_gdn.HOPPER_WORKAROUND = "pad")
 #           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
 #   call 3, carry [.device/wheels, .device/data]:  DEADLINE_S=<s> bash experiments/lease.sh start 540
@@ -106,7 +106,8 @@ T0=\$(date +%s)
 if [ -f /root/fla640.txt ]; then  # teacher1's fla #640 check: wait for it; if it failed, the "pad" workaround
   while ! grep -q '^rc=' /root/fla640.txt && [ \$(( \$(date +%s) - T0 )) -lt 400 ]; do sleep 5; done
   tail -3 /root/fla640.txt
-  grep -q '^rc=0' /root/fla640.txt || { echo "fla #640 check failed or unfinished: HYBRID_FLA640=pad"; export HYBRID_FLA640=pad; }
+  grep -q '^rc=0' /root/fla640.txt || { echo "fla #640 check failed or unfinished: this run pads (op_gdn)"
+    sed -i 's/^HOPPER_WORKAROUND = "checked"/HOPPER_WORKAROUND = "pad"/' hybrid/model/op_gdn.py; }
 fi
 DEADLINE_S=\$(( ${DEADLINE_S:-0} > 0 ? ${DEADLINE_S:-0} - (\$(date +%s) - T0) : 0 ))  # less the wait
 $(case "${PLAN:-pipeline}" in

@@ -279,7 +279,7 @@ def test_dqkwg_guard_checks_width_64_once_and_keeps_to_width_32_where_it_is_wron
 def test_unknown_fla640_workaround_is_named(monkeypatch):
     from hybrid.model import op_gdn
     monkeypatch.setattr(op_gdn, "HOPPER_WORKAROUND", "padd")
-    with pytest.raises(ValueError, match="'padd'.*HYBRID_FLA640.*checked"):
+    with pytest.raises(ValueError, match="HOPPER_WORKAROUND = 'padd'.*checked"):
         gdn(**make_inputs("gdn", B=1, T=4, H=2, K=8, V=8, state=False))
 
 

@@ -19,7 +19,6 @@ This file imports only torch (fla lazily, for CUDA tensors) and nothing from the
 package: export.py copies it beside the exported modeling file.
 """
 
-import os
 import warnings
 
 import torch
@@ -124,8 +123,7 @@ def gdn_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return o.to(out_dtype), (S if output_final_state else None)
 
 
-# fla #640 on Hopper with Triton < 3.7.1: "checked" | "narrow" | "pad" (see below); env HYBRID_FLA640 sets it
-HOPPER_WORKAROUND = os.environ.get("HYBRID_FLA640", "checked")
+HOPPER_WORKAROUND = "checked"  # fla #640 on Hopper with Triton < 3.7.1: "checked" | "narrow" | "pad" (see below)
 WORKAROUNDS = ("checked", "narrow", "pad")
 DQKWG_VERDICT = {}  # (device, dtype, H, K, HV, V) -> "fla" | "narrow": what "checked" found on its first call
 
@@ -217,8 +215,8 @@ def gdn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta
     "recurrent" | "chunked" force a torch path, "fla" forces fla (CUDA tensors and flash-linear-attention required).
     """
     if HOPPER_WORKAROUND not in WORKAROUNDS:
-        raise ValueError(f"gdn: fla #640 workaround {HOPPER_WORKAROUND!r} (env HYBRID_FLA640 or "
-                         f"op_gdn.HOPPER_WORKAROUND); expected one of {WORKAROUNDS}")
+        raise ValueError(f"gdn: fla #640 workaround op_gdn.HOPPER_WORKAROUND = {HOPPER_WORKAROUND!r}; "
+                         f"expected one of {WORKAROUNDS}")
     kernel = pick_kernel("GDN", q, impl, "fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
                          "fused_recurrent_gated_delta_rule")
     if kernel == "recurrent":
