@@ -61,7 +61,7 @@ EAGER_STEPS = 8
 COMPILE = False                 # engine decode layers through torch.compile (both sides)
 FUSED = True                    # the engines' fused decode kernels (op_gdn_step, op_decode)
 PACK = True                     # projections of one input as one matmul, both sides (hybrid/model/packed.py)
-NORM_LINEAR = False             # each decode norm + the packed projection after it as one kernel (op_decode.norm_linear)
+NORM_LINEAR = False             # each decode norm + the packed projection after it as one kernel (op_norm_linear.py)
 UNFUSED_BASELINE = True         # also time both engines with fused=False ("... unfused"), same cells
 PROFILE = []                    # e.g. [16384, 32]: also print where a decode step's GPU time goes there
 PROFILE_PREFILL = []            # e.g. [16384]: also profile one batch-1 prefill there (wall vs GPU kernel time)

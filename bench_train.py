@@ -408,9 +408,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
 
 
 def run_kpad(device):
-    """fla's GDN fwd+bwd at K=64 four ways: as fla picks its blocks (wrong on Hopper + Triton < 3.7.1 by
-    fla #640), and op_gdn's three workarounds; gradient errors against the fp32 chunked reference on
-    the same inputs, so a row that is wrong shows it."""
+    """fla's GDN fwd+bwd at K=64 as fla picks its blocks (fla #640) and under op_gdn's three workarounds,
+    each with its gradient error against the fp32 chunked reference (a wrong row shows it)."""
     emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks, checked) vs none\n")
     from hybrid.model import op_gdn
     from hybrid.model.op_common import fla_module
@@ -443,32 +442,28 @@ def run_kpad(device):
     for label, dqkwg, fn, workaround in paths:
         chunk.chunk_bwd_dqkwg, op_gdn.HOPPER_WORKAROUND = dqkwg, workaround or saved[2]
         chunk_o.TRITON_ABOVE_3_7_1 = True  # fla's guard lifted (the first row is the bug it guards against)
-        got = grads(fn)
-        errs = [float((a - r).abs().max() / r.abs().max().clamp(min=1e-12)) for a, r in zip(got, ref)]
-        for _ in range(2):
-            grads(fn)
-        sync(device)
-        t0 = time.time()
-        for _ in range(10):
-            grads(fn)
-        sync(device)
-        ms = (time.time() - t0) * 100
+        errs = [float((a - r).abs().max() / r.abs().max().clamp(min=1e-12)) for a, r in zip(grads(fn), ref)]
+        ms = timed(lambda: grads(fn), device, warmup=2, repeats=10)
         base = base or ms
         emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x | {', '.join(f'{e:.1e}' for e in errs)} |")
     chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND = saved
 
 
+def timed(fn, device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):  # -> ms per call, wall time between device syncs
+        fn()
+    sync(device)
+    t0 = time.time()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.time() - t0) * 1e3 / repeats
+
+
 def run_copy(device):
     x = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
     y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    sync(device)
-    t0 = time.time()
-    for _ in range(20):
-        y.copy_(x)
-    sync(device)
-    bw = 2 * x.numel() * 4 * 20 / (time.time() - t0)
+    bw = 2 * x.numel() * 4 / (timed(lambda: y.copy_(x), device, warmup=3, repeats=20) / 1e3)
     emit(f"\ncopy bandwidth: {bw / 1e12:.2f} TB/s (read + write); bf16 peak used for MFU: {PEAK_TFLOPS} TFLOP/s")
 
 

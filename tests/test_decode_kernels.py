@@ -15,8 +15,9 @@ import os
 import pytest
 import torch
 
-from hybrid.model import op_decode, op_gdn_prefill, op_gdn_step
-from hybrid.model.op_decode import hf_rms_norm_eps, norm_linear, rms_norm, rope_kv_step
+from hybrid.model import op_decode, op_gdn_prefill, op_gdn_step, op_norm_linear
+from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
+from hybrid.model.op_norm_linear import norm_linear
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
@@ -111,7 +112,7 @@ def test_kernels_compile_for_hopper_without_spills():
             constexprs = {"K": 576, "N": 1536 if swiglu else 1554, "BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk,
                           "HAS_RESIDUAL": True, "HAS_BIAS": False, "SWIGLU": swiglu, "DOT_DTYPE": tl.bfloat16,
                           "PREC": "tf32"}
-            report = ptxas_report(kernels["norm_linear"].fn, linear, constexprs, 4)
+            report = ptxas_report(op_norm_linear._kernels()["norm_linear"].fn, linear, constexprs, 4)
             assert "0 bytes spill stores" in report, (swiglu, bn, bk, report)
     prefill = op_gdn_prefill._kernels()
     inputs = {**{n: p for n in ("q_ptr", "k_ptr", "v_ptr", "a_ptr", "b_ptr")},

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, norm_linear, rms_norm, rope_kv_step
+from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
+from .op_norm_linear import norm_linear
 from .packed import pack_attention, pack_mlp, packed_mlp
 
 SOFTMAX = "softmax"
@@ -112,7 +113,7 @@ class StaticEngine:
     and without compile each RMSNorm (+ residual add), a softmax layer's RoPE + KV write, and its
     attention over the cache (split-KV) as Triton kernels (op_decode). pack (default: GPU): the
     projections of one input as one matmul (packed.py). norm_linear (opt-in, with fused and pack): each
-    decode norm and the packed projection after it as one kernel (op_decode.norm_linear)."""
+    decode norm and the packed projection after it as one kernel (op_norm_linear)."""
 
     def __init__(self, model: nn.Module, batch: int, max_len: int, cuda_graph: bool | None = None,
                  compile: bool = False, fused: bool | None = None, pack: bool | None = None,
@@ -134,7 +135,7 @@ class StaticEngine:
                       if pack else (None, None) for layer, kind, on in zip(self.layers, self.kinds, self.fused)]
         # norm_linear (opt-in: on the H200 its kernel took ~10 us, as long as the kernels it replaces): a
         # decode step runs each norm with the packed projection after it as one kernel, the post-attention
-        # one with gate/up and SiLU(gate) * up where the MLP is a packed SiLU one (op_decode.norm_linear)
+        # one with gate/up and SiLU(gate) * up where the MLP is a packed SiLU one (op_norm_linear)
         self.norm_linear = [norm_linear and eps is not None for eps in self.norm_eps]
         self.swiglu = [on and mlp is not None and mlp.bias is None and type(layer.mlp.act_fn).__name__ in
                        ("SiLU", "SiLUActivation") for layer, on, (_, mlp) in zip(self.layers, self.norm_linear, self.packs)]
