@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hybrid.model import op_decode, op_gdn_prefill, op_gdn_step, op_norm_linear
-from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step
+from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step, silu_mul
 from hybrid.model.op_norm_linear import norm_linear
 from hybrid.model.engine import StaticEngine
 from tests.conftest import launch
@@ -35,8 +35,8 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    # 10 GDN step, 4 GDN prefill, 2 norm, 4 norm + linear, 2 rope, 7 attention, 4 engines
-    assert "33 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    # 10 GDN step, 4 GDN prefill, 2 norm, 2 silu_mul, 4 norm + linear, 2 rope, 7 attention, 4 engines
+    assert "35 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -89,6 +89,8 @@ def test_kernels_compile_for_hopper_without_spills():
     norm = {"x_ptr": p, "r_ptr": p, "w_ptr": p, "sum_ptr": p, "h_ptr": p, "eps": f32}
     assert "0 bytes spill stores" in ptxas_report(kernels["rms_norm"], norm, {"N": 576, "BLOCK": 1024,
                                                                               "HAS_RESIDUAL": True}, 4)
+    silu = {"g_ptr": p, "u_ptr": p, "y_ptr": p, "g_rs": i32, "u_rs": i32}
+    assert "0 bytes spill stores" in ptxas_report(kernels["silu_mul"], silu, {"N": 1536, "BLOCK": 1024}, 4)
     rope = {**{n: p for n in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "qo_ptr", "kbuf_ptr", "vbuf_ptr")},
             **{n: i32 for n in ("q_rs", "k_rs", "v_rs", "S")}, "slot_ptr": "*i64"}
     assert "0 bytes spill stores" in ptxas_report(kernels["rope_kv"], rope, {"H": 9, "HKV": 3, "D": 64}, 1)
@@ -274,6 +276,20 @@ def test_interpreted_norm_linear_equals_norm_then_linear(dtype, swiglu):
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_silu_mul_equals_eager(dtype):
+    torch.manual_seed(0)
+    z = (torch.randn(3, 2, 2 * 1500) * 3).to(dtype)  # gate | up as halves of one packed output; 2 blocks of 1024
+    gate, up = z.split(1500, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    got = silu_mul(gate, up)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    # the interpreter truncates fp32 -> bf16 where the GPU rounds: a bf16 ulp or two apart there
+    torch.testing.assert_close(got, want, **(dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else
+                                            dict(atol=2e-2, rtol=2e-2)))
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_rope_kv_step_equals_eager(dtype):
     from hybrid.model.engine import _rope
     torch.manual_seed(0)
@@ -358,7 +374,7 @@ def test_interpreted_engine_decodes_the_same_tokens(family, norm_linear):
     ids, mask = padded_batch([9, 3, 6])
     engine = StaticEngine(model, 3, 16, fused=True, pack=True, norm_linear=norm_linear)
     assert engine.fused == [True, False, True] and all(a is not None for a, _ in engine.packs)
-    assert engine.norm_linear == engine.swiglu == [norm_linear] * 3
+    assert engine.norm_linear == engine.swiglu == [norm_linear] * 3 and engine.silu_mlp == [True] * 3
     fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True, pack=True, norm_linear=norm_linear)
     plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False, pack=False)
     assert torch.equal(fused_tokens, plain_tokens)

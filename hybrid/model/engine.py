@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step
+from .op_decode import attend_cache, attend_cache_split, hf_rms_norm_eps, rms_norm, rope_kv_step, silu_mul
 from .op_norm_linear import norm_linear
 from .packed import pack_attention, pack_mlp, packed_mlp
 
@@ -137,8 +137,10 @@ class StaticEngine:
         # decode step runs each norm with the packed projection after it as one kernel, the post-attention
         # one with gate/up and SiLU(gate) * up where the MLP is a packed SiLU one (op_norm_linear)
         self.norm_linear = [norm_linear and eps is not None for eps in self.norm_eps]
-        self.swiglu = [on and mlp is not None and mlp.bias is None and type(layer.mlp.act_fn).__name__ in
-                       ("SiLU", "SiLUActivation") for layer, on, (_, mlp) in zip(self.layers, self.norm_linear, self.packs)]
+        # with the norm kernels, a packed SiLU MLP's SiLU(gate) * up is one kernel (op_decode.silu_mul)
+        self.silu_mlp = [eps is not None and mlp is not None and mlp.bias is None and type(layer.mlp.act_fn).__name__
+                         in ("SiLU", "SiLUActivation") for layer, eps, (_, mlp) in zip(self.layers, self.norm_eps, self.packs)]
+        self.swiglu = [a and b for a, b in zip(self.norm_linear, self.silu_mlp)]
         max_len = -(-max_len // SLOT_ALIGN) * SLOT_ALIGN
         # the class's function, not the bound method: an attribute holding self would make a reference
         # cycle, and a dropped engine's buffers would wait for the garbage collector
@@ -166,14 +168,14 @@ class StaticEngine:
     def _layer(self, layer: nn.Module, kind: str, buf: dict, x: torch.Tensor, pe, pad: torch.Tensor | None,
                rows: slice | None, fused: bool, attn_pack: nn.Module | None, mlp_pack: nn.Module | None,
                norm_eps: tuple | None = None, pending: torch.Tensor | None = None, linear: bool = False,
-               swiglu: bool = False):
+               swiglu: bool = False, silu: bool = False):
         """One decoder layer; rows=None: a decode step of the whole batch against the buffers;
         rows=slice: a prompt for those rows from an empty cache, states written to their buffer rows.
         fused: decode_inplace (prompt: prefill_fused, where the mixer has it) instead of mix(); attn_pack,
         mlp_pack: PackedLinear or None; norm_eps:
         the two RMSNorms' eps, to run them and a softmax layer's decode RoPE through op_decode; linear: at
         decode, the input norm with the packed projection after it as norm_linear (swiglu: the MLP's
-        norm with gate/up too). -> (x,
+        norm with gate/up too); silu: a packed SiLU MLP's SiLU(gate) * up as op_decode.silu_mul. -> (x,
         pending): with norm_eps the MLP's output is not added here but returned as `pending`, which the
         next layer adds inside its input norm's kernel (one kernel less per layer); without, (x + it, None)."""
         attn = layer.self_attn
@@ -229,7 +231,7 @@ class StaticEngine:
             out = layer.mlp.down_proj(act)
         else:
             x, h = rms_norm(x, layer.post_attention_layernorm.weight, norm_eps[1], residual=a)
-            out = packed_mlp(layer.mlp, mlp_pack, h)
+            out = layer.mlp.down_proj(silu_mul(*mlp_pack(h))) if silu else packed_mlp(layer.mlp, mlp_pack, h)
         return (x + out, None) if norm_eps is None else (x, out)
 
     def _layers(self, x: torch.Tensor, pe, pad: torch.Tensor | None, rows: slice | None) -> torch.Tensor:
@@ -240,7 +242,8 @@ class StaticEngine:
                 x, pending = compiled(self, layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i])
             else:
                 x, pending = self._layer(layer, kind, buf, x, pe, pad, rows, self.fused[i], *self.packs[i],
-                                         self.norm_eps[i], pending, self.norm_linear[i], self.swiglu[i])
+                                         self.norm_eps[i], pending, self.norm_linear[i], self.swiglu[i],
+                                         self.silu_mlp[i])
         x = x[:, -1] if pending is None else x[:, -1] + pending[:, -1]
         return self.model.lm_head(self.model.model.norm(x))
 

@@ -5,6 +5,7 @@ launch-latency-bound kernel. Here, each in one Triton kernel:
 
     h = rms_norm(x, weight, eps)                 # HF's RMSNorm (~7 eager kernels)
     x, h = rms_norm(x, weight, eps, residual=a)  # x + a, and norm(x + a)
+    y = silu_mul(gate, up)                       # a gated MLP's SiLU(gate) * up (2 eager kernels)
     q = rope_kv_step(q, k, v, cos, sin, kbuf, vbuf, slot)
         # RoPE on q and k (HF's rotate_half convention), k and v written into the KV buffers at
         # `slot` (a device tensor: no host sync, so it can sit in a CUDA graph): ~14 eager kernels
@@ -53,6 +54,16 @@ def _kernels() -> dict:
         normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)  # HF casts back before the weight
         h = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed
         tl.store(h_ptr + row * N + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def silu_mul_kernel(g_ptr, u_ptr, y_ptr, g_rs, u_rs, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(g_ptr + row * g_rs + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(y_ptr.dtype.element_ty).to(tl.float32)  # F.silu, rounded as its output
+        u = tl.load(u_ptr + row * u_rs + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * N + cols, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def rope_kv_kernel(q_ptr, k_ptr, v_ptr, q_rs, k_rs, v_rs, cos_ptr, sin_ptr, qo_ptr, kbuf_ptr, vbuf_ptr,
@@ -140,8 +151,8 @@ def _kernels() -> dict:
         triton.Config({"BLOCK_S": block}, num_warps=warps, num_stages=stages)
         for block in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
     attn_split = triton.autotune(configs=configs, key=["S", "SPLIT", "HKV", "REP_P", "D"])(attn_split_kernel)
-    _KERNELS.update(rms_norm=rms_norm_kernel, rope_kv=rope_kv_kernel, attn_split=attn_split,
-                    attn_combine=attn_combine_kernel)
+    _KERNELS.update(rms_norm=rms_norm_kernel, silu_mul=silu_mul_kernel, rope_kv=rope_kv_kernel,
+                    attn_split=attn_split, attn_combine=attn_combine_kernel)
     return _KERNELS
 
 
@@ -171,6 +182,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                                     BLOCK=block, HAS_RESIDUAL=residual is not None)
     return (total, h) if residual is not None else h
 
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's SiLU(gate) * up in one kernel (two eager ones), with their roundings: gate, up (...,
+    N) of one dtype, each any row stride with unit column stride (e.g. halves of one packed matmul)."""
+    N = gate.shape[-1]
+    if up.shape != gate.shape or up.dtype != gate.dtype or gate.stride(-1) != 1 or up.stride(-1) != 1:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} {gate.dtype} stride {gate.stride()}, up {tuple(up.shape)} "
+                         f"{up.dtype} stride {up.stride()}: expected one shape and dtype, unit column strides")
+    g, u = gate.reshape(-1, N), up.reshape(-1, N)  # views for row-strided slices
+    y = torch.empty(*gate.shape, dtype=gate.dtype, device=gate.device)
+    block = min(1024, 1 << (N - 1).bit_length())
+    _kernels()["silu_mul"][(g.shape[0], -(-N // block))](g, u, y, g.stride(0), u.stride(0), N=N, BLOCK=block)
+    return y
 
 def rope_kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kbuf: torch.Tensor, vbuf: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
