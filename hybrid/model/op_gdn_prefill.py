@@ -41,7 +41,7 @@ def _kernels() -> dict:
                       convw_ptr, mask_ptr, alog_ptr, dtb_ptr, qo_ptr, ko_ptr, vo_ptr, beta_ptr, g_ptr, T,
                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
                       HAS_CONV: tl.constexpr, HAS_MASK: tl.constexpr):
-        bi = tl.program_id(0)
+        bi = tl.program_id(0).to(tl.int64)  # offsets past 2**31 elements at many rows x long prompts
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         c = tl.program_id(2)  # a head of the conv channels [q heads | k heads | v heads]
         d = tl.arange(0, D)
@@ -97,7 +97,7 @@ def _kernels() -> dict:
     @triton.jit
     def norm_kernel(o_ptr, o_sb, o_st, o_sh, gate_ptr, gate_sb, gate_st, w_ptr, y_ptr, eps, T,
                     H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
-        bi = tl.program_id(0)
+        bi = tl.program_id(0).to(tl.int64)
         t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
         h = tl.program_id(2)
         d = tl.arange(0, D)
