@@ -264,7 +264,10 @@ def test_dqkwg_guard_checks_width_64_once_and_keeps_to_width_32_where_it_is_wron
     calls.clear()
     chunk.chunk_bwd_dqkwg(q, k, v * float("nan"))  # non-finite grads decide nothing
     assert calls == [("fla", True), ("narrow", True)] and not op_gdn.DQKWG_VERDICT
-    chunk.chunk_bwd_dqkwg(q, k, v)
+    with warnings.catch_warnings(record=True) as caught:  # decides again (warning as above)
+        warnings.simplefilter("always")
+        chunk.chunk_bwd_dqkwg(q, k, v)
+    assert len(caught) == int(miscompiled)
     calls.clear()
     chunk.chunk_bwd_dqkwg(q, k, v)
     assert calls == [("narrow" if miscompiled else "fla", True)]
