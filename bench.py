@@ -300,6 +300,10 @@ def targets(rows: list[dict], max_batches: dict) -> list[str]:
            f"{max_batches.get(('hybrid engine', long))} (target ratio >= 3.5)"]
     for ctx in (mid, long):
         out.append(f"prefill at {ctx // 1024}K B1: hybrid / teacher engine x{get('hybrid engine', ctx, 1, 'prefill_tok_s') / get('teacher engine', ctx, 1, 'prefill_tok_s'):.2f} (target >= 1)")
+    for ctx in (mid, long):  # what a fixed cache budget serves: each side at its own largest batch
+        mb = [max_batches.get((side, ctx)) for side in ("hybrid engine", "teacher engine")]
+        ratio = get("hybrid engine", ctx, mb[0], "decode_tok_s") / get("teacher engine", ctx, mb[1], "decode_tok_s")
+        out.append(f"decode at {ctx // 1024}K, each side's max batch ({mb[0]} / {mb[1]}): hybrid / teacher engine x{ratio:.2f}")
     for side in ("hybrid", "teacher"):
         out.append(f"fused kernels: {side} engine / {side} unfused decode at 16K B32: "
                    f"x{get(f'{side} engine', mid, 32, 'decode_tok_s') / get(f'{side} unfused', mid, 32, 'decode_tok_s'):.2f}")
