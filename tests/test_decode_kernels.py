@@ -74,7 +74,7 @@ def test_kernels_compile_for_hopper_without_spills():
     """What the interpreter cannot show: the kernels compile for an H100/H200 (sm_90), and the fused
     GDN step at head_dim 64 (SmolLM2, Llama-3.2-1B) keeps its state tile in registers."""
     p, i32, f32 = "*bf16", "i32", "fp32"
-    gdn = op_gdn_step._kernel()
+    gdn = op_gdn_step._kernels()
     qkv = {**{n: p for n in ("q_ptr", "k_ptr", "v_ptr", "conv_ptr", "convw_ptr")},
            **{n: i32 for n in ("q_rs", "k_rs", "v_rs")}, "x_ptr": "*fp32"}
     step = {"x_ptr": "*fp32", **{n: p for n in ("a_ptr", "b_ptr", "gate_ptr", "alog_ptr", "dtb_ptr", "normw_ptr", "y_ptr")},

@@ -27,6 +27,22 @@ def fla_module(name: str):
     return module
 
 
+def lazy_kernels(module_globals: dict, define):
+    """-> kernels(): an op file's jitted Triton kernels, {name: kernel} from define(triton) on the first
+    call, the same dict after. Triton comes through __import__, not an import statement, which
+    transformers' remote-code check would make a requirement of every export. triton.language goes
+    into the file's globals as `tl` first: Triton's JIT looks up the names its kernels use there."""
+    cache = {}
+
+    def kernels() -> dict:
+        if not cache:
+            triton = __import__("triton.language")  # the package, its language submodule loaded
+            module_globals["tl"] = triton.language
+            cache.update(define(triton))
+        return cache
+    return kernels
+
+
 def fla_kernels(op: str, x: torch.Tensor, impl: str, load) -> tuple | None:
     """The fla kernels `load()` (no arguments) returns when they should run, else None (use the torch forms).
 

@@ -17,26 +17,21 @@ RMSNorm keeps HF's roundings (the sum and the normalised row rounded to x's dtyp
 weight), so it equals HF's up to the order of one fp32 sum; RoPE rounds once where HF rounds three
 times; the attention keeps its scores and softmax in fp32 where the eager path (attend_cache, below)
 rounds the scores to the model's dtype. All are checked against the eager ops in Triton's CPU
-interpreter and compiled for sm_90 (tests/test_decode_kernels.py). This file imports only torch
-(Triton lazily): export.py ships it.
+interpreter and compiled for sm_90 (tests/test_decode_kernels.py). This file imports only torch and
+op_common (Triton lazily): export.py ships it.
 """
 
 import os
 
 import torch
 
-tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
-_KERNELS = {}
+from .op_common import lazy_kernels
+
+tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 
 
-def _kernels() -> dict:
-    """The jitted kernels, defined on the first call (Triton through __import__: no import statement,
-    which transformers' remote-code check would make a requirement of every export)."""
-    global tl
-    if _KERNELS:
-        return _KERNELS
-    triton = __import__("triton.language")
-    tl = triton.language
+def _define(triton) -> dict:
+    """The jitted kernels (once, through _kernels)."""
 
     @triton.jit
     def rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, h_ptr, eps, N: tl.constexpr, BLOCK: tl.constexpr,
@@ -151,9 +146,11 @@ def _kernels() -> dict:
         triton.Config({"BLOCK_S": block}, num_warps=warps, num_stages=stages)
         for block in (64, 128) for warps in (4, 8) for stages in (2, 3, 4)]
     attn_split = triton.autotune(configs=configs, key=["S", "SPLIT", "HKV", "REP_P", "D"])(attn_split_kernel)
-    _KERNELS.update(rms_norm=rms_norm_kernel, silu_mul=silu_mul_kernel, rope_kv=rope_kv_kernel,
-                    attn_split=attn_split, attn_combine=attn_combine_kernel)
-    return _KERNELS
+    return dict(rms_norm=rms_norm_kernel, silu_mul=silu_mul_kernel, rope_kv=rope_kv_kernel, attn_split=attn_split,
+                attn_combine=attn_combine_kernel)
+
+
+_kernels = lazy_kernels(globals(), _define)  # {name: jitted kernel}, defined on the first call
 
 
 def hf_rms_norm_eps(norm: torch.nn.Module) -> float | None:

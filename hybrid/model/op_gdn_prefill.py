@@ -17,24 +17,19 @@ more host time than their GPU work (docs/results.md, issue 12). The conv and nor
 inside and round once where mix() rounds after each op.
 
 The reference is mix() (tests/test_decode_kernels.py, in Triton's CPU interpreter). This file imports
-only torch (Triton lazily, on the first call): export.py copies it beside the exported modeling file.
+only torch and op_common (Triton lazily, on the first call): export.py copies it beside the exported modeling file.
 """
 
 import torch
 
-tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
-_KERNELS = {}
+from .op_common import lazy_kernels
+
+tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 BLOCK_T = 16  # tokens per program
 
 
-def _kernels() -> dict:
-    """The jitted kernels {"inputs", "norm"}, defined on the first call (Triton through __import__:
-    transformers' remote-code check would make an import statement a requirement of every export)."""
-    global tl
-    if _KERNELS:
-        return _KERNELS
-    triton = __import__("triton.language")
-    tl = triton.language
+def _define(triton) -> dict:
+    """The jitted kernels {"inputs", "norm"} (once, through _kernels)."""
 
     @triton.jit
     def inputs_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, q_sb, q_st, k_sb, k_st, v_sb, v_st, ab_sb, ab_st,
@@ -112,8 +107,10 @@ def _kernels() -> dict:
         act = (gate * tl.sigmoid(gate)).to(y_ty).to(tl.float32)  # F.silu in the gate's dtype
         tl.store(y_ptr + ((bi * T + t[:, None]) * H + h) * D + d[None, :], (normed * act).to(y_ty), mask=ok)
 
-    _KERNELS.update(inputs=inputs_kernel, norm=norm_kernel)
-    return _KERNELS
+    return {"inputs": inputs_kernel, "norm": norm_kernel}
+
+
+_kernels = lazy_kernels(globals(), _define)  # {name: jitted kernel}, defined on the first call
 
 
 def _token_strides(t: torch.Tensor, name: str, B: int, T: int, width: int) -> tuple[int, int]:

@@ -15,27 +15,20 @@ to y's dtype. The eager step is ~45 small kernels per layer, each bound by launc
 (docs/results.md, issue 12).
 
 The reference is the mixer's own mix() (tests/test_decode_kernels.py: the same outputs and states, in
-Triton's CPU interpreter and on the GPU). This file imports only torch and op_decode (Triton
-lazily, on the first call): export.py copies it beside the exported modeling file.
+Triton's CPU interpreter and on the GPU). This file imports only torch, op_common and op_decode
+(Triton lazily, on the first call): export.py copies it beside the exported modeling file.
 """
 
 import torch
 
+from .op_common import lazy_kernels
 from .op_decode import check_agrees
 
-tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
-_KERNEL = []
+tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 
 
-def _kernel() -> dict:
-    """The jitted kernels {"qkv", "step"}, defined on the first call. Triton comes through __import__,
-    not an import statement: transformers' remote-code loader would make it a requirement of every
-    export."""
-    global tl
-    if _KERNEL:
-        return _KERNEL[0]
-    triton = __import__("triton.language")  # the package, its language submodule loaded
-    tl = triton.language
+def _define(triton) -> dict:
+    """The jitted kernels {"qkv", "step"} (once, through _kernels)."""
 
     @triton.jit
     def gdn_qkv_kernel(q_ptr, k_ptr, v_ptr, q_rs, k_rs, v_rs, conv_ptr, convw_ptr, x_ptr, H: tl.constexpr,
@@ -99,8 +92,10 @@ def _kernel() -> dict:
         y = o * tl.load(normw_ptr + d).to(tl.float32) * gate * tl.sigmoid(gate)
         tl.store(y_ptr + b * H * D + h * D + d, y.to(y_ptr.dtype.element_ty))
 
-    _KERNEL.append({"qkv": gdn_qkv_kernel, "step": gdn_step_kernel})
-    return _KERNEL[0]
+    return {"qkv": gdn_qkv_kernel, "step": gdn_step_kernel}
+
+
+_kernels = lazy_kernels(globals(), _define)  # {name: jitted kernel}, defined on the first call
 
 
 CHECKED = set()  # (device, dtype) where the kernel has matched its reference once
@@ -167,7 +162,7 @@ def gdn_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: torch.Tensor,
     x = torch.empty(B, C, dtype=torch.float32, device=q.device)  # q, k (normalised) and v after the conv
     y = torch.empty(B, HD, dtype=q.dtype, device=q.device)
     dummy = S  # an unused pointer argument when there is no conv
-    kernels = _kernel()
+    kernels = _kernels()
     kernels["qkv"][(B, H + 2 * HKV)](q, k, v, q.stride(0), k.stride(0), v.stride(0), conv_state if has_conv else dummy,
                                       conv_weight if has_conv else dummy, x, H=H, HKV=HKV, D=D, W=W,
                                       HAS_CONV=has_conv, num_warps=NUM_WARPS[D][0])

@@ -9,25 +9,21 @@ SiLU and a product: at batch 32 each is bound by launch latency, not bytes. Meas
 rolled K loops: no faster than the four (docs/results.md, run 4); the loops are unrolled since.
 
 Checked against HF's RMSNorm + F.linear (+ SiLU * up) in Triton's CPU interpreter and compiled for
-sm_90 (tests/test_decode_kernels.py). This file imports only torch (Triton lazily): export.py ships it.
+sm_90 (tests/test_decode_kernels.py). This file imports only torch and op_common (Triton lazily): export.py
+ships it.
 """
 
 import os
 
 import torch
 
-tl = None  # triton.language, imported by the first call: a module global, where Triton looks for it
-_KERNELS = {}
+from .op_common import lazy_kernels
+
+tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 
 
-def _kernels() -> dict:
-    """{"norm_linear": the autotuned kernel}, defined on the first call (Triton through __import__:
-    transformers' remote-code check would make an import statement a requirement of every export)."""
-    global tl
-    if _KERNELS:
-        return _KERNELS
-    triton = __import__("triton.language")
-    tl = triton.language
+def _define(triton) -> dict:
+    """{"norm_linear": the autotuned kernel} (once, through _kernels)."""
 
     @triton.jit
     def norm_linear_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, bias_ptr, sum_ptr, h_ptr, y_ptr, M, eps,
@@ -88,8 +84,10 @@ def _kernels() -> dict:
         else [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4)  # (64, 128) spills at BLOCK_M 64
               for bn, bk in ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64))]
     norm_linear = triton.autotune(configs=configs, key=["M", "K", "N", "BLOCK_M", "SWIGLU"])(norm_linear_kernel)
-    _KERNELS.update(norm_linear=norm_linear)
-    return _KERNELS
+    return {"norm_linear": norm_linear}
+
+
+_kernels = lazy_kernels(globals(), _define)  # {name: jitted kernel}, defined on the first call
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
