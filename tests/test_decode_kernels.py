@@ -35,8 +35,8 @@ def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
                       "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    # 10 GDN step, 4 GDN prefill, 2 norm, 2 silu_mul, 4 norm + linear, 2 rope, 7 attention, 4 engines
-    assert "35 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    # 10 GDN step, 5 GDN prefill, 2 norm, 2 silu_mul, 4 norm + linear, 2 rope, 7 attention, 4 engines
+    assert "36 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -181,6 +181,22 @@ def test_interpreted_first_call_check_catches_a_wrong_kernel(monkeypatch):
     monkeypatch.setattr(mixers, "gdn_step", real)
     mixer.decode_inplace(x, {n: t.clone() for n, t in state.items()})
     assert op_gdn_step.CHECKED == {(x.device, x.dtype)}
+
+@interpreted
+def test_interpreted_prefill_first_call_check_catches_a_wrong_kernel(monkeypatch):
+    from hybrid.model import mixers
+    _, mixer = gdn_mixer("llama_gqa", 4, torch.float32)
+    x = torch.randn(2, 7, D_MODEL)
+    monkeypatch.setattr(op_gdn_prefill, "CHECKED", set())
+    real = mixers.gated_rms_norm_prefill
+    monkeypatch.setattr(mixers, "gated_rms_norm_prefill", lambda *a: 1.5 * real(*a))  # off by half its output
+    with pytest.raises(RuntimeError, match="prefill kernels .* disagree with mix"):
+        mixer.prefill_fused(x)
+    assert not op_gdn_prefill.CHECKED
+    monkeypatch.setattr(mixers, "gated_rms_norm_prefill", real)
+    mixer.prefill_fused(x)
+    assert op_gdn_prefill.CHECKED == {(x.device, x.dtype)}
+
 
 def check_prefill_matches_mix(family: str, conv_size: int, dtype, device: str, rel: float, T: int = 21):
     """The fused prompt pass (op_gdn_prefill) against mix() from an empty state, left-padded rows:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .mixer_base import HeadRMSNorm, TeacherInitMixer, apply_rope, causal_conv, gated_rms_norm, up32, zero_pads
 from .op_gdn import gdn
+from . import op_gdn_prefill
+from .op_decode import check_agrees
 from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 from .op_gdn_step import check_once, gdn_step, supported as gdn_step_supported
 from .op_gla import gla
@@ -106,7 +108,19 @@ class GatedDeltaNetMixer(TeacherInitMixer):
     def prefill_fused(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """A prompt from an empty state, as mix(x, None, None, pad_mask) -> (y, state), with the
         elementwise work around the chunk kernel in op_gdn_prefill's two Triton kernels: the static
-        engine's prefill where its fused decode runs (the same shapes: fused_decode_supported)."""
+        engine's prefill where its fused decode runs (the same shapes: fused_decode_supported). The
+        first call per device and dtype also runs mix() and raises if they disagree (check_agrees)."""
+        y, state = self._prefill_fused(x, pad_mask)
+        key = (x.device, x.dtype)
+        if key not in op_gdn_prefill.CHECKED:
+            want_y, want = self.mix(x, None, None, pad_mask)
+            real = (slice(None),) if pad_mask is None else (pad_mask,)  # outputs at pads are never read
+            check_agrees(f"the fused GDN prefill kernels (op_gdn_prefill) disagree with mix() on {x.device} {x.dtype}",
+                         [("output", y[real], want_y[real])] + [(n, state[n], want[n]) for n in want])
+            op_gdn_prefill.CHECKED.add(key)
+        return y, state
+
+    def _prefill_fused(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         B, T, _ = x.shape
         x = zero_pads(x, pad_mask)
         q, k, v, a, b, gate = self.project(x, self.a_proj, self.b_proj, self.g_proj)

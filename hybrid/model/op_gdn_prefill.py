@@ -26,6 +26,7 @@ from .op_common import lazy_kernels
 
 tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 BLOCK_T = 16  # tokens per program
+CHECKED = set()  # (device, dtype) where GatedDeltaNetMixer.prefill_fused has matched mix() once
 
 
 def _define(triton) -> dict:
