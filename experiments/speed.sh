@@ -10,17 +10,17 @@
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
 #                  decode profile at 16K B32 and a batch-1 prefill profile at 16K, with the settings of
 #                  the fastest engine run
-#   train          bench_train.py's sections not yet measured on the device (issue 11): kpad (with the
-#                  fla #640 workarounds' gradient errors), stage1
-#   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels
+#   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
+#                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
+#   train          kpad (fla #640: the workarounds' speed and gradient errors) and stage-1 rotation
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default all: "gpu_tests engine bench train train_profile"): the parts to run, e.g. PARTS=engine.
+# PARTS (default all: "gpu_tests engine bench train_profile train"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests engine bench train train_profile}
+PARTS=${PARTS:-gpu_tests engine bench train_profile train}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -57,7 +57,7 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part train 240 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train  # gas2: measured 2026-12-02
-part train_profile 240 $PY bench_train.py --sections=phases --paths=fast --base_micro_batch=32 \
-  --out_dir=$OUT_DIR/train_profile  # where the fast stage-2 step's kernel time goes, top kernels per spec
+part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
+  --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
+part train 240 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"
