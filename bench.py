@@ -202,7 +202,8 @@ def bench_eager(name, model, ctx, B, bw, device) -> dict:
 def profile_step(name, model, ctx, B, device, fused: bool) -> None:
     """GPU kernel time of eager engine decode steps (no graph: the profiler sees each kernel), by kernel."""
     from torch.profiler import ProfilerActivity, profile
-    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused, pack=PACK)
+    engine = StaticEngine(model, B, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused, pack=PACK,
+                          norm_linear=NORM_LINEAR)
     token = engine.prefill(torch.randint(0, 10000, (B, ctx), device=device), None, max(1, PREFILL_TOKENS // ctx)).argmax(-1)
     for _ in range(2):
         token = engine.decode(token).argmax(-1)
@@ -221,7 +222,7 @@ def profile_prefill(name, model, ctx, device, fused: bool) -> None:
     the kernels means launch-bound: the host is the bottleneck), and the top ops by host time."""
     from torch.profiler import ProfilerActivity, profile
     engine = StaticEngine(model, 1, ctx + 16, cuda_graph=False, compile=COMPILE, fused=fused and device.type == "cuda",
-                          pack=PACK)
+                          pack=PACK, norm_linear=NORM_LINEAR)
     ids = torch.randint(0, model.config.vocab_size, (1, ctx), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     engine.prefill(ids)
@@ -233,9 +234,13 @@ def profile_prefill(name, model, ctx, device, fused: bool) -> None:
         sync()
         wall = time.perf_counter() - start
     events = prof.key_averages()
-    print(f"== prefill {name} ctx {ctx} B 1: wall {1e3 * wall:.1f} ms, GPU kernels {sum(e.self_device_time_total for e in events) / 1e3:.1f} ms "
-          f"({sum(e.count for e in events if e.self_device_time_total > 0)} kernels)")
+    # the kernels' own events: an eager op's row also carries the time of the kernels it launched
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    print(f"== prefill {name} ctx {ctx} B 1: wall {1e3 * wall:.1f} ms, GPU kernels "
+          f"{sum(e.self_device_time_total for e in kernels) / 1e3:.1f} ms ({sum(e.count for e in kernels)} kernels)")
     print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if kernels:  # and where the GPU time goes
+        print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
 
 
 def random_models(dtype, device):
