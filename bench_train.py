@@ -412,7 +412,7 @@ def run_kpad(device):
     each with its gradient error against the fp32 chunked reference (a wrong row shows it)."""
     emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks, checked) vs none\n")
     from hybrid.model import op_gdn
-    from hybrid.model.op_common import fla_module
+    from hybrid.model.op_common import fla_module, relative_errors
     chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
     chunk, chunk_o = fla_module("fla.ops.gated_delta_rule.chunk"), fla_module("fla.ops.common.chunk_o")
     op_gdn._guard_dqkwg()
@@ -442,7 +442,7 @@ def run_kpad(device):
     for label, dqkwg, fn, workaround in paths:
         chunk.chunk_bwd_dqkwg, op_gdn.HOPPER_WORKAROUND = dqkwg, workaround or saved[2]
         chunk_o.TRITON_ABOVE_3_7_1 = True  # fla's guard lifted (the first row is the bug it guards against)
-        errs = [float((a - r).abs().max() / r.abs().max().clamp(min=1e-12)) for a, r in zip(grads(fn), ref)]
+        errs = relative_errors(zip("qkvgb", grads(fn), ref)).values()
         ms = timed(lambda: grads(fn), device, warmup=2, repeats=10)
         base = base or ms
         emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x | {', '.join(f'{e:.1e}' for e in errs)} |")

@@ -214,12 +214,11 @@ class StaticEngine:
             if proj is None and attn_pack is not None:
                 proj = attn_pack(h)
             a = attn.decode_inplace(h, buf, proj)  # buffers updated in place
-        elif fused and hasattr(attn, "prefill_fused"):  # a prompt: the mixer's fused prefill kernels
-            a, state = attn.prefill_fused(h, pad)
-            for name, t in state.items():
-                buf[name][rows].copy_(t)
         else:
-            a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
+            if rows is not None and fused and hasattr(attn, "prefill_fused"):  # a prompt through its fused kernels
+                a, state = attn.prefill_fused(h, pad)
+            else:
+                a, state = attn.mix(h, pe, None if rows is not None else buf, pad, output_state=True)
             for name, t in state.items():
                 (buf[name] if rows is None else buf[name][rows]).copy_(t)
         if norm_eps is None:

@@ -27,6 +27,12 @@ def fla_module(name: str):
     return module
 
 
+def relative_errors(pairs) -> dict[str, float]:
+    """pairs: (name, got, want) -> {name: largest |got - want| / largest |want|} in fp32: how a fast path
+    is compared with its reference (op_decode.check_agrees, op_gdn's fla #640 check)."""
+    return {n: float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)) for n, a, b in pairs}
+
+
 def lazy_kernels(module_globals: dict, define):
     """-> kernels(): an op file's jitted Triton kernels, {name: kernel} from define(triton) on the first
     call, the same dict after. Triton comes through __import__, not an import statement, which

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .op_common import lazy_kernels
+from .op_common import lazy_kernels, relative_errors
 
 tl = None  # triton.language once _kernels() has run: a module global, where Triton looks for it
 
@@ -180,7 +180,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return (total, h) if residual is not None else h
 
 
-
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """A gated MLP's SiLU(gate) * up in one kernel (two eager ones), with their roundings: gate, up (...,
     N) of one dtype, each any row stride with unit column stride (e.g. halves of one packed matmul)."""
@@ -193,6 +192,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     block = min(1024, 1 << (N - 1).bit_length())
     _kernels()["silu_mul"][(g.shape[0], -(-N // block))](g, u, y, g.stride(0), u.stride(0), N=N, BLOCK=block)
     return y
+
 
 def rope_kv_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  kbuf: torch.Tensor, vbuf: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -282,8 +282,7 @@ def check_agrees(what: str, pairs: list, tolerance: float = 0.05) -> None:
     dtype: a kernel that miscompiles on some GPU or Triton version must fail loudly, not decode wrong
     tokens. pairs: (name, got, want); RuntimeError `what: ...` when a largest difference passes
     `tolerance` of want's largest value (bf16 rounding is ~1e-2)."""
-    errors = {n: ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
-              for n, a, b in pairs}
+    errors = relative_errors(pairs)
     if not all(e <= tolerance for e in errors.values()):
         raise RuntimeError(f"{what}: relative errors {errors}; decode without it (StaticEngine(..., fused=False) or "
                            f"fast_generate(..., fused=False)) and report this")

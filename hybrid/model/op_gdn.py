@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .op_common import compute_dtype, fla_module, needs_grad, pick_kernel, to_chunks
+from .op_common import compute_dtype, fla_module, needs_grad, pick_kernel, relative_errors, to_chunks
 
 def _check(q, k, v, g, beta, initial_state) -> None:
     if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:2] != q.shape[:2]:
@@ -175,8 +175,7 @@ def _guard_dqkwg() -> None:
         out = run(False, args, kwargs)
         if key not in DQKWG_VERDICT:
             ref = run(True, args, kwargs)
-            errors = {n: float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
-                      for n, a, b in zip(("dq", "dk", "dw", "dg"), out, ref) if a is not None}
+            errors = relative_errors((n, a, b) for n, a, b in zip(("dq", "dk", "dw", "dg"), out, ref) if a is not None)
             if not all(e == e and e != float("inf") for e in errors.values()):
                 return out  # non-finite gradients (a diverged step) decide nothing: check again next call
             DQKWG_VERDICT[key] = "fla" if all(e <= 0.05 for e in errors.values()) else "narrow"
