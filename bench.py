@@ -167,7 +167,7 @@ def bench_engine(name, model, ctx, B, bw, device, fused: bool = True, prefill_re
         windows.append(clock.seconds(start, clock.mark()) / DECODE_STEPS)
     row = figures(name, model, ctx, B, bw, statistics.median(ttfts), statistics.median(windows), peak_memory(device))
     row["cache_bytes_allocated"] = engine.cache_nbytes()
-    row["fused_layers"] = sum(engine.fused)
+    row["fused_layers"] = sum(p.fused for p in engine.plans)
     return row
 
 

@@ -307,7 +307,7 @@ def test_interpreted_silu_mul_equals_eager(dtype):
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_rope_kv_step_equals_eager(dtype):
-    from hybrid.model.engine import _rope
+    from hybrid.model.engine_layer import _rope
     torch.manual_seed(0)
     B, H, HKV, D, S = 3, 4, 2, 16, 10
     z = torch.randn(B, (H + 2 * HKV) * D).to(dtype)  # q/k/v as column views of one packed output
@@ -367,10 +367,11 @@ def test_unsupported_shapes_and_bad_inputs():
     _, mixer = gdn_mixer("qwen3_qknorm", 4, torch.float32)  # head_dim 24: no power-of-two tile
     assert not mixer.fused_decode_supported()
     engine = StaticEngine(tiny_model(["gdn", "softmax"], dtype=torch.float32), 1, 8, fused=True)
-    assert engine.fused == [True, False]  # the softmax layer has no fused step
-    assert all(e is not None for e in engine.norm_eps)
+    assert [p.fused for p in engine.plans] == [True, False]  # the softmax layer has no fused step
+    assert all(p.norm_eps is not None for p in engine.plans)
     model = tiny_model(["gdn", "softmax"], dtype=torch.float32)
-    assert StaticEngine(model, 1, 8, fused=True, compile=True).norm_eps == [None, None]  # compile fuses them itself
+    plans = StaticEngine(model, 1, 8, fused=True, compile=True).plans
+    assert [p.norm_eps for p in plans] == [None, None]  # compile fuses them itself
     assert hf_rms_norm_eps(torch.nn.LayerNorm(8)) is None
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     assert hf_rms_norm_eps(GemmaRMSNorm(8)) is None  # (1 + weight): another formula
@@ -389,8 +390,8 @@ def test_interpreted_engine_decodes_the_same_tokens(family, norm_linear):
     model = tiny_model(["gdn", "softmax", "gdn"], family=family, dtype=torch.float32)
     ids, mask = padded_batch([9, 3, 6])
     engine = StaticEngine(model, 3, 16, fused=True, pack=True, norm_linear=norm_linear)
-    assert engine.fused == [True, False, True] and all(a is not None for a, _ in engine.packs)
-    assert engine.norm_linear == engine.swiglu == [norm_linear] * 3 and engine.silu_mlp == [True] * 3
+    assert [p.fused for p in engine.plans] == [True, False, True] and all(p.attn_pack is not None for p in engine.plans)
+    assert [(p.norm_linear, p.swiglu, p.silu) for p in engine.plans] == [(norm_linear, norm_linear, True)] * 3
     fused_tokens, fused_logits = engine_logits(model, ids, mask, 6, fused=True, pack=True, norm_linear=norm_linear)
     plain_tokens, plain_logits = engine_logits(model, ids, mask, 6, fused=False, pack=False)
     assert torch.equal(fused_tokens, plain_tokens)

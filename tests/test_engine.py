@@ -107,8 +107,8 @@ def test_packed_projections_equal_separate_ones(name, family):
     model = tiny_model(SPECS[name], family=family)
     ids, mask = padded_batch([9, 3, 6])
     engine = StaticEngine(model, 3, 16, pack=True)
-    for kind, (attn_pack, mlp_pack) in zip(engine.kinds, engine.packs):  # the fused mixer step is off on CPU
-        assert mlp_pack is not None and (attn_pack is not None) == (kind == "softmax")
+    for plan in engine.plans:  # the fused mixer step is off on CPU
+        assert plan.mlp_pack is not None and (plan.attn_pack is not None) == (plan.kind == "softmax")
     packed_tokens, packed_logits = engine_logits(model, ids, mask, 6, pack=True)
     tokens, logits = engine_logits(model, ids, mask, 6, pack=False)
     assert torch.equal(packed_tokens, tokens)
@@ -142,7 +142,7 @@ def test_fast_generate_matches_hf_generate_and_samples():
     first = model.fast_engine
     assert torch.equal(model.fast_generate(ids, pack=True, **kw), eager) and model.fast_engine is not first
     second = model.fast_engine
-    assert second.packs[0][1] is not None  # rebuilt with the options asked for, then reused with the same
+    assert second.plans[0].mlp_pack is not None  # rebuilt with the options asked for, then reused with the same
     assert torch.equal(model.fast_generate(ids, pack=True, **kw), eager) and model.fast_engine is second
     eos = int(eager[0, 9])  # the second new token of row 0 as EOS: the row ends there, pads after
     out = model.fast_generate(ids, **{**kw, "eos_token_id": eos})
