@@ -10,16 +10,15 @@ weights) and random token batches, through the library's own training code:
            and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
   stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
   gas2     GA-S2 candidates as select_layers.train_spec (build + train; fast builds on the device as it
-           does, eager rebuilds from the CPU teacher); eager = a teacher forward
-           per micro-step; fast = hybrid.stage2.TeacherTargets (teacher once per batch, shared by
-           all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64 with fla's own blocks (fla #640 guard lifted) vs
-           op_gdn's workarounds (pad K to 128; narrow blocks in the one affected kernel; fla's blocks
-           checked once against narrow), each with its gradient error against the fp32 reference.
+           does, eager rebuilds from the CPU teacher); eager = a teacher forward per micro-step; fast =
+           hybrid.stage2.TeacherTargets (teacher once per batch, shared by all candidates) + compiled
+           layers; ETA of 30 candidates x GAS2_TOKENS.
+  kpad     fla's GDN chunk kernel fwd+bwd at K=64, fla's own blocks (fla #640 guard lifted) vs op_gdn's
+           workarounds (pad K to 128; narrow blocks in the one affected kernel; fla's blocks checked
+           once against narrow), each with its gradient error against the fp32 reference.
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
 
-Launch (1 GPU, fla installed):  python bench_train.py --out_dir=runs/bench_train
-  --sections=stage2,phases picks sections; --specs=('gdn',) picks hybrids.
+Launch (1 GPU, fla installed): python bench_train.py --out_dir=runs/bench_train [--sections=stage2,phases --specs=(gdn,)]
 CPU smoke (seconds, no compile, no fla):  python bench_train.py --device=cpu --smoke=True
 Writes OUT_DIR/bench_train.md (the printed tables) and OUT_DIR/profile_*.txt. Sample line:
 | stage2 | all-gdn | fast | 32 | 2048 | 168.2k | 2.54x | 26.9% | 26.2 | 0.2303 0.2293 0.2288 0.2283 |
