@@ -58,7 +58,8 @@ STAGE = 1                       # 1: attention alignment (MSE per layer) | 2: fu
 TEACHER = "embedded"            # HF id | local HF dir | .gguf | "embedded" (SmolLM2-135M-Instruct)
 DATA_DIR = "data/debian"        # shards from prepare.py
 SPEC = "gdn"                    # per-layer mixers: "gdn" | "gdn;softmax=3,7" | "gdn,gdn,softmax,..." | a selection.json
-                                # (its chosen spec) | selection.json:<method> (that method's top-K, e.g. :uniform)
+                                # (its chosen spec) | selection.json:<method> (that method's top-K, e.g. :uniform;
+                                # :ga_s2@12 its top 12)
 MIXER_OPTIONS = "{}"            # mixer keyword options (dict literal): conv_size (gdn), gate_rank (gla), window (swa)
 INIT = ""                       # stage 2: stage-1 checkpoint or run dir seeding the mixers ("" = fresh from teacher)
 RUN_DIR = "runs/distill"        # config.json, log.txt, metrics.jsonl, stage1.png / stage2.png, ckpt/

@@ -4,11 +4,11 @@
 # tokens and settings, an export of each, and one eval of the teacher and every arm.
 # Usage (repo root; on the device through `PLAN=compare bash experiments/lease.sh start`):
 #   TEACHER=<gguf|HF dir|embedded> ARMS="ga_s2 uniform all_gdn" bash experiments/compare.sh
-# An arm is a method of SELECTION (its top-K layers softmax, K = the selection's 25% of layers) or
-# all_gdn (no softmax layer), optionally followed by distill.py settings joined with "+", which
-# makes the lever study of the same issue (one change per arm, same tokens):
+# An arm is a method of SELECTION (its top-K layers softmax, K = the selection's 25% of layers; method@K:
+# its top K, e.g. ga_s2@12) or all_gdn (no softmax layer), optionally followed by distill.py settings
+# joined with "+", which makes the lever study of the same issue (one change per arm, same tokens):
 #   ARMS="ga_s2 ga_s2+--lr_mixer=3e-3 ga_s2+--ce_weight=0.5 ga_s2+--temperature=2 ga_s2+--untie_embeddings=True
-#         ga_s2+--seq_len=4096+--micro_batch=16" STEPS=80 SAMPLES=5 bash experiments/compare.sh
+#         ga_s2+--seq_len=4096+--micro_batch=16 ga_s2@12" STEPS=80 SAMPLES=5 bash experiments/compare.sh
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -34,7 +34,8 @@ def spec_file(spec: str) -> tuple[str, str]:
 def read_spec(spec: str, n_layers: int) -> list[str]:
     """parse_spec, where `spec` may also name a selection.json from select_layers.py: its "chosen_spec",
     or with ":<method>" appended (selection.json:uniform) that method's top-K layers at the selection's
-    softmax fraction turned softmax in its stage-1 spec (the comparison arms of one selection)."""
+    softmax fraction turned softmax in its stage-1 spec (the comparison arms of one selection), or
+    with ":<method>@<K>" its top K (K softmax layers: the K lever; uniform: K evenly spread)."""
     path, method = spec_file(spec)
     if not path:
         return parse_spec(spec, n_layers)
@@ -47,10 +48,20 @@ def read_spec(spec: str, n_layers: int) -> list[str]:
         if sel.get("chosen_spec") is None:
             raise ValueError(f"--spec={spec}: no 'chosen_spec' in it; expected a selection.json of select_layers.py")
         return parse_spec(sel["chosen_spec"], n_layers)
+    method, _, k = method.partition("@")
+    if k and not (k.isdigit() and 0 < int(k) <= len(sel.get("candidates", []))):
+        raise ValueError(f"--spec={spec}: K={k!r} after '@'; expected a number of softmax layers from 1 to the "
+                         f"{len(sel.get('candidates', []))} candidates of {path}")
     methods = sel.get("methods", {})
-    top = methods.get(method, {}).get("top", {}).get(str(sel.get("k_fraction")))
+    k = k or str(sel.get("k_fraction"))
+    top = methods.get(method, {}).get("top", {}).get(k)
+    if top is None and method in methods:  # a K the selection did not list: from the method's ranking
+        from .selection import top_k, uniform_layers
+        ranking = methods[method].get("ranking")
+        top = uniform_layers(sel["candidates"], int(k)) if method == "uniform" else (
+            top_k(ranking, int(k)) if ranking else None)
     if top is None:
-        raise ValueError(f"--spec={spec}: {path} has no top-{sel.get('k_fraction')} set for method {method!r}; "
+        raise ValueError(f"--spec={spec}: {path} has no top-{k} set for method {method!r}; "
                          f"it has: {', '.join(sorted(methods)) or 'none'}")
     return with_softmax(parse_spec(sel["stage1_spec"], n_layers), top)
 

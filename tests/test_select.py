@@ -134,6 +134,15 @@ def test_distill_reads_the_chosen_spec(selected):
     assert read_spec(os.path.join(run, "selection.json") + ":ga_s2", 4) == sel["chosen_spec"]  # the primary
     with pytest.raises(ValueError, match=r"no top-\d+ set for method 'nope'; it has: .*uniform"):
         read_spec(os.path.join(run, "selection.json") + ":nope", 4)
+    # :<method>@K: the top K of the method's ranking (uniform: K spread evenly), whatever K it listed
+    ranking = sel["methods"]["ga_s2"]["ranking"]
+    for k in (1, 2, 3):
+        got = read_spec(os.path.join(run, "selection.json") + f":ga_s2@{k}", 4)
+        assert [i for i, m in enumerate(got) if m == "softmax"] == sorted(ranking[:k])
+    assert read_spec(os.path.join(run, "selection.json") + ":uniform@2", 4).count("softmax") == 2
+    for bad in ("ga_s2@0", "ga_s2@x", "ga_s2@9"):
+        with pytest.raises(ValueError, match="expected a number of softmax layers"):
+            read_spec(os.path.join(run, "selection.json") + ":" + bad, 4)
 
 
 def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatch):
