@@ -9,6 +9,9 @@
 # joined with "+", which makes the lever study of the same issue (one change per arm, same tokens):
 #   ARMS="ga_s2 ga_s2+--lr_mixer=3e-3 ga_s2+--ce_weight=0.5 ga_s2+--temperature=2 ga_s2+--untie_embeddings=True
 #         ga_s2+--seq_len=4096+--micro_batch=16 ga_s2@12" STEPS=80 SAMPLES=5 bash experiments/compare.sh
+# SELECT_TOKENS=4194304: select layers here first (select_layers.py: GA-S2 at that many tokens per candidate,
+# the cheap selectors and baselines beside it; their Jaccards with GA-S2 are in its selection.json) and
+# train the arms from that selection; with ARMS="" only stage 1 and the selection run (~20 min at 4M).
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,23 +20,31 @@ TEACHER=${TEACHER:-embedded}
 D=${D:-data/debian}
 R=${R:-runs/compare}
 SELECTION=${SELECTION:-docs/runs/h200_lease_2026-12-02/selection.json}  # GA-S2 at 0.52M tokens per candidate
-ARMS=${ARMS:-"ga_s2 uniform all_gdn"}
+ARMS=${ARMS-"ga_s2 uniform all_gdn"}  # set but empty: no arms
 STEPS=${STEPS:-260}    # stage-2 steps per arm, 131,072 tokens each (260: 34M tokens, ~200 s at ~175k tokens/s)
 LIMIT=${LIMIT:-240}    # wall-clock cap of each arm's stage 2 (s); the arms' token counts are in their summaries
 S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)   # as distill.sh on a GPU
 S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="$STEPS" --eval_every="$STEPS"
     --time_limit_s="$LIMIT")
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
+SELECT_TOKENS=${SELECT_TOKENS:-0}  # > 0: a selection of this run (tokens per GA-S2 candidate), used by the arms
+SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse --candidate_tokens="$SELECT_TOKENS" --seq_len=512 --micro_batch=64)
 EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples="$SAMPLES" --recall_batch=16)
 if [ -n "${SMOKE:-}" ]; then
   S1=(--smoke=True)
   S2=(--smoke=True)
   EVAL=(--smoke=True)
+  SEL=(--smoke=True)
 fi
 T0=$(date +%s)
 phase() { echo; echo "== $1 | elapsed $(( $(date +%s) - T0 ))s =="; }
 phase "stage 1 (rotation)"
 $PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_dir="$R/stage1" "${S1[@]}"
+if [ "$SELECT_TOKENS" -gt 0 ]; then
+  phase "layer selection, $SELECT_TOKENS tokens per GA-S2 candidate"
+  $PY select_layers.py --init="$R/stage1" --data_dir="$D" --run_dir="$R/select" "${SEL[@]}"
+  SELECTION="$R/select/selection.json"
+fi
 MODELS="teacher"
 for arm in $ARMS; do
   method=${arm%%+*}
@@ -48,6 +59,7 @@ for arm in $ARMS; do
   $PY export.py --checkpoint="$R/s2_$name" --out_dir="$R/export_$name"
   MODELS="$MODELS,$name=$R/export_$name"
 done
+[ -n "$ARMS" ] || { phase "done (no arms)"; exit 0; }
 phase "eval ($MODELS)"
 $PY eval.py --teacher="$TEACHER" --models="$MODELS" --data_dir="$D" --out_dir="$R/eval" "${EVAL[@]}"
 phase "done"

@@ -249,6 +249,20 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     assert lever[1].endswith("--ce_weight=0.5 --temperature=2") and ":ga_s2 " in lever[1]
     name = "ga_s2_--ce_weight-0.5_--temperature-2"
     assert f"--run_dir={tmp_path / 'lev' / ('s2_' + name)}" in lever[1] and f",{name}=" in lever[3]
+    # SELECT_TOKENS: a selection of its own after stage 1, which the arms then use; no arms: no eval
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "sel"), "SELECT_TOKENS": "4194304",
+                              "ARMS": ""}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    sel_calls = log.read_text().splitlines()[len(calls) + len(lever):]
+    assert [c.split()[0] for c in sel_calls] == ["distill.py", "select_layers.py"]
+    assert "--candidate_tokens=4194304" in sel_calls[1] and "halving" in sel_calls[1]
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "sa"), "SELECT_TOKENS": "1048576",
+                              "ARMS": "ga_s2"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    arm = log.read_text().splitlines()[len(calls) + len(lever) + 2:]
+    assert f"--spec={tmp_path / 'sa' / 'select' / 'selection.json'}:ga_s2" in arm[2] and arm[-1].startswith("eval.py")
     sel = os.path.join(REPO, "docs", "runs", "h200_lease_2026-12-02", "selection.json")
     from hybrid.surgery import read_spec
     assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
