@@ -136,7 +136,7 @@ bench_compile)  # issue 12's levers: compile off/on, packed projections off/on; 
   PARTS=engine bash experiments/speed.sh | tee "$OUT/bench_compile.txt"  # its "engine" part alone
   ;;
 gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machine, fla autotune cached
-  fla
+  fla; restore_cache  # (+ .device/cache when carried: a fresh machine skips fla's JIT)
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
   cd $P 2>/dev/null || true
   timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rfE -x ${TESTS:-tests/test_decode_kernels.py tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
