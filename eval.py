@@ -16,6 +16,7 @@ each optionally `name=path`. Writes OUT_DIR/{eval.json, eval.md, recall.png, rec
 Line: ga_s2          | kl 0.1234 | ppl 12.34 (teacher 11.90) | top1 0.812 | recall 0.654
 """
 
+import math
 import os
 import time
 
@@ -128,7 +129,37 @@ def markdown(results: dict) -> str:
         for n in names:
             tm = results[n].get("recall", {}).get("task_mean", {})
             lines.append(f"| {n} | " + " | ".join(f"{tm[t]:.3f}" if t in tm else "-" for t in TASKS) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired(results)) + "\n"
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven if either side were as likely
+    to win each pair (ties left out)."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired(results: dict) -> list[str]:
+    """Every two models besides the teacher, paired on the same inputs: how many val batches each has
+    the lower KL on, and how many recall prompts each scores higher on, with the sign test's p (is a
+    difference in the means more than the sample?)."""
+    names = [n for n in results if n != "teacher"]
+    lines = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ra, rb = results[a], results[b]
+            ka, kb = ra.get("val_kl_per_batch") or [], rb.get("val_kl_per_batch") or []
+            kl = (sum(x < y for x, y in zip(ka, kb)), sum(x > y for x, y in zip(ka, kb)))
+            sa, sb = ({(r["task"], r["length"], r["index"]): r["score"] for r in m.get("recall", {}).get("samples", [])}
+                      for m in (ra, rb))
+            both = sa.keys() & sb.keys()
+            rec = (sum(sa[k] > sb[k] for k in both), sum(sa[k] < sb[k] for k in both))
+            lines.append(f"| {a} vs {b} | {kl[0]} / {kl[1]} of {len(ka)} (p {sign_test(*kl):.2f}) | "
+                         + (f"{rec[0]} / {rec[1]} of {len(both)} (p {sign_test(*rec):.2f}) |" if both else "- |"))
+    if not lines:
+        return []
+    return ["", "Paired on the same inputs (A / B: batches with the lower KL, prompts with the higher recall score; "
+            "two-sided sign test p, ties left out):", "", "| A vs B | KL | recall |", "| --- | --- | --- |"] + lines
 
 
 def main():
