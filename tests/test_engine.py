@@ -186,6 +186,22 @@ def test_a_dropped_engine_frees_its_buffers_at_once():
     assert torch.equal(outputs[0], outputs[1])
 
 
+def test_compiled_decode_compiles_per_layer_kind_not_per_layer():
+    """compile=True: torch.compile(run_layer) is reused by every layer of a kind (the LayerPlans and
+    modules differ, the code does not), so twice the depth compiles no more graphs. A per-layer
+    specialisation would recompile 30 times on a real model and hit dynamo's limit (eager again)."""
+    from torch._dynamo.utils import counters
+    ids, mask = padded_batch([5, 3])
+    graphs = []
+    for depth in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        model = tiny_model(["gdn", "softmax"] * depth)
+        StaticEngine(model, 2, 16, compile=True, pack=True).generate(ids, mask, max_new_tokens=3)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] and 0 < graphs[0] <= 6, graphs
+
+
 def test_errors():
     model = tiny_model(SPECS["gdn"])
     engine = StaticEngine(model, 2, 10)
