@@ -60,6 +60,26 @@ def test_causal_conv_compiled_branch_equals_the_reference(monkeypatch):
     torch.testing.assert_close(torch.autograd.grad(got[0].square().sum(), x), g_ref)
 
 
+def test_regional_compile_is_one_graph_per_layer_kind():
+    """compile_layers' promise (seconds, not a whole-model compile): every layer of a kind reuses one
+    graph, so twice the depth compiles no more graphs, forward and backward. Compiled here on CPU by
+    hand (compile_layers itself only compiles on CUDA), with aot_eager: dynamo's graphs and guards
+    are the same as inductor's, without the C++ code generation."""
+    from torch._dynamo.utils import counters
+    graphs = []
+    for depth in (1, 2):
+        torch._dynamo.reset()
+        counters.clear()
+        teacher = tiny_teacher("llama_gqa", n_layers=2 * depth)
+        student = build_student(teacher, ["gdn", "softmax"] * depth).requires_grad_(True)
+        for layer in student.model.layers:
+            layer.compile(dynamic=False, backend="aot_eager")
+        x = torch.randint(0, teacher.config.vocab_size, (2, 16))
+        student.model(input_ids=x, use_cache=False).last_hidden_state.square().mean().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] > 0, graphs
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_layers_match_eager_on_gpu():
