@@ -24,7 +24,7 @@ mixer states (pad_mask), and RoPE positions count real tokens only, as the eager
 import torch
 from torch import nn
 
-from .engine_layer import SOFTMAX, attend_prompt, plan_layers, run_layer  # noqa: F401 (attend_prompt: re-exported)
+from .engine_layer import SOFTMAX, plan_layers, run_layer
 
 
 def layer_kinds(model: nn.Module) -> list[str]:
