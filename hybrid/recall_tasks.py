@@ -12,7 +12,7 @@ Generation tasks (answered by greedy decoding, scored by string match in recall_
   niah_multivalue  four values of one key; all must be recalled
   vt               variable tracking: VAR A = 12345, VAR B = VAR A, ... plus a distractor chain;
                    the answer is every variable that holds the asked value
-Next-token task (one forward pass, no decoding):
+Next-token task (one forward pass, no decoding; its samples: recall_mqar.py):
   mqar             key-value word pairs, haystack, then the pairs again in another order;
                    accuracy of the argmax next token at each value position
 
@@ -29,6 +29,7 @@ import random
 import numpy as np
 
 from .checkpoint import atomic_write_bytes
+from .recall_mqar import mqar_sample, word_tokens
 
 TASKS = ("passkey", "niah_single", "niah_uuid", "niah_multikey", "niah_multivalue", "vt", "mqar")
 LENGTHS = (1024, 2048, 4096, 8000)
@@ -37,7 +38,6 @@ MAX_NEW_TOKENS = {"passkey": 16, "niah_single": 24, "niah_uuid": 48, "niah_multi
 N_DISTRACTORS = 3     # niah_multikey: needles besides the asked one
 N_VALUES = 4          # niah_multivalue: values of the one key
 VT_HOPS = 4           # vt: a chain of VT_HOPS + 1 variables (and a distractor chain as long)
-MQAR_PAIRS = 32       # mqar: key-value pairs (fewer when the length is too short for them)
 _ADJ = ("quiet", "bright", "hollow", "ancient", "silver", "rapid", "gentle", "frozen", "hidden", "golden",
         "narrow", "crimson", "distant", "humble", "lively", "wooden", "bitter", "clever", "dusty", "feral")
 _NOUN = ("harbor", "lantern", "meadow", "falcon", "compass", "orchard", "glacier", "violin", "canyon", "beacon",
@@ -210,51 +210,6 @@ def _generation_sample(tokenizer, hay: np.ndarray, task: str, length: int, depth
     raise ValueError(f"recall {task}: could not draw values absent from the haystack in 20 tries")
 
 
-def word_tokens(tokenizer) -> list[int]:
-    """Token ids that are whole lowercase words (3+ letters) which " word" encodes to alone: MQAR's keys/values."""
-    vocab = sorted(tokenizer.get_vocab().values())
-    words = [(t, s.strip()) for t, s in zip(vocab, tokenizer.batch_decode([[t] for t in vocab]))]
-    words = [(t, w) for t, w in words if len(w) >= 3 and w.isalpha() and w.isascii() and w.islower()]
-    encoded = tokenizer([" " + w for _, w in words], add_special_tokens=False)["input_ids"] if words else []
-    return [t for (t, _), ids in zip(words, encoded) if ids == [t]]
-
-
-def _mqar_sample(tokenizer, hay: np.ndarray, length: int, rng: random.Random, words: list[int]) -> dict:
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)
-    head = enc("Memorize the following pairs of words; each key word is followed by its value word.\n")
-    mid = enc("\n\nNow the same pairs again, in another order:\n")
-    sep = enc(",")
-    per_pair = 2 + len(sep)
-    n_pairs = min(MQAR_PAIRS, (length - len(head) - len(mid)) // (4 * per_pair))
-    if n_pairs < 1:
-        raise ValueError(f"mqar: length {length} is too short for even one pair; use longer lengths")
-    newline = enc("\n")
-    filler_len = length - len(head) - len(mid) - len(newline) - 2 * n_pairs * per_pair
-    start = rng.randrange(0, len(hay) - filler_len)
-    filler = hay[start:start + filler_len].tolist()
-    used = set(filler) | set(head) | set(mid) | set(sep) | set(newline)
-    pool = [t for t in words if t not in used]  # a key or value never occurs elsewhere in the prompt
-    if len(pool) < 2 * n_pairs:
-        raise ValueError(f"mqar: the tokenizer has {len(pool)} single-token words absent from the haystack window, "
-                         f"need {2 * n_pairs}; lower MQAR_PAIRS or use a larger vocabulary")
-    chosen = rng.sample(pool, 2 * n_pairs)
-    keys, values = chosen[:n_pairs], chosen[n_pairs:]
-    ids = head[:]
-    for kt, vt in zip(keys, values):
-        ids += [kt, vt] + sep
-    ids += newline + filler + mid
-    order = list(range(n_pairs))
-    rng.shuffle(order)
-    positions = []
-    for i in order:
-        ids += [keys[i]]
-        positions.append(len(ids))
-        ids += [values[i]] + sep
-    assert len(ids) == length, (len(ids), length)
-    return {"task": "mqar", "length": length, "depth": 0.0, "input_ids": ids, "answer_positions": positions,
-            "n_tokens": length}
-
-
 def prompt_tolerance(length: int) -> int:
     """How far a generation prompt's token count may miss its nominal length."""
     return min(32, max(8, length // 50))
@@ -302,7 +257,7 @@ def build_suite(tokenizer, haystack, lengths=LENGTHS, n_samples: int = 20, tasks
                 rng = random.Random(f"{seed}:{task}:{length}:{i}")
                 depth = 0.5 if n_samples == 1 else i / (n_samples - 1)
                 if task == "mqar":
-                    rec = _mqar_sample(tokenizer, hay, length, rng, words)
+                    rec = mqar_sample(tokenizer, hay, length, rng, words)
                 else:
                     rec = _generation_sample(tokenizer, hay, task, length, depth, rng, chat, tol, ends)
                 records.append({**rec, "index": i, "tokenizer_sha": sha})
