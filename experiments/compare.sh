@@ -11,7 +11,9 @@
 #         ga_s2+--seq_len=4096+--micro_batch=16 ga_s2@12" STEPS=80 SAMPLES=5 bash experiments/compare.sh
 # SELECT_TOKENS=4194304: select layers here first (select_layers.py: GA-S2 at that many tokens per candidate,
 # the cheap selectors and baselines beside it; their Jaccards with GA-S2 are in its selection.json) and
-# train the arms from that selection; with ARMS="" only stage 1 and the selection run (~20 min at 4M).
+# train the arms from that selection; with ARMS="" only stage 1 and the selection run. At 4M: 126M tokens
+# of GA-S2 candidates + ~42M of successive halving, in 65k-token steps (at 32k the lease measured ~117k
+# tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): ~19 min estimated, not yet measured.
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +30,8 @@ S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="
     --time_limit_s="$LIMIT")
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
 SELECT_TOKENS=${SELECT_TOKENS:-0}  # > 0: a selection of this run (tokens per GA-S2 candidate), used by the arms
-SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse --candidate_tokens="$SELECT_TOKENS" --seq_len=512 --micro_batch=64)
+SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse --candidate_tokens="$SELECT_TOKENS" --seq_len=512
+     --micro_batch=128 --total_batch_tokens=65536)
 EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples="$SAMPLES" --recall_batch=16)
 if [ -n "${SMOKE:-}" ]; then
   S1=(--smoke=True)

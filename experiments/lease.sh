@@ -22,7 +22,7 @@
 # ARGS="--name=value ..." go to distill.sh (every distill.py run), e.g. a shorter run.
 # PLAN=compare runs experiments/compare.sh instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k
 # tokens + one eval; ~22 min for 3 arms; SELECT_TOKENS=4194304 ARMS="": stage 1 + a selection at 4M tokens
-# per GA-S2 candidate with the cheap selectors beside it, ~20 min).
+# per GA-S2 candidate with the cheap selectors beside it, ~22 min estimated).
 # PLAN=speed runs experiments/speed.sh (GPU tests + inference and training benches on random weights):
 # no teacher, no data, so `start` is the first call, carrying only .device/wheels.
 set -euo pipefail
