@@ -129,6 +129,16 @@ def markdown(results: dict) -> str:
         for n in names:
             tm = results[n].get("recall", {}).get("task_mean", {})
             lines.append(f"| {n} | " + " | ".join(f"{tm[t]:.3f}" if t in tm else "-" for t in TASKS) + " |")
+        lines += ["", "Answer NLL by length (teacher-forced after the prompt, nats per answer token, mean over the "
+                  "single-answer tasks and MQAR; lower is better, and it moves before greedy answers do):", "",
+                  "| model | " + " | ".join(str(L) for L in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
+        for n in names:
+            nll = results[n].get("recall", {}).get("nll", {})
+            cells = []
+            for L in lengths:
+                vals = [t[str(L)] for t in nll.values() if str(L) in t]
+                cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines + paired(results)) + "\n"
 
 
@@ -154,12 +164,18 @@ def paired(results: dict) -> list[str]:
                       for m in (ra, rb))
             both = sa.keys() & sb.keys()
             rec = (sum(sa[k] > sb[k] for k in both), sum(sa[k] < sb[k] for k in both))
-            lines.append(f"| {a} vs {b} | {kl[0]} / {kl[1]} of {len(ka)} (p {sign_test(*kl):.2f}) | "
-                         + (f"{rec[0]} / {rec[1]} of {len(both)} (p {sign_test(*rec):.2f}) |" if both else "- |"))
+            na, nb = ({(r["task"], r["length"], r["index"]): r["nll"] for r in m.get("recall", {}).get("samples", [])
+                       if r.get("nll") is not None} for m in (ra, rb))
+            pair = na.keys() & nb.keys()
+            nll = (sum(na[k] < nb[k] for k in pair), sum(na[k] > nb[k] for k in pair))
+            count = lambda c, n: f"{c[0]} / {c[1]} of {n} (p {sign_test(*c):.2f}) |" if n else "- |"  # noqa: E731
+            lines.append(f"| {a} vs {b} | " + count(kl, len(ka)) + " " + count(rec, len(both)) + " "
+                         + count(nll, len(pair)))
     if not lines:
         return []
-    return ["", "Paired on the same inputs (A / B: batches with the lower KL, prompts with the higher recall score; "
-            "two-sided sign test p, ties left out):", "", "| A vs B | KL | recall |", "| --- | --- | --- |"] + lines
+    return ["", "Paired on the same inputs (A / B: val batches with the lower KL, recall prompts with the higher "
+            "score, answers with the lower NLL; two-sided sign test p, ties left out):", "",
+            "| A vs B | KL | recall | answer NLL |", "| --- | --- | --- | --- |"] + lines
 
 
 def main():

@@ -4,6 +4,11 @@ Generation tasks: greedy decoding (model.generate, no sampling), scored as RULER
 string_match_all: the fraction of expected strings found (case-insensitive) in the generated
 text, averaged over samples. MQAR: one forward pass, no decoding; the fraction of queries whose
 argmax next token at position p - 1 equals the value token at p. Scores are in [0, 1].
+
+Beside each score, a sample whose answer is one string (passkey, niah_single, niah_uuid,
+niah_multikey) or an MQAR one gets `nll`: the answer's mean negative log-likelihood per token,
+teacher-forced after the prompt (" " + answer), in nats. It moves long before greedy decoding finds
+a needle, so short runs that all score 0 can still be compared on recall.
 """
 
 import json
@@ -65,6 +70,24 @@ def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]])
         raise ValueError(f"mqar: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
                          f"{len(keep)} kept positions; expected (B, {len(keep)}, V) or (B, {T}, V)")
     return [logits[b, [index[p] for p in row]].argmax(-1).cpu() for b, row in enumerate(positions)]
+
+
+@torch.no_grad()
+def answer_nll(model, rows: list[list[int]], targets: list[list[int]], pad: int, device) -> list[float]:
+    """Teacher-forced mean NLL per token (nats) of row[p] for p in targets[b], for each row of token
+    ids. Rows are right-padded into one batch (causal: a real token never sees the pads after it, so
+    no mask is needed); only the logits at the positions before the targets are built."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+    keep = sorted({p - 1 for row in targets for p in row})
+    out = model(input_ids=ids, logits_to_keep=torch.tensor(keep, device=device), use_cache=False)
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    index = {p: i for i, p in enumerate(keep)} if logits.shape[1] == len(keep) else {p: p for p in keep}
+    nll = []
+    for b, row in enumerate(targets):
+        logp = torch.log_softmax(logits[b, [index[p - 1] for p in row]].float(), dim=-1)
+        nll.append(-logp.gather(-1, ids[b, row][:, None]).mean().item())
+    return nll
 
 
 class Engines:
@@ -156,27 +179,51 @@ def run_recall(model, tokenizer, tasks_jsonl, device="cpu", batch_size: int = 1,
                 outputs = [p.tolist() for p in preds]
                 scores += [(p == ids[b, pos].cpu()).float().mean().item()
                            for b, (p, pos) in enumerate(zip(preds, positions))]
+                nll = answer_nll(model, [r["input_ids"] for r in batch], positions, 0, device)
             else:
                 outputs = generate_batch(model, tokenizer, [r["prompt"] for r in batch],
                                          max(r["max_new_tokens"] for r in batch), device, engines)
                 scores += [score_generation(r["answers"], text) for r, text in zip(batch, outputs)]
-            samples += [{"task": task, "length": length, "index": r["index"], "score": sc, "output": out}
-                        for r, sc, out in zip(batch, scores[-len(batch):], outputs)]
+                nll = prompt_answer_nll(model, tokenizer, batch, device)
+            samples += [{"task": task, "length": length, "index": r["index"], "score": sc, "output": out,
+                         **({} if n is None else {"nll": n})}
+                        for r, sc, out, n in zip(batch, scores[-len(batch):], outputs, nll)]
         if log is not None:
-            log(f"recall {task:16s} len {length:6d} | n {len(scores):3d} | score {sum(scores) / len(scores):.3f}")
+            nlls = [x["nll"] for x in samples[-len(scores):] if "nll" in x]
+            log(f"recall {task:16s} len {length:6d} | n {len(scores):3d} | score {sum(scores) / len(scores):.3f}"
+                + (f" | answer nll {sum(nlls) / len(nlls):.3f}" if nlls else ""))
     model.train(was_training)
     return summarize(samples)
 
 
+def prompt_answer_nll(model, tokenizer, batch: list[dict], device) -> list[float | None]:
+    """answer_nll of " " + the answer after each generation prompt; None where a record expects several
+    answers (any order would do, so no one continuation is the answer)."""
+    one = [r for r in batch if len(r["answers"]) == 1]
+    if not one:
+        return [None] * len(batch)
+    enc = [(tokenizer.encode(r["prompt"], add_special_tokens=False),
+            tokenizer.encode(" " + r["answers"][0], add_special_tokens=False)) for r in one]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = iter(answer_nll(model, [p + a for p, a in enc], [list(range(len(p), len(p) + len(a))) for p, a in enc],
+                          pad, device))
+    return [next(nll) if len(r["answers"]) == 1 else None for r in batch]
+
+
 def summarize(samples: list[dict]) -> dict:
-    """Per-sample scores -> the results dict of run_recall."""
+    """Per-sample scores -> the results dict of run_recall (+ "nll": {task: {length: mean}} of the
+    samples that have one)."""
     groups: dict = {}
+    nll: dict = {}
     for s in samples:
         groups.setdefault(s["task"], {}).setdefault(str(s["length"]), []).append(s["score"])
+        if s.get("nll") is not None:
+            nll.setdefault(s["task"], {}).setdefault(str(s["length"]), []).append(s["nll"])
     scores = {t: {L: sum(v) / len(v) for L, v in by_len.items()} for t, by_len in groups.items()}
     task_mean = {t: sum(v.values()) / len(v) for t, v in scores.items()}
     return {"scores": scores, "task_mean": task_mean,
             "overall": sum(task_mean.values()) / len(task_mean) if task_mean else float("nan"),
+            "nll": {t: {L: sum(v) / len(v) for L, v in by_len.items()} for t, by_len in nll.items()},
             "n": {t: {L: len(v) for L, v in by_len.items()} for t, by_len in groups.items()}, "samples": samples}
 
 

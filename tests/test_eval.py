@@ -53,14 +53,15 @@ def test_bad_model_paths(tmp_path):
 def test_paired_comparison_counts_and_sign_test():
     """The eval table's paired section: batches with the lower KL and prompts with the higher recall per
     pair of non-teacher models, and the sign test's p (exact binomial, two-sided, ties dropped)."""
-    def model(kls, scores):
+    def model(kls, scores, nlls):
         return {"val_kl": sum(kls) / len(kls), "val_ppl": 1.0, "top1_agreement": 1.0, "val_kl_per_batch": kls,
-                "recall": {"samples": [{"task": "passkey", "length": "1024", "index": i, "score": s}
-                                       for i, s in enumerate(scores)]}}
+                "recall": {"samples": [{"task": "passkey", "length": "1024", "index": i, "score": s, "nll": n}
+                                       for i, (s, n) in enumerate(zip(scores, nlls))]}}
     results = {"teacher": {"val_kl": 0.0, "val_ppl": 1.0, "top1_agreement": 1.0},
-               "a": model([0.1, 0.2, 0.3], [1, 0, 1, 1, 0]), "b": model([0.2, 0.3, 0.25], [0, 0, 1, 0, 0])}
+               "a": model([0.1, 0.2, 0.3], [1, 0, 1, 1, 0], [1.0, 2.0, 0.5, 0.5, 3.0]),
+               "b": model([0.2, 0.3, 0.25], [0, 0, 1, 0, 0], [2.0, 2.5, 0.7, 0.9, 4.0])}
     lines = evaluate.paired(results)
-    assert lines[-1] == "| a vs b | 2 / 1 of 3 (p 1.00) | 2 / 0 of 5 (p 0.50) |"
+    assert lines[-1] == "| a vs b | 2 / 1 of 3 (p 1.00) | 2 / 0 of 5 (p 0.50) | 5 / 0 of 5 (p 0.06) |"
     assert evaluate.sign_test(7, 4) == pytest.approx(0.5488, abs=1e-4) and evaluate.sign_test(0, 0) == 1.0
     assert evaluate.sign_test(10, 0) == pytest.approx(2 / 1024)
     assert evaluate.paired({"teacher": results["teacher"], "a": results["a"]}) == []  # one model: no pairs

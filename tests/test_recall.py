@@ -9,7 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hybrid.recall_score import mqar_predictions, read_suite, retention, run_recall, score_generation, summarize
+from hybrid.recall_score import (answer_nll, mqar_predictions, read_suite, retention, run_recall, score_generation,
+                                 summarize)
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 
 LENGTHS = (256, 512)
@@ -170,6 +171,10 @@ def test_run_recall_oracle_and_null(tokenizer, suite):
         assert res["overall"] == 1.0, list(res["scores"].items())
     null = run_recall(OracleLM(V, 0, {}), tokenizer, suite, batch_size=3)  # echoes nothing; the prompt holds the answer
     assert null["overall"] == 0.0, null["scores"]
+    # the answer NLL: the next-token oracle's is below the null model's on every sample that has one
+    nll = {(s["task"], s["length"], s["index"]): s["nll"] for s in null["samples"] if "nll" in s}
+    assert len(nll) > 0 and all(s["nll"] < nll[(s["task"], s["length"], s["index"])]
+                                for s in res["samples"] if "nll" in s)
     assert retention(null, res) == {t: {str(L): 0.0 for L in LENGTHS} for t in TASKS}
     assert "niah_single" in null["task_mean"]
 
@@ -195,6 +200,18 @@ def test_run_recall_tiny_llama(tokenizer, suite, tmp_path):
     before = [p - 1 for p in r["answer_positions"]]
     got = mqar_predictions(model, ids, [before])[0]
     assert torch.equal(got, full[before])
+    # the teacher-forced answer NLL: right-padded rows of different lengths, kept logits only, equal to
+    # each row alone through full logits
+    rows = [r["input_ids"][:50], r["input_ids"][:37]]
+    targets = [[10, 20, 49], [5, 36]]
+    want = []
+    for row, tg in zip(rows, targets):
+        logp = torch.log_softmax(model(input_ids=torch.tensor([row])).logits[0].double(), -1)
+        want.append(-sum(logp[p - 1, row[p]].item() for p in tg) / len(tg))
+    assert answer_nll(model, rows, targets, 0, "cpu") == pytest.approx(want, rel=1e-5)
+    assert all(("nll" in s) == (s["task"] in ("passkey", "niah_single", "niah_uuid", "niah_multikey", "mqar"))
+               for s in res["samples"])
+    assert set(res["nll"]) == {"passkey", "niah_single", "niah_uuid", "niah_multikey", "mqar"}
     # batched (left-padded) generation equals one prompt at a time
     pair = [small[0], {**small[0], "index": 1, "prompt": small[0]["prompt"][60:]}]  # prompts of different lengths
     one = run_recall(model, tokenizer, pair, batch_size=1)
