@@ -59,6 +59,9 @@ for arm in $ARMS; do
   phase "stage 2, arm $arm (--spec=$spec ${extra[*]:-})"
   $PY distill.py --stage=2 --teacher="$TEACHER" --data_dir="$D" --init="$R/stage1" --spec="$spec" \
     --run_dir="$R/s2_$name" "${S2[@]}" ${extra[@]+"${extra[@]}"}
+  if grep -q '"stopped_at_step"' "$R/s2_$name/summary.json" 2>/dev/null; then  # equal budgets no longer hold
+    echo "compare.sh: arm $arm was cut by LIMIT=${LIMIT}s before STEPS=$STEPS: its tokens differ (its summary.json)" >&2
+  fi
   $PY export.py --checkpoint="$R/s2_$name" --out_dir="$R/export_$name"
   MODELS="$MODELS,$name=$R/export_$name"
 done

@@ -263,6 +263,13 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     assert out.returncode == 0, out.stderr
     arm = log.read_text().splitlines()[len(calls) + len(lever) + 2:]
     assert f"--spec={tmp_path / 'sa' / 'select' / 'selection.json'}:ga_s2" in arm[2] and arm[-1].startswith("eval.py")
+    # an arm cut by LIMIT before STEPS is named: its token count is not the others'
+    os.makedirs(tmp_path / "cut" / "s2_ga_s2")
+    (tmp_path / "cut" / "s2_ga_s2" / "summary.json").write_text('{"stopped_at_step": 399, "val_kl": 0.4}')
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "cut"), "ARMS": "ga_s2 all_gdn"}, timeout=60)
+    assert out.returncode == 0 and "arm ga_s2 was cut by LIMIT=240s before STEPS=260" in out.stderr, out.stderr
+    assert "all_gdn was cut" not in out.stderr
     sel = os.path.join(REPO, "docs", "runs", "h200_lease_2026-12-02", "selection.json")
     from hybrid.surgery import read_spec
     assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
