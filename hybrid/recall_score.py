@@ -82,6 +82,9 @@ def answer_nll(model, rows: list[list[int]], targets: list[list[int]], pad: int,
     keep = sorted({p - 1 for row in targets for p in row})
     out = model(input_ids=ids, logits_to_keep=torch.tensor(keep, device=device), use_cache=False)
     logits = out.logits if hasattr(out, "logits") else out[0]
+    if logits.shape[1] not in (len(keep), T):
+        raise ValueError(f"answer nll: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
+                         f"{len(keep)} kept positions; expected (B, {len(keep)}, V) or (B, {T}, V)")
     index = {p: i for i, p in enumerate(keep)} if logits.shape[1] == len(keep) else {p: p for p in keep}
     nll = []
     for b, row in enumerate(targets):
