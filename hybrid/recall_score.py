@@ -50,10 +50,8 @@ def score_generation(answers: list[str], generated: str) -> float:
 
 
 @torch.no_grad()
-def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
-    """The argmax of the logits at positions[b] (the prediction of token p + 1) for each row of input_ids (B, T).
-
-    -> B tensors of len(positions[b]).
+def logits_at(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
+    """The logits at positions[b] for each row of input_ids (B, T) -> B tensors (len(positions[b]), V).
 
     Asks the model for logits at the union of the positions only (`logits_to_keep` as a 1-D index
     tensor, so B * T * V logits are never built); a model that ignores it returns (B, T, V).
@@ -67,30 +65,30 @@ def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]])
     elif logits.shape[1] == T:
         index = {p: p for p in keep}
     else:
-        raise ValueError(f"mqar: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
+        raise ValueError(f"recall: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
                          f"{len(keep)} kept positions; expected (B, {len(keep)}, V) or (B, {T}, V)")
-    return [logits[b, [index[p] for p in row]].argmax(-1).cpu() for b, row in enumerate(positions)]
+    return [logits[b, [index[p] for p in row]] for b, row in enumerate(positions)]
 
 
-@torch.no_grad()
+def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
+    """The argmax of the logits at positions[b] (the prediction of token p + 1) for each row of input_ids
+    (B, T) -> B tensors of len(positions[b])."""
+    return [row.argmax(-1).cpu() for row in logits_at(model, input_ids, positions)]
+
+
+def target_nll(logits: list[torch.Tensor], input_ids: torch.Tensor, targets: list[list[int]]) -> list[float]:
+    """Mean NLL per token (nats) of input_ids[b, p] for p in targets[b], from logits_at's rows at p - 1."""
+    return [-torch.log_softmax(row.float(), -1).gather(-1, input_ids[b, tg][:, None]).mean().item()
+            for b, (row, tg) in enumerate(zip(logits, targets))]
+
+
 def answer_nll(model, rows: list[list[int]], targets: list[list[int]], pad: int, device) -> list[float]:
     """Teacher-forced mean NLL per token (nats) of row[p] for p in targets[b], for each row of token
     ids. Rows are right-padded into one batch (causal: a real token never sees the pads after it, so
     no mask is needed); only the logits at the positions before the targets are built."""
     T = max(len(r) for r in rows)
     ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
-    keep = sorted({p - 1 for row in targets for p in row})
-    out = model(input_ids=ids, logits_to_keep=torch.tensor(keep, device=device), use_cache=False)
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    if logits.shape[1] not in (len(keep), T):
-        raise ValueError(f"answer nll: the model returned logits of shape {tuple(logits.shape)} for {T} tokens and "
-                         f"{len(keep)} kept positions; expected (B, {len(keep)}, V) or (B, {T}, V)")
-    index = {p: i for i, p in enumerate(keep)} if logits.shape[1] == len(keep) else {p: p for p in keep}
-    nll = []
-    for b, row in enumerate(targets):
-        logp = torch.log_softmax(logits[b, [index[p - 1] for p in row]].float(), dim=-1)
-        nll.append(-logp.gather(-1, ids[b, row][:, None]).mean().item())
-    return nll
+    return target_nll(logits_at(model, ids, [[p - 1 for p in tg] for tg in targets]), ids, targets)
 
 
 class Engines:
@@ -178,11 +176,12 @@ def run_recall(model, tokenizer, tasks_jsonl, device="cpu", batch_size: int = 1,
             if task == "mqar":
                 ids = torch.tensor([r["input_ids"] for r in batch], dtype=torch.long, device=device)
                 positions = [r["answer_positions"] for r in batch]
-                preds = mqar_predictions(model, ids, [[p - 1 for p in pos] for pos in positions])  # p - 1 predicts p
+                logits = logits_at(model, ids, [[p - 1 for p in pos] for pos in positions])  # p - 1 predicts p
+                preds = [row.argmax(-1).cpu() for row in logits]
                 outputs = [p.tolist() for p in preds]
                 scores += [(p == ids[b, pos].cpu()).float().mean().item()
                            for b, (p, pos) in enumerate(zip(preds, positions))]
-                nll = answer_nll(model, [r["input_ids"] for r in batch], positions, 0, device)
+                nll = target_nll(logits, ids, positions)  # the same forward's logits
             else:
                 outputs = generate_batch(model, tokenizer, [r["prompt"] for r in batch],
                                          max(r["max_new_tokens"] for r in batch), device, engines)

@@ -210,7 +210,7 @@ def test_run_recall_tiny_llama(tokenizer, suite, tmp_path):
         want.append(-sum(logp[p - 1, row[p]].item() for p in tg) / len(tg))
     assert answer_nll(model, rows, targets, 0, "cpu") == pytest.approx(want, rel=1e-5)
     odd = lambda input_ids, **kw: type("Out", (), {"logits": torch.zeros(2, 7, 5)})()  # noqa: E731
-    with pytest.raises(ValueError, match=r"logits of shape \(2, 7, 5\) for 50 tokens and 5 kept"):
+    with pytest.raises(ValueError, match=r"recall: the model returned logits of shape \(2, 7, 5\) for 50 tokens and 5 kept"):
         answer_nll(odd, rows, targets, 0, "cpu")
     assert all(("nll" in s) == (s["task"] in ("passkey", "niah_single", "niah_uuid", "niah_multikey", "mqar"))
                for s in res["samples"])
