@@ -100,6 +100,12 @@ def recall_suite(tokenizer, max_context: int) -> str:
     return path
 
 
+def mean_at(by_task: dict, L: int) -> float | None:
+    """The mean over tasks of {task: {length: value}} at length L (None where no task has one)."""
+    vals = [t[str(L)] for t in by_task.values() if t.get(str(L)) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
 def markdown(results: dict) -> str:
     names = list(results)
     lines = ["| model | KL(teacher‖model) | ppl | top-1 agreement | recall (mean) |", "| --- | --- | --- | --- | --- |"]
@@ -119,10 +125,8 @@ def markdown(results: dict) -> str:
             ret = retention(rec, teacher) if teacher and n != "teacher" else {}
             cells = []
             for L in lengths:
-                vals = [t[str(L)] for t in rec["scores"].values() if str(L) in t]
-                rv = [r[str(L)] for r in ret.values() if r.get(str(L)) is not None]
-                cell = f"{sum(vals) / len(vals):.3f}" if vals else "-"
-                cells.append(cell + (f" ({sum(rv) / len(rv):.2f})" if rv else ""))
+                m, r = mean_at(rec["scores"], L), mean_at(ret, L)
+                cells.append(("-" if m is None else f"{m:.3f}") + ("" if r is None else f" ({r:.2f})"))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "Recall by task (mean over lengths):", "", "| model | " + " | ".join(TASKS) + " |",
                   "| --- |" + " --- |" * len(TASKS)]
@@ -133,12 +137,8 @@ def markdown(results: dict) -> str:
                   "single-answer tasks and MQAR; lower is better, and it moves before greedy answers do):", "",
                   "| model | " + " | ".join(str(L) for L in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
         for n in names:
-            nll = results[n].get("recall", {}).get("nll", {})
-            cells = []
-            for L in lengths:
-                vals = [t[str(L)] for t in nll.values() if str(L) in t]
-                cells.append(f"{sum(vals) / len(vals):.3f}" if vals else "-")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            nll = [mean_at(results[n].get("recall", {}).get("nll", {}), L) for L in lengths]
+            lines.append(f"| {n} | " + " | ".join("-" if m is None else f"{m:.3f}" for m in nll) + " |")
     return "\n".join(lines + paired(results)) + "\n"
 
 
@@ -147,6 +147,12 @@ def sign_test(wins: int, losses: int) -> float:
     to win each pair (ties left out)."""
     n, k = wins + losses, min(wins, losses)
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def per_prompt(result: dict, field: str) -> dict:
+    """{(task, length, index): the recall sample's `field`} for the samples that have it."""
+    return {(r["task"], r["length"], r["index"]): r[field] for r in result.get("recall", {}).get("samples", [])
+            if r.get(field) is not None}
 
 
 def paired(results: dict) -> list[str]:
@@ -160,12 +166,10 @@ def paired(results: dict) -> list[str]:
             ra, rb = results[a], results[b]
             ka, kb = ra.get("val_kl_per_batch") or [], rb.get("val_kl_per_batch") or []
             kl = (sum(x < y for x, y in zip(ka, kb)), sum(x > y for x, y in zip(ka, kb)))
-            sa, sb = ({(r["task"], r["length"], r["index"]): r["score"] for r in m.get("recall", {}).get("samples", [])}
-                      for m in (ra, rb))
+            sa, sb = per_prompt(ra, "score"), per_prompt(rb, "score")
             both = sa.keys() & sb.keys()
             rec = (sum(sa[k] > sb[k] for k in both), sum(sa[k] < sb[k] for k in both))
-            na, nb = ({(r["task"], r["length"], r["index"]): r["nll"] for r in m.get("recall", {}).get("samples", [])
-                       if r.get("nll") is not None} for m in (ra, rb))
+            na, nb = per_prompt(ra, "nll"), per_prompt(rb, "nll")
             pair = na.keys() & nb.keys()
             nll = (sum(na[k] < nb[k] for k in pair), sum(na[k] > nb[k] for k in pair))
             count = lambda c, n: f"{c[0]} / {c[1]} of {n} (p {sign_test(*c):.2f}) |" if n else "- |"  # noqa: E731
