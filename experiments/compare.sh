@@ -13,7 +13,8 @@
 # the cheap selectors and baselines beside it; their Jaccards with GA-S2 are in its selection.json) and
 # train the arms from that selection; with ARMS="" only stage 1 and the selection run. At 4M: 126M tokens
 # of GA-S2 candidates + ~42M of successive halving, in 65k-token steps (at 32k the lease measured ~117k
-# tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): ~19 min estimated, not yet measured.
+# tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): the selection ~19 min, ~22 with stage 1,
+# estimated, not yet measured.
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
