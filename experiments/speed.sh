@@ -2,25 +2,23 @@
 # The speed measurements that need no teacher and no data (random weights in the SmolLM2-135M shape),
 # for one lease: `PLAN=speed bash experiments/lease.sh start 540`, then `poll` calls (only the fla
 # wheels carried). Parts in order of what they decide, each capped, each writing runs/speed/<part>.txt:
-#   gpu_tests      the GPU tests of the engine's fast paths (fused GDN step, RMSNorm, RoPE and split-KV
-#                  attention kernels, packed projections, CUDA graph, compile) against their references:
-#                  the gate for the rest
-#   engine         bench.py at 16K, B32 and max batch: norm_linear off and on, each timing the fused
-#                  engines beside "... unfused" (issue 12)
-#   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid), with a
-#                  decode profile at 16K B32 and a batch-1 prefill profile at 16K, with the settings of
-#                  the fastest engine run
+#   engine         bench.py at 16K B32, norm_linear off and on (fused engines only): picks the setting of
+#                  the full table (issue 12)
+#   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid, and the "unfused"
+#                  baselines), a decode profile at 16K B32 and a batch-1 prefill profile at 16K
+#   gpu_tests      every GPU test (`pytest -m gpu`) with a line per test (-v), so that a cap keeps what
+#                  passed: the engine's kernels, then the training fast paths, then fla's ops vs references
 #   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
 #                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
-#   train          kpad (fla #640: the workarounds' speed and gradient errors) and stage-1 rotation
+#   train          stage-1 rotation, eager and fast (fla #640's kpad section ran on 2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default all: "gpu_tests engine bench train_profile train"): the parts to run, e.g. PARTS=engine.
+# PARTS (default all: "engine bench gpu_tests train_profile train"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests engine bench train_profile train}
+PARTS=${PARTS:-engine bench gpu_tests train_profile train}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -36,11 +34,9 @@ part() {  # part NAME CAP_S COMMAND...: run it capped, unless the deadline is to
   echo "== $name: rc ${PIPESTATUS[0]} after $(( $(date +%s) - T0 ))s"
   tail -30 $OUT_DIR/$name.txt
 }
-part gpu_tests 360 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
-  tests/test_ops.py::test_fla_gdn_fp32_gates_with_bf16_qkv  # -v: a line per test, kept if the cap cuts the run
 for nl in False True; do  # compile=True measured slower than the Triton kernels (results.md, run 3)
-  part engine_compile_False_norm_linear_$nl 180 $PY bench.py --random=True --norm_linear=$nl --contexts=[16384] \
-    --batches=[32,max] --eager=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_False_norm_linear_$nl
+  part engine_compile_False_norm_linear_$nl 120 $PY bench.py --random=True --norm_linear=$nl --contexts=[16384] \
+    --batches=[32] --eager=False --unfused_baseline=False --repeats=3 --out_dir=$OUT_DIR/engine_compile_False_norm_linear_$nl
 done
 best=$($PY - <<'EOF'
 import glob, json
@@ -57,7 +53,9 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
+part gpu_tests 420 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
+  tests/test_losses.py tests/test_fastpath.py tests/test_mixers.py tests/test_ops.py
 part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
   --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
-part train 240 $PY bench_train.py --sections=kpad,stage1 --out_dir=$OUT_DIR/train
+part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"
