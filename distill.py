@@ -36,15 +36,16 @@ import torch
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
                                module_state, resume_point, save_checkpoint, save_partial)
-from hybrid.common import (Progress, RunLogger, all_mean, autocast_dtype, average_gradients, barrier,
-                           broadcast_parameters, cleanup_dist, env_info, format_tokens, init_dist, interrupt_message,
-                           is_master, print0, rng_state, run_script, seed_all, set_rng_state, val_label)
+from hybrid.common import (Progress, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens,
+                           init_dist, interrupt_message, is_master, print0, rng_state, run_script, seed_all,
+                           set_rng_state, val_label)
 from hybrid.config import check_choice, config_dict
 from hybrid.fastpath import compile_layers
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
-from hybrid.parallel import describe, full_state, gathered, local_optimizer_state, shard_teacher, wrap
+from hybrid.parallel import (all_mean, average_gradients, broadcast_parameters, describe, full_state, gathered,
+                             local_optimizer_state, shard_teacher, wrap)
 from hybrid.plots import plot_run
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups

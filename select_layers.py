@@ -27,6 +27,9 @@ Launch:
   python select_layers.py --init=runs/s1 --smoke=True            # CPU smoke
   python select_layers.py --init=runs/s1/ckpt/final.pt           # 1 GPU
   torchrun --standalone --nproc_per_node=8 select_layers.py --init=runs/s1 --run_dir=runs/select
+  torchrun --standalone --nproc_per_node=2 select_layers.py ...   # on 1 GPU: two processes share it
+(More processes than GPUs share them, gloo between ranks: a candidate's small steps leave one
+process's GPU idle between launches.)
 Reads the stage-1 checkpoint, models/<teacher>/ and DATA_DIR shards; writes RUN_DIR/{config.json,
 log.txt, metrics.jsonl, candidates/*.json, selection.json, selection.png}. Then:
   python distill.py --stage=2 --init=runs/s1 --spec=runs/select/selection.json
@@ -388,7 +391,7 @@ def main() -> dict:
     if SMOKE:
         smoke_settings(globals())
     methods = check_methods()
-    rank, local_rank, world_size, device = init_dist()
+    rank, local_rank, world_size, device = init_dist(share_gpus=True)
     dtype = autocast_dtype(device)
     seed_all(SEED)
     cfg = config_dict(globals())

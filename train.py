@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from hybrid import checkpoint, common
-from hybrid.common import all_mean
 from hybrid.config import config_dict
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
-from hybrid.parallel import describe, full_state, local_optimizer_state, no_sync, wrap
+from hybrid.parallel import all_mean, describe, full_state, local_optimizer_state, no_sync, wrap
 from hybrid.student import Artifact, rebuild_student
 
 # -----------------------------------------------------------------------------

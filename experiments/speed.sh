@@ -11,14 +11,16 @@
 #   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
 #                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
 #   train          stage-1 rotation, eager and fast (fla #640's kpad section ran on 2026-12-02)
+#   gas2_shared    train_profile's GA-S2 candidates in two processes sharing the GPU at once: their summed
+#                  tokens/s against train_profile's one process (select_layers.py's launch-bound steps)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default all: "engine bench gpu_tests train_profile train"): the parts to run, e.g. PARTS=engine.
+# PARTS (default all: "engine bench gpu_tests train_profile train gas2_shared"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-engine bench gpu_tests train_profile train}
+PARTS=${PARTS:-engine bench gpu_tests train_profile train gas2_shared}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -58,4 +60,6 @@ part gpu_tests 420 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_
 part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
   --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
 part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train
+part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
+  --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"

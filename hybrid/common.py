@@ -2,8 +2,8 @@
 errors and interrupts), torchrun init, rank-0 printing, seeding, run logging.
 
 One code path for 1 process and N: `init_dist()` reads torchrun's environment when present
-(nccl on GPU, gloo on CPU, so a 2-process test runs on a laptop) and otherwise returns a
-single-process world.
+(nccl on GPU, gloo on CPU, so a 2-process test runs on a laptop; gloo also where processes share
+a GPU) and otherwise returns a single-process world.
 """
 
 import glob
@@ -27,8 +27,9 @@ from hybrid.config import apply_overrides
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def init_dist() -> tuple[int, int, int, torch.device]:
-    """-> (rank, local_rank, world_size, device). Initialises the process group under torchrun."""
+def init_dist(share_gpus: bool = False) -> tuple[int, int, int, torch.device]:
+    """-> (rank, local_rank, world_size, device). Initialises the process group under torchrun.
+    share_gpus: more processes than GPUs on a node are allowed (see gpu_for_rank)."""
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
@@ -36,13 +37,28 @@ def init_dist() -> tuple[int, int, int, torch.device]:
         return 0, 0, 1, device
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        index, backend = gpu_for_rank(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)),
+                                      torch.cuda.device_count(), share_gpus)
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, local_rank, world_size, device
+
+
+def gpu_for_rank(local_rank: int, local_world_size: int, gpus: int, share_gpus: bool) -> tuple[int, str]:
+    """-> (GPU index, backend): one GPU per process with nccl; with share_gpus and more processes than
+    GPUs, GPU local_rank % gpus with gloo (nccl refuses two ranks on one GPU). For jobs whose ranks
+    only exchange Python objects (select_layers.py), where one process leaves its GPU idle between
+    launches and a second fills the gaps."""
+    if local_world_size <= gpus:
+        return local_rank, "nccl"
+    if not share_gpus:
+        raise ValueError(f"torchrun started {local_world_size} processes on a node with {gpus} GPU(s): use "
+                         f"--nproc_per_node={gpus} (or fewer); only select_layers.py runs several processes per GPU")
+    return local_rank % gpus, "gloo"
 
 
 def cleanup_dist() -> None:
@@ -257,37 +273,3 @@ class RunLogger:
         if metrics is not None:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"time": round(time.time() - self.t0, 3), **metrics}) + "\n")
-
-
-# ----------------------------------------------------------------------------- collectives (no-ops on one process)
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """all_reduce(AVG) the grads of params that are not under DDP (stage 1 trains one layer at a
-    time: broadcasting it once and averaging its grads is simpler than DDP with unused params)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
-    """Make every rank hold rank 0's values (cheap insurance next to a shared seed)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-
-def all_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar tensor over ranks (for logging and validation)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value

@@ -235,3 +235,37 @@ def memory_table(seq_len: int = 512, micro_batch: int = 16, gpus_gb: tuple[int, 
                 cells.append(f" {ok[0]} |" if ok else " - |")
         fits.append(f"| {name} |" + "".join(cells))
     return "\n".join(head) + "\n\n" + "\n".join(fits)
+
+
+# ----------------------------------------------------------------------------- collectives (no-ops on one process)
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """all_reduce(AVG) the grads of params that are not under DDP (stage 1 trains one layer at a
+    time: broadcasting it once and averaging its grads is simpler than DDP with unused params)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    """Make every rank hold rank 0's values (cheap insurance next to a shared seed)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def all_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar tensor over ranks (for logging and validation)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value

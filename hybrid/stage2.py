@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import all_mean
 from .losses import chunked_distill_loss
-from .parallel import no_sync
+from .parallel import all_mean, no_sync
 from .surgery import mixer_parameters
 
 

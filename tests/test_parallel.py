@@ -59,3 +59,14 @@ def test_distill_refuses_what_fsdp_does_not_cover(settings, message, monkeypatch
         monkeypatch.setattr(distill, name, value)
     with pytest.raises(ValueError, match=message):
         distill.check_settings()
+
+
+def test_processes_share_gpus_only_where_allowed():
+    from hybrid.common import gpu_for_rank
+    assert gpu_for_rank(1, 2, 2, share_gpus=False) == (1, "nccl")  # one GPU per process
+    assert gpu_for_rank(1, 2, 8, share_gpus=True) == (1, "nccl")   # allowed, not needed
+    # two processes on one GPU: both on GPU 0, and gloo (nccl refuses two ranks on one GPU)
+    assert [gpu_for_rank(r, 2, 1, share_gpus=True) for r in range(2)] == [(0, "gloo"), (0, "gloo")]
+    assert [gpu_for_rank(r, 4, 2, share_gpus=True)[0] for r in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="--nproc_per_node=1"):
+        gpu_for_rank(1, 2, 1, share_gpus=False)
