@@ -73,3 +73,14 @@ def test_bench_export_against_teacher(tiny_setup, tmp_path, monkeypatch):
     # the cache grows only through the one softmax layer (swa is capped at its window)
     assert cache_bytes_per_sequence(hybrid, 64) - cache_bytes_per_sequence(hybrid, 32) == pytest.approx(
         (cache_bytes_per_sequence(teacher, 64) - cache_bytes_per_sequence(teacher, 32)) / 4)
+
+
+def test_targets_name_what_a_run_did_not_measure():
+    row = dict(context=16384, batch=32, decode_tok_s=100.0, roofline_fraction=0.5, cache_bytes_per_seq=10.0,
+               prefill_tok_s=1.0)
+    rows = [dict(row, model="teacher engine"), dict(row, model="hybrid engine", decode_tok_s=250.0, cache_bytes_per_seq=3.0)]
+    lines = bench.targets(rows, {})  # 16K B32 only: no B1 prefill, no 32K, no max batch, no eager or unfused rows
+    assert "hybrid / teacher-engine decode at 16K B32: x2.50 (target >= 3.0)" in lines
+    assert "cache bytes/seq at 16K, hybrid / teacher: 30.0% (target <= 30%)" in lines  # from the B32 rows
+    missing = [x for x in lines if "not measured in this run" in x]
+    assert len(missing) == 8 and not any("nan" in x or "None)" in x.split(":")[-1] for x in lines), lines
