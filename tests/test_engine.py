@@ -7,6 +7,7 @@ step against the eager step and the uncached forward.
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from hybrid.model.engine import StaticEngine, cache_bytes_per_sequence
@@ -113,6 +114,22 @@ def test_packed_projections_equal_separate_ones(name, family):
     tokens, logits = engine_logits(model, ids, mask, 6, pack=False)
     assert torch.equal(packed_tokens, tokens)
     torch.testing.assert_close(packed_logits, logits, atol=1e-10, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_rows_padded_to_the_alignment(bias):
+    from hybrid.model.packed import PackedLinear
+    torch.manual_seed(0)
+    linears = [nn.Linear(12, n, bias=bias).double() for n in (5, 3, 2)]
+    pack = PackedLinear(linears, align=8)
+    assert pack.weight.shape == (16, 12) and not pack.weight[10:].any()  # 10 rows + 6 zero rows
+    x = torch.randn(4, 12, dtype=torch.float64)
+    outs = pack(x)
+    assert [o.shape[-1] for o in outs] == [5, 3, 2]
+    for out, lin in zip(outs, linears):
+        torch.testing.assert_close(out, lin(x), atol=1e-12, rtol=0)
+    assert PackedLinear(linears, align=5).weight.shape[0] == 10  # already aligned: no padding
 
 
 @torch.no_grad()

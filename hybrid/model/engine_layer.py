@@ -109,7 +109,7 @@ def run_layer(plan: LayerPlan, layer: nn.Module, buf: dict, x: torch.Tensor, pe,
     elif rows is None and attn_pack is not None and plan.norm_linear:  # decode: norm + packed projection, one kernel
         x, h, y = norm_linear_kernel(x, layer.input_layernorm.weight, eps[0], attn_pack.weight, attn_pack.bias,
                                      residual=pending)
-        proj = y.split(attn_pack.sizes, dim=-1)
+        proj = attn_pack.outputs(y)
     elif pending is None:
         h = rms_norm(x, layer.input_layernorm.weight, eps[0])
     else:

@@ -16,16 +16,23 @@ from torch import nn
 
 class PackedLinear(nn.Module):
     """linears (same in_features) -> forward(x) = the tuple of their outputs, from one matmul (the
-    outputs are column slices of one tensor: views with its row stride)."""
+    outputs are column slices of one tensor: views with its row stride).
 
-    def __init__(self, linears: list[nn.Linear]):
+    align: the packed weight's rows padded with zeros to a multiple of it. A GDN layer's q/k/v/a/b/g
+    are 1554 rows in the SmolLM2 shape: an output row of 3108 bytes is not 16-byte aligned, and
+    cuBLAS then ran a split-K fallback GEMM plus a reduce kernel (6.1 us at 16K B32, H200 profile)."""
+
+    def __init__(self, linears: list[nn.Linear], align: int = 1):
         super().__init__()
         self.sources = tuple(linears)  # a tuple: not registered as submodules (no second copy in state_dict)
         self.sizes = [lin.out_features for lin in linears]
+        pad = -sum(self.sizes) % align
+        self.split_sizes = self.sizes + [pad] * (pad > 0)  # the padding columns are dropped by outputs()
         w = linears[0].weight
-        self.register_buffer("weight", torch.empty(sum(self.sizes), w.shape[1], dtype=w.dtype, device=w.device))
+        rows = sum(self.split_sizes)
+        self.register_buffer("weight", torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device))
         has_bias = any(lin.bias is not None for lin in linears)
-        self.register_buffer("bias", torch.zeros(sum(self.sizes), dtype=w.dtype, device=w.device) if has_bias else None)
+        self.register_buffer("bias", torch.zeros(rows, dtype=w.dtype, device=w.device) if has_bias else None)
         self.seen = None
         self.refresh()
 
@@ -46,17 +53,21 @@ class PackedLinear(nn.Module):
             start += n
         self.seen = now
 
+    def outputs(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The packed matmul's output (..., rows) -> each source's columns."""
+        return y.split(self.split_sizes, dim=-1)[:len(self.sizes)]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return self.outputs(F.linear(x, self.weight, self.bias))
 
 
 def pack_attention(attn: nn.Module, kind: str) -> PackedLinear | None:
     """The projections a decode step of this layer reads from one input: q/k/v of the teacher's
     attention, or a mixer's own (`decode_linears`); None if there is nothing to pack."""
     if kind == "softmax":
-        return PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+        return PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], align=64)
     linears = attn.decode_linears() if hasattr(attn, "decode_linears") else None
-    return PackedLinear(linears) if linears else None
+    return PackedLinear(linears, align=64) if linears else None
 
 
 def pack_mlp(mlp: nn.Module) -> PackedLinear | None:
