@@ -464,11 +464,16 @@ def test_norm_linear_equals_eager_on_gpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile", [False, True])
 def test_graph_captured_fused_decode_equals_mix_decode(compile):
+    """bf16: the fused kernels round once where mix() rounds after each op, so greedy tokens may part
+    at a near-tie (seen on the H200: a row whose first two logits tied in the fused path, 0.016 apart
+    in mix(), then decoded other tokens) and are not compared. Compared instead: the first step (same
+    prompt on both paths) and every step against full uncached forwards over the tokens each path chose
+    (teacher-forced; measured max errors 0.02-0.04 at logits of scale 2)."""
     model = tiny_model(["gdn", "softmax", "gdn"], dtype=torch.bfloat16).cuda()
     ids, mask = padded_batch([12, 7, 9])
     ids, mask = ids.cuda(), mask.cuda()
     fused_tokens, fused_logits = engine_logits(model, ids, mask, 8, fused=True, compile=compile)
     plain_tokens, plain_logits = engine_logits(model, ids, mask, 8, fused=False, cuda_graph=False)
-    assert (fused_tokens == plain_tokens).float().mean() > 0.9  # bf16: the kernel rounds once, mix() per op
-    torch.testing.assert_close(fused_logits.float(), uncached_logits(model, ids, mask, fused_tokens).float(),
-                               atol=0.1, rtol=0.1)
+    torch.testing.assert_close(fused_logits[:, 0].float(), plain_logits[:, 0].float(), atol=0.05, rtol=0)
+    for tokens, logits in ((fused_tokens, fused_logits), (plain_tokens, plain_logits)):
+        torch.testing.assert_close(logits.float(), uncached_logits(model, ids, mask, tokens).float(), atol=0.08, rtol=0)
