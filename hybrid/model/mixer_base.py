@@ -124,14 +124,19 @@ class TeacherInitMixer(nn.Module):
         biases and q/k norms, before RoPE and before any feature map; then each of `extra` (more
         projections of x, e.g. a mixer's gates) as (B, T, out). With extra, plain nn.Linears all, they
         run as one matmul on their concatenated weights (the small gate projections are slow GEMMs
-        alone, and one launch replaces several); each output column is the same dot product."""
+        alone, and one launch replaces several), zero rows padding them to a multiple of 64 (1554 rows
+        of a SmolLM2 GDN layer ran a cutlass fallback on the H200); each output column is the same
+        dot product."""
         B, T, _ = x.shape
         linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if extra and all(type(lin) is nn.Linear for lin in linears):
+            sizes = [lin.out_features for lin in linears]
+            pad = -sum(sizes) % 64  # zero rows: 16-byte aligned output rows (cuBLAS's fast GEMMs; see PackedLinear)
+            w = self.q_proj.weight
             bias = None if all(lin.bias is None for lin in linears) else torch.cat(
-                [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for lin in linears])
-            outs = F.linear(x, torch.cat([lin.weight for lin in linears]), bias).split(
-                [lin.out_features for lin in linears], dim=-1)
+                [lin.bias if lin.bias is not None else w.new_zeros(n) for lin, n in zip(linears, sizes)] + [w.new_zeros(pad)])
+            outs = F.linear(x, torch.cat([lin.weight for lin in linears] + [w.new_zeros(pad, w.shape[1])]), bias).split(
+                sizes + [pad], dim=-1)[:len(linears)]
         else:
             outs = [lin(x) for lin in linears]
         q = outs[0].view(B, T, self.n_heads, self.head_dim)
