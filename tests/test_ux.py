@@ -71,7 +71,10 @@ def test_interrupt_message_names_progress_and_newest_checkpoint(tmp_path):
 def test_run_script_one_line_on_interrupt(tmp_path, sig):
     """A script under run_script, stopped by Ctrl-C or SIGTERM: exit 130, one line, no traceback."""
     script = tmp_path / "loop.py"
-    script.write_text("import time\nfrom hybrid.common import Progress, interrupt_message, run_script\n"
+    # SIGINT as in a terminal's foreground job (a background job, e.g. pytest under `nohup ... &`, ignores it,
+    # and the child would inherit that)
+    script.write_text("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                      "from hybrid.common import Progress, interrupt_message, run_script\n"
                       "def main():\n    p = Progress(1000, 'stage 1 rotation', 'layer-step')\n"
                       "    for i in range(1000):\n        print(p.line(i + 1), flush=True)\n        time.sleep(0.05)\n"
                       "run_script(globals(), main, lambda: interrupt_message(None, 'add --resume=auto'))\n")
