@@ -6,21 +6,23 @@
 #                  the full table (issue 12)
 #   bench          the full table (2K/16K/32K x B1/B32/max, teacher eager/engine, hybrid, and the "unfused"
 #                  baselines), a decode profile at 16K B32 and a batch-1 prefill profile at 16K
-#   gpu_tests      every GPU test (`pytest -m gpu`) with a line per test (-v), so that a cap keeps what
-#                  passed: the engine's kernels, then the training fast paths, then fla's ops vs references
+#   gpu_tests      the GPU tests of the engine's kernels and the training fast paths (`pytest -m gpu -v`:
+#                  a line per test, so that a cap keeps what passed)
 #   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
 #                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
 #   train          stage-1 rotation, eager and fast (fla #640's kpad section ran on 2026-12-02)
 #   gas2_shared    train_profile's GA-S2 candidates in two processes sharing the GPU at once: their summed
 #                  tokens/s against train_profile's one process (select_layers.py's launch-bound steps)
+#   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
+#                  fresh machine took ~5 minutes for the first one (2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default all: "engine bench gpu_tests train_profile train gas2_shared"): the parts to run, e.g. PARTS=engine.
+# PARTS (default all: "engine bench gpu_tests train_profile train gas2_shared gpu_tests_fla"): the parts to run, e.g. PARTS=engine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-engine bench gpu_tests train_profile train gas2_shared}
+PARTS=${PARTS:-engine bench gpu_tests train_profile train gas2_shared gpu_tests_fla}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -55,11 +57,12 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part gpu_tests 420 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
-  tests/test_losses.py tests/test_fastpath.py tests/test_mixers.py tests/test_ops.py
+part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_decode_kernels.py tests/test_engine.py \
+  tests/test_losses.py tests/test_fastpath.py tests/test_mixers.py
 part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
   --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
 part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
   --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)
+part gpu_tests_fla 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_ops.py  # fla's JIT: ~5 min on a fresh machine
 echo "== speed plan done after $(( $(date +%s) - T0 ))s"
