@@ -1,6 +1,6 @@
 """Shared pieces of the student mixers: the teacher-initialised base class, norms, RoPE, conv.
 
-Imports only torch: export.py copies this file with mixers.py and op_*.py beside the exported
+Imports only torch (and packed.py, likewise): export.py copies this file with mixers.py and op_*.py beside the exported
 modeling file. See hybrid/mixers.py for the mixers and docs/mixers.md for the protocol.
 """
 
@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .packed import padded_sizes
 
 
 def up32(x: torch.Tensor) -> torch.Tensor:
@@ -130,13 +132,12 @@ class TeacherInitMixer(nn.Module):
         B, T, _ = x.shape
         linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if extra and all(type(lin) is nn.Linear for lin in linears):
-            sizes = [lin.out_features for lin in linears]
-            pad = -sum(sizes) % 64  # zero rows: 16-byte aligned output rows (cuBLAS's fast GEMMs; see PackedLinear)
-            w = self.q_proj.weight
+            sizes = padded_sizes([lin.out_features for lin in linears])  # + zero rows: aligned output rows
+            w, pad = self.q_proj.weight, sum(sizes) - sum(lin.out_features for lin in linears)
             bias = None if all(lin.bias is None for lin in linears) else torch.cat(
-                [lin.bias if lin.bias is not None else w.new_zeros(n) for lin, n in zip(linears, sizes)] + [w.new_zeros(pad)])
+                [lin.bias if lin.bias is not None else w.new_zeros(lin.out_features) for lin in linears] + [w.new_zeros(pad)])
             outs = F.linear(x, torch.cat([lin.weight for lin in linears] + [w.new_zeros(pad, w.shape[1])]), bias).split(
-                sizes + [pad], dim=-1)[:len(linears)]
+                sizes, dim=-1)[:len(linears)]
         else:
             outs = [lin(x) for lin in linears]
         q = outs[0].view(B, T, self.n_heads, self.head_dim)

@@ -14,6 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
+ROW_ALIGN = 64  # packed weights' rows padded with zeros to a multiple of this (see PackedLinear)
+
+
+def padded_sizes(sizes: list[int], align: int = ROW_ALIGN) -> list[int]:
+    """The outputs' sizes, then the zero rows (if any) that make their sum a multiple of align."""
+    pad = -sum(sizes) % align
+    return list(sizes) + [pad] * (pad > 0)
+
+
 class PackedLinear(nn.Module):
     """linears (same in_features) -> forward(x) = the tuple of their outputs, from one matmul (the
     outputs are column slices of one tensor: views with its row stride).
@@ -26,8 +35,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.sources = tuple(linears)  # a tuple: not registered as submodules (no second copy in state_dict)
         self.sizes = [lin.out_features for lin in linears]
-        pad = -sum(self.sizes) % align
-        self.split_sizes = self.sizes + [pad] * (pad > 0)  # the padding columns are dropped by outputs()
+        self.split_sizes = padded_sizes(self.sizes, align)  # the padding columns are dropped by outputs()
         w = linears[0].weight
         rows = sum(self.split_sizes)
         self.register_buffer("weight", torch.zeros(rows, w.shape[1], dtype=w.dtype, device=w.device))
@@ -65,9 +73,9 @@ def pack_attention(attn: nn.Module, kind: str) -> PackedLinear | None:
     """The projections a decode step of this layer reads from one input: q/k/v of the teacher's
     attention, or a mixer's own (`decode_linears`); None if there is nothing to pack."""
     if kind == "softmax":
-        return PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], align=64)
+        return PackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], align=ROW_ALIGN)
     linears = attn.decode_linears() if hasattr(attn, "decode_linears") else None
-    return PackedLinear(linears, align=64) if linears else None
+    return PackedLinear(linears, align=ROW_ALIGN) if linears else None
 
 
 def pack_mlp(mlp: nn.Module) -> PackedLinear | None:
