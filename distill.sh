@@ -5,6 +5,7 @@
 #   ./distill.sh --help                      this text and the environment settings below
 #   ./distill.sh  (the same command again)   continues after an interrupt (finished stages and jobs are reused)
 #   NPROC=8 ./distill.sh                     processes per stage (default: number of GPUs, else 1)
+#   SELECT_NPROC=2 ./distill.sh              on one GPU: two layer-selection processes share it
 #   TEACHER=HuggingFaceTB/SmolLM2-135M DATA=fineweb-edu RUN=runs/smollm2 ./distill.sh
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
 # useful model) and says so; on a GPU the budgets fit one H200 in ~25 minutes with the data and teacher
@@ -27,6 +28,7 @@ if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
   echo; echo "Environment settings (name=default  meaning):"
   grep -E '^[A-Z_]+=\$\{[A-Z_]+:-[^}]*\}[[:space:]]+#' "$0" | sed -E 's/^([A-Z_]+)=\$\{[A-Z_]+:-([^}]*)\}[[:space:]]*#[[:space:]]*/  \1=\2\t/' | expand -t 24
   echo "  NPROC=<GPUs, else 1>  processes per stage (1: plain python, >1: torchrun)"
+  echo "  SELECT_NPROC=<NPROC>  processes of the layer selection (more than GPUs: they share them)"
   exit 0
 fi
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
@@ -40,7 +42,10 @@ try:
     main()
 except SignalException:
     sys.exit(130)'
-launch() { if [ "$NPROC" -eq 1 ]; then $PY "$@"; else $PY -c "$TORCHRUN" --standalone --nproc_per_node="$NPROC" "$@"; fi; }
+launch_n() { local n=$1; shift; if [ "$n" -eq 1 ]; then $PY "$@"; else $PY -c "$TORCHRUN" --standalone --nproc_per_node="$n" "$@"; fi; }
+launch() { launch_n "$NPROC" "$@"; }
+# the selection's processes: more than GPUs share them (its candidates are launch-bound; docs/selection.md)
+SELECT_NPROC=${SELECT_NPROC:-$NPROC}
 T0=$(date +%s)
 STAGE="setup"
 mmss() { printf '%dm%02ds' $(( $1 / 60 )) $(( $1 % 60 )); }
@@ -85,7 +90,7 @@ $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${P
 stage "2/7" "stage 1, attention alignment"
 launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
 stage "3/7" "layer selection (GA-S2)"
-launch select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
+launch_n "$SELECT_NPROC" select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"
 # a stage-2 part's --time_limit_s: its own cap ($1, 0 = none), lowered so that DEADLINE_S is met with
 # RESERVE_S to spare, $2 more seconds kept back, and ~60 s for the part's load and final eval outside it

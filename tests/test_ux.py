@@ -184,6 +184,18 @@ def test_distill_sh_torchrun_for_several_processes(tmp_path):
     assert "--nproc_per_node=2 distill.py --stage=1" in text and "--nproc_per_node=2 select_layers.py" in text
 
 
+def test_distill_sh_selection_processes_of_their_own(tmp_path):
+    """SELECT_NPROC=2 on one process elsewhere: only the selection goes through torchrun (sharing the GPU)."""
+    fake, log = _fake_python(tmp_path)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "NPROC": "1", "SELECT_NPROC": "2", "RUN": str(tmp_path / "run")},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    text = log.read_text()
+    assert text.count("from torch.distributed.run import main") == 1
+    assert "--nproc_per_node=2 select_layers.py" in text and "--nproc_per_node=2 distill.py" not in text
+
+
 def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     """The GPU defaults: stage 2 at 2048 then 4096, each part capped in wall time, then bench.py."""
     fake, log = _fake_python(tmp_path)
