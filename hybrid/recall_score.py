@@ -70,12 +70,6 @@ def logits_at(model, input_ids: torch.Tensor, positions: list[list[int]]) -> lis
     return [logits[b, [index[p] for p in row]] for b, row in enumerate(positions)]
 
 
-def mqar_predictions(model, input_ids: torch.Tensor, positions: list[list[int]]) -> list[torch.Tensor]:
-    """The argmax of the logits at positions[b] (the prediction of token p + 1) for each row of input_ids
-    (B, T) -> B tensors of len(positions[b])."""
-    return [row.argmax(-1).cpu() for row in logits_at(model, input_ids, positions)]
-
-
 def target_nll(logits: list[torch.Tensor], input_ids: torch.Tensor, targets: list[list[int]]) -> list[float]:
     """Mean NLL per token (nats) of input_ids[b, p] for p in targets[b], from logits_at's rows at p - 1."""
     return [-torch.log_softmax(row.float(), -1).gather(-1, input_ids[b, tg][:, None]).mean().item()

@@ -56,7 +56,7 @@ def read_spec(spec: str, n_layers: int) -> list[str]:
     k = k or str(sel.get("k_fraction"))
     top = methods.get(method, {}).get("top", {}).get(k)
     if top is None and method in methods:  # a K the selection did not list: from the method's ranking
-        from .selection import top_k, uniform_layers
+        from .selection import top_k, uniform_layers  # here: selection.py imports this module
         ranking = methods[method].get("ranking")
         top = uniform_layers(sel["candidates"], int(k)) if method == "uniform" else (
             top_k(ranking, int(k)) if ranking else None)

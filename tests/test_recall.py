@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hybrid.recall_score import (answer_nll, mqar_predictions, read_suite, retention, run_recall, score_generation,
+from hybrid.recall_score import (answer_nll, logits_at, read_suite, retention, run_recall, score_generation,
                                  summarize)
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 
@@ -198,7 +198,7 @@ def test_run_recall_tiny_llama(tokenizer, suite, tmp_path):
     ids = torch.tensor([r["input_ids"]])
     full = model(input_ids=ids).logits[0].argmax(-1)
     before = [p - 1 for p in r["answer_positions"]]
-    got = mqar_predictions(model, ids, [before])[0]
+    got = logits_at(model, ids, [before])[0].argmax(-1)  # MQAR's prediction at each answer
     assert torch.equal(got, full[before])
     # the teacher-forced answer NLL: right-padded rows of different lengths, kept logits only, equal to
     # each row alone through full logits

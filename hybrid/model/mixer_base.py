@@ -1,7 +1,7 @@
 """Shared pieces of the student mixers: the teacher-initialised base class, norms, RoPE, conv.
 
-Imports only torch (and packed.py, likewise): export.py copies this file with mixers.py and op_*.py beside the exported
-modeling file. See hybrid/mixers.py for the mixers and docs/mixers.md for the protocol.
+Imports only torch (and packed.py, likewise): export.py copies this file with mixers.py and op_*.py
+beside the exported modeling file. See hybrid/mixers.py for the mixers and docs/mixers.md for the protocol.
 """
 
 import math
@@ -132,12 +132,14 @@ class TeacherInitMixer(nn.Module):
         B, T, _ = x.shape
         linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
         if extra and all(type(lin) is nn.Linear for lin in linears):
-            sizes = padded_sizes([lin.out_features for lin in linears])  # + zero rows: aligned output rows
-            w, pad = self.q_proj.weight, sum(sizes) - sum(lin.out_features for lin in linears)
-            bias = None if all(lin.bias is None for lin in linears) else torch.cat(
-                [lin.bias if lin.bias is not None else w.new_zeros(lin.out_features) for lin in linears] + [w.new_zeros(pad)])
-            outs = F.linear(x, torch.cat([lin.weight for lin in linears] + [w.new_zeros(pad, w.shape[1])]), bias).split(
-                sizes, dim=-1)[:len(linears)]
+            sizes = [lin.out_features for lin in linears]
+            split = padded_sizes(sizes)  # + zero rows: aligned output rows
+            pad = sum(split) - sum(sizes)
+            weight = F.pad(torch.cat([lin.weight for lin in linears]), (0, 0, 0, pad))
+            bias = None if all(lin.bias is None for lin in linears) else F.pad(torch.cat(
+                [lin.bias if lin.bias is not None else lin.weight.new_zeros(n) for lin, n in zip(linears, sizes)]),
+                (0, pad))
+            outs = F.linear(x, weight, bias).split(split, dim=-1)[:len(linears)]
         else:
             outs = [lin(x) for lin in linears]
         q = outs[0].view(B, T, self.n_heads, self.head_dim)

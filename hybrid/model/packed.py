@@ -81,7 +81,7 @@ def pack_attention(attn: nn.Module, kind: str) -> PackedLinear | None:
 def pack_mlp(mlp: nn.Module) -> PackedLinear | None:
     """gate/up of a gated MLP (Llama, Mistral, Qwen: down(act(gate(x)) * up(x))); None otherwise."""
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        return PackedLinear([mlp.gate_proj, mlp.up_proj])
+        return PackedLinear([mlp.gate_proj, mlp.up_proj])  # unpadded: norm_linear's swiglu reads [gate; up] as halves
     return None
 
 
