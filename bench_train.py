@@ -13,15 +13,12 @@ weights) and random token batches, through the library's own training code:
            does, eager rebuilds from the CPU teacher); eager = a teacher forward per micro-step; fast =
            hybrid.stage2.TeacherTargets (teacher once per batch, shared by all candidates) + compiled
            layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64, fla's own blocks (fla #640 guard lifted) vs op_gdn's
-           workarounds (pad K to 128; narrow blocks in the one affected kernel; fla's blocks checked
-           once against narrow), each with its gradient error against the fp32 reference.
+  kpad     fla's GDN chunk kernel fwd+bwd at K=64: fla's own blocks (fla #640) vs op_gdn's workarounds (pad,
+           narrow, checked), each with its gradient error against the fp32 reference.
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
-
 Launch (1 GPU, fla installed): python bench_train.py --out_dir=runs/bench_train [--sections=stage2,phases --specs=(gdn,)]
 CPU smoke (seconds, no compile, no fla):  python bench_train.py --device=cpu --smoke=True
-Writes OUT_DIR/bench_train.md (the printed tables) and OUT_DIR/profile_*.txt. Sample line:
-| stage2 | all-gdn | fast | 32 | 2048 | 168.2k | 2.54x | 26.9% | 26.2 | 0.2303 0.2293 0.2288 0.2283 |
+Writes OUT_DIR/bench_train.md (the printed tables) and OUT_DIR/profile_*.txt (docs/results.md has them).
 """
 
 import copy
@@ -37,6 +34,7 @@ from hybrid.config import config_dict, dumps
 from hybrid.fastpath import compile_layers
 from hybrid.losses import chunked_distill_loss, layer_mse
 from hybrid.model.spec import parse_spec
+from hybrid.model import mixers
 from hybrid.optim import adamw, optimizer_step
 from hybrid.selection import SpecSwitcher
 from hybrid.shards import RandomBatches
@@ -56,6 +54,7 @@ DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
 SECTIONS = "copy,stage2,phases,stage1,gas2,kpad"  # comma list, run in this order
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
 PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
+GDN_TRAIN_KERNELS = "off"       # mixers.GDN_TRAIN_KERNELS: "cuda" runs op_gdn_train's kernels in the GDN layers
 # Stage 2
 STAGE2_SEQ_LEN = 2048           # tokens per row
 BASE_MICRO_BATCH = 16           # the eager baseline's micro-batch (distill.py's default)
@@ -478,6 +477,7 @@ def main():
     if SMOKE:
         smoke_settings(globals())
     device = torch.device(DEVICE)
+    mixers.GDN_TRAIN_KERNELS = GDN_TRAIN_KERNELS
     emit("# bench_train\n")
     emit("```\n" + dumps(config_dict(globals())) + "\n```")
     if device.type == "cuda":

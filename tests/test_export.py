@@ -61,7 +61,7 @@ def test_export_folder_and_round_trip(exported):
     files = set(os.listdir(out))
     shipped = {f for f in os.listdir(os.path.join("hybrid", "model")) if f.endswith(".py") and f != "__init__.py"}
     assert shipped == {"modeling_hybrid.py", "spec.py", "mixers.py", "mixer_base.py", "op_common.py", "op_gdn.py",
-                       "op_gdn_step.py", "op_gdn_prefill.py", "op_gla.py", "op_rwkv7.py", "op_decode.py", "op_norm_linear.py",
+                       "op_gdn_step.py", "op_gdn_prefill.py", "op_gdn_train.py", "op_gla.py", "op_rwkv7.py", "op_decode.py", "op_norm_linear.py",
                        "engine.py", "engine_layer.py", "mixer_swa.py",
                        "packed.py"}  # hybrid/model/ is exactly what an export ships
     assert shipped | {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files, files

@@ -125,21 +125,12 @@ class TeacherInitMixer(nn.Module):
         """x (B, T, C) -> q (B, T, H, D), k and v (B, T, Hkv, D): the teacher's projections with
         biases and q/k norms, before RoPE and before any feature map; then each of `extra` (more
         projections of x, e.g. a mixer's gates) as (B, T, out). With extra, plain nn.Linears all, they
-        run as one matmul on their concatenated weights (the small gate projections are slow GEMMs
-        alone, and one launch replaces several), zero rows padding them to a multiple of 64 (1554 rows
-        of a SmolLM2 GDN layer ran a cutlass fallback on the H200); each output column is the same
-        dot product."""
+        run as one matmul (project_packed) and the outputs are its column slices."""
         B, T, _ = x.shape
         linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
-        if extra and all(type(lin) is nn.Linear for lin in linears):
-            sizes = [lin.out_features for lin in linears]
-            split = padded_sizes(sizes)  # + zero rows: aligned output rows
-            pad = sum(split) - sum(sizes)
-            weight = F.pad(torch.cat([lin.weight for lin in linears]), (0, 0, 0, pad))
-            bias = None if all(lin.bias is None for lin in linears) else F.pad(torch.cat(
-                [lin.bias if lin.bias is not None else lin.weight.new_zeros(n) for lin, n in zip(linears, sizes)]),
-                (0, pad))
-            outs = F.linear(x, weight, bias).split(split, dim=-1)[:len(linears)]
+        if self.packable(*extra):
+            packed, split = self.project_packed(x, *extra)
+            outs = packed.split(split, dim=-1)[:len(linears)]
         else:
             outs = [lin(x) for lin in linears]
         q = outs[0].view(B, T, self.n_heads, self.head_dim)
@@ -150,6 +141,25 @@ class TeacherInitMixer(nn.Module):
         if self.k_norm is not None:
             k = self.k_norm(k)
         return (q, k, v, *outs[3:])
+
+    def packable(self, *extra: nn.Linear) -> bool:
+        """Whether project(x, *extra) runs as one matmul: extra given, and every projection a plain nn.Linear."""
+        return bool(extra) and all(type(lin) is nn.Linear for lin in (self.q_proj, self.k_proj, self.v_proj, *extra))
+
+    def project_packed(self, x: torch.Tensor, *extra: nn.Linear) -> tuple[torch.Tensor, list[int]]:
+        """x (B, T, C) -> (P, split): q, k, v and `extra`'s projections of x as one matmul on their
+        concatenated weights, P (B, T, sum(split)) before the q/k norms, and its column counts (the last
+        one: zero rows padding them to a multiple of 64). The small gate projections are slow GEMMs
+        alone, one launch replaces several, and 1554 rows (a SmolLM2 GDN layer) ran a cutlass fallback on
+        the H200; each output column is the same dot product."""
+        linears = (self.q_proj, self.k_proj, self.v_proj, *extra)
+        sizes = [lin.out_features for lin in linears]
+        split = padded_sizes(sizes)
+        pad = sum(split) - sum(sizes)
+        weight = F.pad(torch.cat([lin.weight for lin in linears]), (0, 0, 0, pad))
+        bias = None if all(lin.bias is None for lin in linears) else F.pad(torch.cat(
+            [lin.bias if lin.bias is not None else lin.weight.new_zeros(n) for lin, n in zip(linears, sizes)]), (0, pad))
+        return F.linear(x, weight, bias), split
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, Hkv, D) -> (B, T, H, D); q head h reads kv head h // (H // Hkv)."""

@@ -25,6 +25,7 @@ from . import op_gdn_prefill
 from .op_decode import check_agrees
 from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 from .op_gdn_step import check_once, gdn_step, supported as gdn_step_supported
+from .op_gdn_train import gdn_train_inputs
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
 from .mixer_swa import SlidingWindowMixer
@@ -32,7 +33,10 @@ from .mixer_swa import SlidingWindowMixer
 # The kernels' dispatchers (fla's Triton kernels on GPU) stay outside torch.compile: a compiled
 # decoder layer (hybrid/fastpath.py) fuses the elementwise work around them and calls them eagerly.
 # Traced, their lazy fla imports and fla's own autotuned kernels break or bloat the graph.
-gdn, gla, rwkv7 = (torch.compiler.disable(f) for f in (gdn, gla, rwkv7))
+gdn, gla, rwkv7, gdn_train_inputs = (torch.compiler.disable(f) for f in (gdn, gla, rwkv7, gdn_train_inputs))
+# GDN's inputs through op_gdn_train's Triton kernels (forward and backward) for whole rows from an empty state:
+# "off" | "cuda" (CUDA tensors) | "always" (also the CPU interpreter's, for the tests). Opt-in until timed on the GPU.
+GDN_TRAIN_KERNELS = "off"
 
 
 class GatedDeltaNetMixer(TeacherInitMixer):
@@ -70,6 +74,13 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         """x (B, T, C) -> y (B, T, C), state {"S": (B, H, D, D) fp32, "conv": (B, W-1, Cqkv)}."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self._train_kernels(x, state, pad_mask, output_state):
+            P, _ = self.project_packed(x, self.a_proj, self.b_proj, self.g_proj)
+            q, k, v, beta, g, gate = gdn_train_inputs(P, self.conv_weight if self.conv_size > 1 else None, self.A_log,
+                                                      self.dt_bias, H, Hkv, D)
+            o, _ = gdn(q, k, v, g, beta, output_final_state=False, impl=self.impl)
+            o = gated_rms_norm(o, gate.view(B, T, H, D), self.o_norm)
+            return self.o_proj(o.reshape(B, T, H * D)), None
         x = zero_pads(x, pad_mask)
         q, k, v, a, b, gate = self.project(x, self.a_proj, self.b_proj, self.g_proj)  # one matmul
         m = None if pad_mask is None else pad_mask.to(x.dtype)[..., None, None]  # (B, T, 1, 1)
@@ -96,6 +107,15 @@ class GatedDeltaNetMixer(TeacherInitMixer):
         o = gated_rms_norm(o, gate.view(B, T, H, D), self.o_norm)
         new_state["S"] = S
         return self.o_proj(o.reshape(B, T, H * D)), (new_state if output_state else None)
+
+    def _train_kernels(self, x, state, pad_mask, output_state: bool) -> bool:
+        """Whether mix() takes op_gdn_train's kernels: GDN_TRAIN_KERNELS allows them for x, and the call is a
+        training forward's (whole rows, no state in or out) of a layer they cover (packed projections,
+        no q/k norms, head_dim a power of two >= 16)."""
+        on = GDN_TRAIN_KERNELS == "always" or (GDN_TRAIN_KERNELS == "cuda" and x.is_cuda)
+        return (on and state is None and pad_mask is None and not output_state and self.q_norm is None
+                and self.k_norm is None and self.packable(self.a_proj, self.b_proj, self.g_proj)
+                and self.head_dim >= 16 and not self.head_dim & (self.head_dim - 1))
 
     def fused_decode_supported(self) -> bool:
         """Whether decode_inplace (op_gdn_step's Triton kernels) can run this layer's shapes."""

@@ -1,0 +1,126 @@
+"""GDN's training kernels (hybrid/model/op_gdn_train.py) against mix()'s op-by-op path: outputs and the
+gradients of every parameter and of the input. On CPU the kernels run in Triton's interpreter (a child
+pytest with TRITON_INTERPRET=1, as in test_decode_kernels.py; Triton is not in CI's CPU set-up), and the
+backward kernel is compiled for sm_90 to show it builds without spills; on CUDA (`-m gpu`) they run
+compiled, inside a compiled decoder layer, in bf16."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from hybrid.model import mixers
+from tests.conftest import launch
+from tests.test_mixers import D_MODEL, make_mixer
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
+                                 reason="runs in the child pytest with TRITON_INTERPRET=1")
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
+                    reason="needs Triton on a CPU machine (on CUDA the gpu test runs the kernels)")
+def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
+    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_train.py",
+                      "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert "6 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def mixer_and_grads(mixer, x: torch.Tensor, mode: str, monkeypatch, pad_mask=None):
+    """mix(x) under GDN_TRAIN_KERNELS=mode -> (y, {name: grad} for x and every parameter); the kernels'
+    use checked through a counter on gdn_train_inputs."""
+    calls = []
+    real = mixers.gdn_train_inputs
+    monkeypatch.setattr(mixers, "GDN_TRAIN_KERNELS", mode)
+    monkeypatch.setattr(mixers, "gdn_train_inputs", torch.compiler.disable(lambda *a: calls.append(1) or real(*a)))
+    mixer.zero_grad()
+    x = x.clone().requires_grad_(True)
+    y, _ = mixer.mix(x, None, None, pad_mask, output_state=False)
+    w = torch.randn_like(y, generator=torch.Generator().manual_seed(5))  # a loss that weighs every output
+    (y * w).sum().backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in mixer.named_parameters() if p.grad is not None}}
+    return y.detach(), grads, len(calls)
+
+
+def check_matches_mix(family: str, conv_size: int, T: int, monkeypatch, dtype=torch.float64, device="cpu",
+                      rel: float = 1e-4):
+    """dtype float64 on CPU: mix() exact, the kernels fp32 inside; in fp32 A_log's gradient (a sum of
+    dg * g over every token, large g past softplus's threshold) differed by 2e-3 between two fp32 paths."""
+    _, mixer = make_mixer("gdn", family, conv_size=conv_size)
+    with torch.no_grad():
+        for p in mixer.parameters():  # off the identity conv and unit norms: every term matters
+            p.add_(0.3 * torch.randn_like(p))
+        mixer.a_proj.weight.mul_(20.0)  # a + dt_bias past softplus's threshold (20) for some heads
+    mixer = mixer.to(device, dtype)
+    x = torch.randn(3, T, D_MODEL, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    want_y, want, n_ref = mixer_and_grads(mixer, x, "off", monkeypatch)
+    got_y, got, n_fast = mixer_and_grads(mixer, x, "always", monkeypatch)
+    assert (n_ref, n_fast) == (0, 1)
+    assert got.keys() == want.keys() and {"x", "A_log", "dt_bias", "a_proj.weight", "o_norm.weight"} <= want.keys()
+    assert ("conv_weight" in want) == (conv_size > 1)
+    for name, a, b in [("y", got_y, want_y)] + [(n, got[n], want[n]) for n in want]:
+        err = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+        assert err < rel, (name, err)
+
+
+@interpreted
+@pytest.mark.parametrize("family,conv_size,T", [("llama_gqa", 4, 37), ("llama_gqa", 4, 50), ("llama3_mha", 4, 33),
+                                                ("mistral_mqa", 4, 40), ("llama_gqa", 1, 37), ("llama_gqa", 2, 5)])
+def test_interpreted_train_kernels_equal_mix(family, conv_size, T, monkeypatch):
+    # kv groups of 2, 1 and 4 heads; rows across 1-4 blocks of 16 tokens, the conv's window across blocks; no conv
+    check_matches_mix(family, conv_size, T, monkeypatch)
+
+
+def test_train_kernels_only_where_they_apply(monkeypatch):
+    """Off by default; with pads, a state, or a Qwen3 q/k norm the op-by-op path runs (no Triton needed)."""
+    _, mixer = make_mixer("gdn", "llama_gqa")
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    assert mixers.GDN_TRAIN_KERNELS == "off"
+    assert mixer_and_grads(mixer, x, "off", monkeypatch)[2] == 0
+    assert not mixer._train_kernels(x, None, None, False) and not mixer._train_kernels(x, None, None, True)
+    monkeypatch.setattr(mixers, "GDN_TRAIN_KERNELS", "cuda")
+    assert not mixer._train_kernels(x, None, None, False)  # CPU tensors
+    monkeypatch.setattr(mixers, "GDN_TRAIN_KERNELS", "always")
+    assert mixer._train_kernels(x, None, None, False)
+    pads = torch.ones(2, 5, dtype=torch.bool)
+    assert not mixer._train_kernels(x, None, pads, False) and not mixer._train_kernels(x, {"S": None}, None, False)
+    _, qwen3 = make_mixer("gdn", "qwen3_qknorm")
+    assert not qwen3._train_kernels(x, None, None, False)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
+                    reason="needs Triton, compiled (not interpreted); on CUDA the gpu test compiles and runs it")
+def test_backward_kernel_compiles_for_hopper_without_spills():
+    from hybrid.model import op_gdn_train
+    from tests.test_decode_kernels import ptxas_report
+    p, i32 = "*bf16", "i32"
+    sig = {"p_ptr": p, "p_sb": i32, "p_st": i32, "convw_ptr": "*fp32", "alog_ptr": "*fp32", "dtb_ptr": "*fp32",
+           "dq_ptr": p, "dk_ptr": p, "dv_ptr": p, "dbeta_ptr": "*fp32", "dg_ptr": "*fp32", "dgate_ptr": p, "dp_ptr": p,
+           "dw_ptr": "*fp32", "dalog_ptr": "*fp32", "ddtb_ptr": "*fp32", "T": i32, "PW": i32}
+    for D in (64, 128):  # SmolLM2's padded layout: 46 zero columns
+        report = ptxas_report(op_gdn_train._kernels()["bwd"], sig, {"H": 9, "HKV": 3, "D": D, "W": 4, "HAS_CONV": True,
+                                                                    "BLOCK_T": op_gdn_train.BLOCK_T[D], "NPAD": 46,
+                                                                    "PAD_BLOCK": 64}, 4)
+        assert "0 bytes spill stores" in report, (D, report)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_train_kernels_equal_mix_compiled_bf16(monkeypatch):
+    """The kernels compiled on the GPU, in bf16, against mix()'s path in bf16 (both rounding differently:
+    the kernels keep fp32 inside), then both inside a compiled mixer: the fast path training uses."""
+    for family, conv_size in (("llama_gqa", 4), ("mistral_mqa", 4), ("llama_gqa", 1)):
+        check_matches_mix(family, conv_size, 300, monkeypatch, torch.bfloat16, "cuda", rel=3e-2)
+    _, mixer = make_mixer("gdn", "llama_gqa")
+    mixer = mixer.to("cuda", torch.bfloat16)
+    x = torch.randn(2, 256, D_MODEL, device="cuda", dtype=torch.bfloat16)
+    want_y, want, _ = mixer_and_grads(mixer, x, "off", monkeypatch)
+    mixer.mix = torch.compile(mixer.mix, dynamic=False)
+    got_y, got, n = mixer_and_grads(mixer, x, "cuda", monkeypatch)
+    assert n == 1
+    for name, a, b in [("y", got_y, want_y)] + [(k, got[k], want[k]) for k in want]:
+        err = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6))
+        assert err < 3e-2, (name, err)
