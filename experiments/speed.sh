@@ -10,8 +10,8 @@
 #                  a line per test, so that a cap keeps what passed)
 #   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
 #                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
-#   train_kernels  the same, and the fast stage-1 rotation, with GDN's inputs through op_gdn_train's Triton
-#                  kernels (GDN_TRAIN_KERNELS=cuda): the A/B against train_profile (and train's fast rows)
+#   train_kernels  the same, the fast stage-1 rotation and stage 2 at micro-batch 64, with GDN's inputs through
+#                  op_gdn_train's Triton kernels (GDN_TRAIN_KERNELS=cuda): the A/B against train_profile (and train)
 #   train          stage-1 rotation, eager and fast (fla #640's kpad section ran on 2026-12-02)
 #   gas2_shared    train_profile's GA-S2 candidates in two processes sharing the GPU at once: their summed
 #                  tokens/s against train_profile's one process (select_layers.py's launch-bound steps)
@@ -65,8 +65,9 @@ part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_tra
   tests/test_fastpath.py tests/test_losses.py tests/test_engine.py tests/test_mixers.py
 part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
   --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
-part train_kernels 300 $PY bench_train.py --sections=phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
-  --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=cuda --out_dir=$OUT_DIR/train_kernels
+part train_kernels 360 $PY bench_train.py --sections=phases,gas2,stage1,stage2 --paths=fast --base_micro_batch=32 \
+  --gas2_micro_batches=[64] --stage1_micro_batches=[64] --fast_micro_batches=[64] --gdn_train_kernels=cuda \
+  --out_dir=$OUT_DIR/train_kernels  # + stage 2 at micro-batch 64 (131k tokens a micro-step: fewer launches per token)
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
   --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)
 part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train
