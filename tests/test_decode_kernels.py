@@ -9,7 +9,6 @@ imports Triton, so those tests run in a child pytest with TRITON_INTERPRET=1. On
 kernel runs compiled, and the static engine's fused decode is compared with its mix() decode.
 """
 
-import importlib.util
 import os
 
 import pytest
@@ -19,24 +18,15 @@ from hybrid.model import op_decode, op_gdn_prefill, op_gdn_step, op_norm_linear
 from hybrid.model.op_decode import hf_rms_norm_eps, rms_norm, rope_kv_step, silu_mul
 from hybrid.model.op_norm_linear import norm_linear
 from hybrid.model.engine import StaticEngine
-from tests.conftest import launch
+from tests.conftest import interpreted, run_interpreted, triton_on_cpu
 from tests.test_engine import engine_logits, padded_batch, tiny_model, uncached_logits
 from tests.test_mixers import D_MODEL, make_mixer, rope
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
-                                 reason="runs in the child pytest with TRITON_INTERPRET=1")
 
-
-@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
-                    reason="needs Triton on a CPU machine (on CUDA the gpu tests run the kernel)")
+@triton_on_cpu
 def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
-    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_decode_kernels.py",
-                      "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     # 10 GDN step, 5 GDN prefill, 2 norm, 2 silu_mul, 4 norm + linear, 2 rope, 7 attention, 4 engines
-    assert "36 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    run_interpreted("tests/test_decode_kernels.py", 36)
 
 
 def compile_for_hopper(kernel, signature: dict, constexprs: dict, num_warps: int):
@@ -68,8 +58,7 @@ def ptxas_report(kernel, signature: dict, constexprs: dict, num_warps: int) -> s
     return r.stderr
 
 
-@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
-                    reason="needs Triton, compiled (not interpreted); on CUDA the gpu tests compile and run them")
+@triton_on_cpu
 def test_kernels_compile_for_hopper_without_spills():
     """What the interpreter cannot show: the kernels compile for an H100/H200 (sm_90), and the fused
     GDN step at head_dim 64 (SmolLM2, Llama-3.2-1B) keeps its state tile in registers."""

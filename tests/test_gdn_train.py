@@ -4,29 +4,17 @@ pytest with TRITON_INTERPRET=1, as in test_decode_kernels.py; Triton is not in C
 backward kernel is compiled for sm_90 to show it builds without spills; on CUDA (`-m gpu`) they run
 compiled, inside a compiled decoder layer, in bf16."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
 
 from hybrid.model import mixers
-from tests.conftest import launch
+from tests.conftest import interpreted, run_interpreted, triton_on_cpu
 from tests.test_mixers import D_MODEL, make_mixer
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
-                                 reason="runs in the child pytest with TRITON_INTERPRET=1")
 
-
-@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
-                    reason="needs Triton on a CPU machine (on CUDA the gpu test runs the kernels)")
+@triton_on_cpu
 def test_triton_interpreter_child_pytest():  # runs the tests named *interpreted*
-    r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "tests/test_gdn_train.py",
-                      "-k", "interpreted"], env={"TRITON_INTERPRET": "1"})
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert "6 passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+    run_interpreted("tests/test_gdn_train.py", 6)
 
 
 def mixer_and_grads(mixer, x: torch.Tensor, mode: str, monkeypatch, pad_mask=None):
@@ -91,8 +79,7 @@ def test_train_kernels_only_where_they_apply(monkeypatch):
     assert not qwen3._train_kernels(x, None, None, False)
 
 
-@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or torch.cuda.is_available(),
-                    reason="needs Triton, compiled (not interpreted); on CUDA the gpu test compiles and runs it")
+@triton_on_cpu
 def test_backward_kernel_compiles_for_hopper_without_spills():
     from hybrid.model import op_gdn_train
     from tests.test_decode_kernels import ptxas_report

@@ -26,13 +26,14 @@ from .op_common import lazy_kernels
 from .op_gdn_prefill import gdn_prefill_inputs
 
 tl = None  # triton.language once _kernels() has run
-BLOCK_T = {16: 16, 32: 16, 64: 16, 128: 8}  # tokens per backward program by head_dim: <= 156 registers, no spills (sm_90)
+BLOCK_T = {16: 16, 32: 16, 64: 16, 128: 8}  # tokens per backward program by head_dim: no spills on sm_90
 
 
 def _define(triton) -> dict:
     @triton.jit
     def conv_out_grad(src, p_st, convw_ptr, dq_ptr, dk_ptr, dv_ptr, bi, tt, c, d, ch, T, H: tl.constexpr,
-                      HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr, HAS_CONV: tl.constexpr):
+                      HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
+                      HAS_CONV: tl.constexpr):
         """The gradient of channel head c's conv output at tokens tt (BLOCK_T,), fp32 (BLOCK_T, D), 0 past T."""
         ok = tt < T
         if HAS_CONV:
