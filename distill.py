@@ -40,7 +40,7 @@ from hybrid.common import (Progress, RunLogger, autocast_dtype, barrier, cleanup
                            init_dist, interrupt_message, is_master, print0, rng_state, run_script, seed_all,
                            set_rng_state, val_label)
 from hybrid.config import check_choice, config_dict
-from hybrid.fastpath import compile_layers
+from hybrid.fastpath import compile_layers, compile_report
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
@@ -329,6 +329,8 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
                         {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
                          "train_tokens": (step + 1) * step_tokens,
                          "tok_per_s": step_tokens / (time.time() - t1)})
+        if step == start and COMPILE and run.device.type == "cuda":  # why a first step is slow (results.md)
+            run.log.log(f"first step {time.time() - t1:.1f} s | " + compile_report())
         if out_of_time:
             metrics["stopped_at_step"] = step + 1
             run.log.log(f"stage 2: --time_limit_s={TIME_LIMIT_S} reached after step {step + 1} of {STAGE2_STEPS} "

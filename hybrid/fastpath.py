@@ -34,3 +34,14 @@ def compile_layers(model: nn.Module, device: torch.device | str | None = None) -
     for layer in layers:
         layer.compile(dynamic=False)
     return len(layers)
+
+
+def compile_report() -> str:
+    """One line on what torch.compile has done in this process: graphs compiled, and inductor's FX-graph
+    cache and AOT autograd's cache hits and misses (a slow first step with misses is compiling; one with
+    hits is waiting on something else, e.g. kernels' JIT or autotuning)."""
+    from torch._dynamo.utils import counters
+    n = lambda group, name: counters[group][name]  # noqa: E731  (a Counter: 0 when absent)
+    return (f"compile: {n('stats', 'unique_graphs')} graphs | FX graph cache {n('inductor', 'fxgraph_cache_hit')} hit, "
+            f"{n('inductor', 'fxgraph_cache_miss')} miss | AOT autograd cache {n('aot_autograd', 'autograd_cache_hit')} "
+            f"hit, {n('aot_autograd', 'autograd_cache_miss')} miss")

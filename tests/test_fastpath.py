@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hybrid.fastpath import compile_layers
+from hybrid.fastpath import compile_layers, compile_report
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, teacher_hidden
 from hybrid.model.mixer_base import causal_conv
 from hybrid.shards import RandomBatches
@@ -79,6 +79,7 @@ def test_regional_compile_is_one_graph_per_layer_kind():
         student.model(input_ids=x, use_cache=False).last_hidden_state.square().mean().backward()
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] > 0, graphs
+    assert compile_report().startswith(f"compile: {graphs[1]} graphs | FX graph cache 0 hit, 0 miss"), compile_report()
 
 
 @pytest.mark.gpu
