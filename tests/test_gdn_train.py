@@ -9,7 +9,8 @@ import torch
 
 from hybrid.model import mixers
 from tests.conftest import interpreted, run_interpreted, triton_on_cpu
-from tests.test_mixers import D_MODEL, make_mixer
+from hybrid.surgery import build_student
+from tests.test_mixers import D_MODEL, make_mixer, tiny_teacher
 
 
 @triton_on_cpu
@@ -83,6 +84,15 @@ def test_train_kernels_only_where_they_apply(monkeypatch):
     assert not mixer._train_kernels(x, None, pads, False) and not mixer._train_kernels(x, {"S": None}, None, False)
     _, qwen3 = make_mixer("gdn", "qwen3_qknorm")
     assert not qwen3._train_kernels(x, None, None, False)
+    # a model's training forward (HF's sdpa attention, the default) hands its GDN layers no pad mask and no
+    # state: the kernels' case (under eager attention a 4D causal mask arrives, and mix() runs op by op)
+    seen = []
+    monkeypatch.setattr(mixers.GatedDeltaNetMixer, "_train_kernels", lambda self, *a: seen.append(a) or False)
+    teacher = tiny_teacher("llama_gqa", n_layers=2)
+    student = build_student(teacher, ["gdn", "softmax"])
+    assert student.config._attn_implementation == "sdpa"
+    student.model(input_ids=torch.randint(0, teacher.config.vocab_size, (2, 16)), use_cache=False)
+    assert len(seen) == 1 and seen[0][1:] == (None, None, False), seen  # (x, state, pad_mask, output_state)
 
 
 @triton_on_cpu
