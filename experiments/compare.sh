@@ -15,6 +15,8 @@
 # of GA-S2 candidates + ~42M of successive halving, in 65k-token steps (at 32k the lease measured ~117k
 # tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): the selection ~19 min, ~22 with stage 1,
 # estimated, not yet measured.
+# S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
+# with a lease's at the default (same data, val tokens and recall prompts).
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,8 @@ SELECTION=${SELECTION:-docs/runs/h200_lease_2026-12-02/selection.json}  # GA-S2 
 ARMS=${ARMS-"ga_s2 uniform all_gdn"}  # set but empty: no arms
 STEPS=${STEPS:-260}    # stage-2 steps per arm, 131,072 tokens each (260: 34M tokens, ~200 s at ~175k tokens/s)
 LIMIT=${LIMIT:-240}    # wall-clock cap of each arm's stage 2 (s); the arms' token counts are in their summaries
-S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)   # as distill.sh on a GPU
+S1_STEPS=${S1_STEPS:-64}  # stage-1 rotation steps per layer of 65,536 tokens (64: 4.2M tokens, distill.sh's GPU budget)
+S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer="$S1_STEPS")
 S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="$STEPS" --eval_every="$STEPS"
     --time_limit_s="$LIMIT")
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)

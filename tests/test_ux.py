@@ -254,6 +254,7 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
                                              "eval.py"]
     assert "--spec=docs/runs/h200_lease_2026-12-02/selection.json:ga_s2" in calls[1] and "--spec=gdn" in calls[3]
     assert all(f"--init={tmp_path / 'cmp' / 'stage1'}" in calls[i] for i in (1, 3))
+    assert "--steps_per_layer=64" in calls[0]  # stage 1 at distill.sh's GPU budget unless S1_STEPS says
     assert f"ga_s2={tmp_path / 'cmp' / 'export_ga_s2'},all_gdn={tmp_path / 'cmp' / 'export_all_gdn'}" in calls[5]
     # the lever study: an arm's "+"-joined settings go to its stage 2 after the shared ones
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
@@ -267,11 +268,12 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     # SELECT_TOKENS: a selection of its own after stage 1, which the arms then use; no arms: no eval
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "sel"), "SELECT_TOKENS": "4194304",
-                              "ARMS": ""}, timeout=60)
+                              "ARMS": "", "S1_STEPS": "256"}, timeout=60)
     assert out.returncode == 0, out.stderr
     sel_calls = log.read_text().splitlines()[len(calls) + len(lever):]
     assert [c.split()[0] for c in sel_calls] == ["distill.py", "select_layers.py"]
     assert "--candidate_tokens=4194304" in sel_calls[1] and "halving" in sel_calls[1]
+    assert "--steps_per_layer=256" in sel_calls[0]
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "sa"), "SELECT_TOKENS": "1048576",
                               "ARMS": "ga_s2"}, timeout=60)
