@@ -53,8 +53,8 @@ def _define(triton) -> dict:
                              other=0.0).to(tl.float32)
             else:
                 dn = tl.zeros((BLOCK_T, D), tl.float32)
-                for r in tl.static_range(REP):
-                    dn += tl.load(dk_ptr + ((bi * T + tt[:, None]) * H + (c - H) * REP + r) * D + d[None, :],
+                for copy in tl.static_range(REP):
+                    dn += tl.load(dk_ptr + ((bi * T + tt[:, None]) * H + (c - H) * REP + copy) * D + d[None, :],
                                   mask=ok[:, None], other=0.0).to(tl.float32)
             sig = tl.sigmoid(y)
             s = y * sig
@@ -65,8 +65,8 @@ def _define(triton) -> dict:
             ds = (dn - n * along[:, None]) / r[:, None]
             dy = ds * sig * (1.0 + y * (1.0 - sig))
         else:  # v: no activation; the sum of its GQA copies' grads
-            for r in tl.static_range(REP):
-                dy += tl.load(dv_ptr + ((bi * T + tt[:, None]) * H + (c - H - HKV) * REP + r) * D + d[None, :],
+            for copy in tl.static_range(REP):
+                dy += tl.load(dv_ptr + ((bi * T + tt[:, None]) * H + (c - H - HKV) * REP + copy) * D + d[None, :],
                               mask=ok[:, None], other=0.0).to(tl.float32)
         return tl.where(ok[:, None], dy, 0.0)
 
