@@ -92,6 +92,38 @@ def _chunk_fn(fused: bool | None, device: torch.device):
     return _compiled_chunk
 
 
+def stats_chunk_reference(zs: torch.Tensor, zt: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """One chunk of held-out statistics, op by op (the reference). zs, zt (c, V) student/teacher logits, tgt
+    (c,) next ids -> sums over the chunk of [KL(teacher || student), student CE, teacher CE, top-1 agreement]."""
+    log_ps = F.log_softmax(zs.float(), dim=-1)
+    log_pt = F.log_softmax(zt.float(), dim=-1)
+    return torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt[:, None]).sum(),
+                        -log_pt.gather(1, tgt[:, None]).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
+
+
+def stats_chunk_fused(zs: torch.Tensor, zt: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """stats_chunk_reference written for torch.compile (row statistics, then one pass; as kl_ce_chunk_fused)."""
+    zs, zt = zs.float(), zt.float()
+    log_ps = zs - torch.logsumexp(zs, dim=-1, keepdim=True)
+    log_pt = zt - torch.logsumexp(zt, dim=-1, keepdim=True)
+    return torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt[:, None]).sum(),
+                        -log_pt.gather(1, tgt[:, None]).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
+
+
+_compiled_stats = None
+
+
+def stats_chunk_fn(device: torch.device):
+    """The compiled fused statistics on GPU (a held-out KL scores every GA-S2 candidate twice), the
+    reference elsewhere."""
+    global _compiled_stats
+    if device.type != "cuda":
+        return stats_chunk_reference
+    if _compiled_stats is None:
+        _compiled_stats = torch.compile(stats_chunk_fused, dynamic=False)
+    return _compiled_stats
+
+
 class _ChunkedDistill(torch.autograd.Function):
     """Loss and gradients in one pass over token chunks; backward only scales the stored grads."""
 

@@ -15,10 +15,9 @@ GA-S2's ranking and eval.py's report are the same number.
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .losses import chunked_distill_loss
+from .losses import chunked_distill_loss, stats_chunk_fn
 from .parallel import all_mean, no_sync
 from .surgery import mixer_parameters
 
@@ -123,15 +122,14 @@ def accumulate_kl(model: nn.Module, teacher: nn.Module, loader, accum: int, devi
 def logit_stats(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: torch.Tensor, y: torch.Tensor,
                 chunk_tokens: int = 4096) -> torch.Tensor:
     """Means over tokens of [KL(teacher || student), student CE, teacher CE, top-1 agreement], from
-    hidden states (B, T, C) and LM heads (V, C), each logit chunk built once. y (B, T) next ids."""
+    hidden states (B, T, C) and LM heads (V, C), each logit chunk built once (losses.stats_chunk_fn:
+    compiled on GPU). y (B, T) next ids."""
     h_s, h_t, y = h_s.reshape(-1, h_s.shape[-1]), h_t.reshape(-1, h_t.shape[-1]), y.reshape(-1)
+    stats = stats_chunk_fn(h_s.device)
     sums = torch.zeros(4, dtype=torch.float32, device=h_s.device)
     for i in range(0, h_s.shape[0], chunk_tokens):
-        log_ps = F.log_softmax((h_s[i:i + chunk_tokens] @ w_s.to(h_s.dtype).t()).float(), dim=-1)
-        log_pt = F.log_softmax((h_t[i:i + chunk_tokens] @ w_t.to(h_t.dtype).t()).float(), dim=-1)
-        tgt = y[i:i + chunk_tokens, None]
-        sums += torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt).sum(),
-                             -log_pt.gather(1, tgt).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
+        sums += stats(h_s[i:i + chunk_tokens] @ w_s.to(h_s.dtype).t(), h_t[i:i + chunk_tokens] @ w_t.to(h_t.dtype).t(),
+                      y[i:i + chunk_tokens])
     return sums / h_s.shape[0]
 
 

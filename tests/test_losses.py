@@ -137,3 +137,26 @@ def test_compiled_fused_kl_matches_reference_on_gpu():
         res[fused] = (loss, *torch.autograd.grad(loss, (h_s, w_s)))
     for a, b in zip(res[None], res[False]):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=1e-4)
+
+
+def test_fused_stats_chunk_equals_reference():
+    """The held-out statistics' fused form (compiled on GPU) == the op-by-op reference, ties in argmax included."""
+    from hybrid.losses import stats_chunk_fused, stats_chunk_reference
+    torch.manual_seed(0)
+    zs, zt = torch.randn(300, 997) * 3, torch.randn(300, 997) * 3
+    zs[:5] = zt[:5]  # rows where student and teacher agree exactly
+    tgt = torch.randint(0, 997, (300,))
+    torch.testing.assert_close(stats_chunk_fused(zs, zt, tgt), stats_chunk_reference(zs, zt, tgt), rtol=1e-5, atol=1e-4)
+    got = stats_chunk_fused(zs.bfloat16(), zt.bfloat16(), tgt)  # bf16 logits: fp32 math inside, as the reference
+    torch.testing.assert_close(got, stats_chunk_reference(zs.bfloat16(), zt.bfloat16(), tgt), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.compile of the fused statistics)")
+def test_compiled_stats_chunk_matches_reference_on_gpu():
+    from hybrid.losses import stats_chunk_fn, stats_chunk_reference
+    torch.manual_seed(0)
+    zs, zt = (torch.randn(4096, 5000, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(2))
+    tgt = torch.randint(0, 5000, (4096,), device="cuda")
+    got = stats_chunk_fn(zs.device)(zs, zt, tgt)
+    torch.testing.assert_close(got, stats_chunk_reference(zs, zt, tgt), rtol=1e-4, atol=1e-2)
