@@ -4,8 +4,9 @@ For each op (gdn, gla, rwkv7) and each sequence length, with B*T fixed, it times
 and forward+backward of fla's chunk kernel, of our torch chunked reference (hybrid/op_*.py) and
 of causal softmax attention (F.scaled_dot_product_attention) on the same B, H, D; then the
 norm-relative error of fla against the float64 reference in bf16 and fp32 (output, final state,
-every input gradient); one GDN forward at B=8, T=4096 through the raw fla op; and, when
-hybrid/mixers.py is there, one GDN mixer module forward against the raw op on the same shape.
+every input gradient); one GDN forward at B=8, T=4096 through the raw fla op; when
+hybrid/mixers.py is there, one GDN mixer module forward against the raw op on the same shape; and
+the fla #640 table: GDN fwd+bwd at K=64 with fla's blocks and with op_gdn's workarounds.
 Timings: CUDA events, warm-up excluded, median of REPS.
 
 Launch (1 GPU, fla installed):  python bench_kernels.py
@@ -43,11 +44,14 @@ REF_REPS = 3                    # timed repetitions for the torch reference (slo
 WARMUP = 2                      # untimed calls first (Triton compile + autotune)
 REF_MAX_TOKENS_PER_SEQ = 32768  # skip the torch reference above this T
 ERR_SEQ_LEN = 2048              # T for the fla-vs-reference error table (B = 1, with an initial state)
-SECTIONS = "speed,errors,big,mixer"  # which tables, comma-separated, in this order
+SECTIONS = "speed,errors,big,mixer,kpad"  # which tables, comma-separated, in this order
 # "big": GDN forward at BIG_BATCH x BIG_SEQ_LEN (raw fla op, dispatcher, SDPA);
 # "mixer": a GDN mixer module vs the raw op on that shape (needs hybrid/mixers.py)
-BIG_BATCH = 8                   # B for those two sections
-BIG_SEQ_LEN = 4096              # T for those two sections
+# "kpad": GDN fwd+bwd at K=64, fla's own blocks (fla #640) vs op_gdn's workarounds, at KPAD_BATCH x KPAD_SEQ_LEN
+BIG_BATCH = 8                   # B for "big" and "mixer"
+BIG_SEQ_LEN = 4096              # T for "big" and "mixer"
+KPAD_BATCH = 16                 # B for "kpad" (a stage-2 micro-batch of distill.py's default)
+KPAD_SEQ_LEN = 2048             # T for "kpad"
 OUT_FILE = "runs/bench_kernels.md"  # markdown tables, written atomically
 SEED = 0
 # -----------------------------------------------------------------------------
@@ -288,6 +292,56 @@ def bench_mixer(have_fla: bool) -> None:
     flush_file()
 
 
+def bench_kpad(have_fla: bool) -> None:
+    """fla's GDN fwd+bwd at K=64 as fla picks its blocks (fla #640) and under op_gdn's three workarounds,
+    each with its gradient error against the fp32 chunked reference (a wrong row shows it)."""
+    if not have_fla:
+        return
+    emit("## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks, checked) vs none")
+    emit()
+    from hybrid.model import op_gdn
+    from hybrid.model.op_common import fla_module, relative_errors
+    chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
+    chunk, chunk_o = fla_module("fla.ops.gated_delta_rule.chunk"), fla_module("fla.ops.common.chunk_o")
+    op_gdn._guard_dqkwg()
+    guarded, original = chunk.chunk_bwd_dqkwg, chunk.chunk_bwd_dqkwg.original
+    B, T, H, D = KPAD_BATCH, KPAD_SEQ_LEN, HEADS, HEAD_DIM
+    g0 = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g0) for _ in range(3))
+    q, k = (F.normalize(t, dim=-1) for t in (q, k))
+    g = -torch.rand(B, T, H, device=DEVICE, generator=g0) * 0.1
+    beta = torch.rand(B, T, H, device=DEVICE, generator=g0).to(torch.bfloat16)
+    do = torch.randn(B, T, H, D, device=DEVICE, generator=g0)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, g, beta)]
+
+    def grads(fn):
+        for t in leaves:
+            t.grad = None
+        (fn(*leaves)[0].float() * do).sum().backward()
+        return [t.grad.float() for t in leaves]
+
+    ref = grads(lambda *x: op_gdn.gdn_chunked(*(t.float() for t in x)))
+    paths = (("fla's blocks (K=64, BK=64)", original, chunk_fn, None),
+             ("pad: K=128 everywhere", original, op_gdn.gdn, "pad"),
+             ("narrow: dqkwg at BK=32", guarded, op_gdn.gdn, "narrow"),
+             ("checked: BK=64 checked once vs BK=32", guarded, op_gdn.gdn, "checked"))
+    emit("| path | fwd+bwd ms | x fla's blocks | max rel err dq, dk, dv, dg, dbeta |")
+    emit("|---|---|---|---|")
+    base, saved = None, (chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND)
+    try:
+        for label, dqkwg, fn, workaround in paths:
+            chunk.chunk_bwd_dqkwg, op_gdn.HOPPER_WORKAROUND = dqkwg, workaround or saved[2]
+            chunk_o.TRITON_ABOVE_3_7_1 = True  # fla's guard lifted (the first row is the bug it guards against)
+            errs = relative_errors(zip("qkvgb", grads(fn), ref)).values()
+            ms = timed(lambda: grads(fn), REPS, WARMUP)
+            base = base or ms
+            emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x | {', '.join(f'{e:.1e}' for e in errs)} |")
+    finally:
+        chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND = saved
+    emit()
+    flush_file()
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -312,7 +366,8 @@ def main() -> None:
     emit()
     flush_file()
     sections = {"speed": lambda: bench_speed(have_fla), "errors": bench_errors if have_fla else (lambda: None),
-                "big": lambda: bench_big_shape(have_fla), "mixer": lambda: bench_mixer(have_fla)}
+                "big": lambda: bench_big_shape(have_fla), "mixer": lambda: bench_mixer(have_fla),
+                "kpad": lambda: bench_kpad(have_fla)}
     for name in SECTIONS.split(","):
         if name not in sections:
             raise ValueError(f"--sections: unknown {name!r}; expected some of {tuple(sections)}")

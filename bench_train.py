@@ -2,23 +2,18 @@
 
 A random teacher of the SmolLM2-135M shape (LlamaConfig below; speed does not depend on the
 weights) and random token batches, through the library's own training code:
-  stage2   accumulate_kl + KLStudent + clip + fused AdamW per SPEC at T=STAGE2_SEQ_LEN: eager reference
-           (no compile, reference KL chunk math) vs fast (hybrid.fastpath.compile_layers on student and
-           teacher, compiled fused KL chunk) at FAST_MICRO_BATCHES; same init and batches, so the
-           losses are printed side by side; compile seconds = first step minus a steady one.
+  stage2   accumulate_kl + KLStudent + clip + fused AdamW per SPEC at T=STAGE2_SEQ_LEN: eager reference vs fast
+           (compile_layers on student and teacher, compiled fused KL chunk) at FAST_MICRO_BATCHES; same init
+           and batches, losses side by side; compile seconds = first step minus a steady one.
   phases   one stage-2 step split by CUDA events (teacher fwd, student fwd, KL, backward, optimizer)
            and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
   stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
-  gas2     GA-S2 candidates as select_layers.train_spec (build + train; fast builds on the device as it
-           does, eager rebuilds from the CPU teacher); eager = a teacher forward per micro-step; fast =
-           hybrid.stage2.TeacherTargets (teacher once per batch, shared by all candidates) + compiled
-           layers; ETA of 30 candidates x GAS2_TOKENS.
-  kpad     fla's GDN chunk kernel fwd+bwd at K=64: fla's own blocks (fla #640) vs op_gdn's workarounds (pad,
-           narrow, checked), each with its gradient error against the fp32 reference.
+  gas2     GA-S2 candidates as select_layers (build, train, score twice): eager = rebuilt from the CPU teacher,
+           a teacher forward per micro-step; fast = built on the device, TeacherTargets (the teacher once per
+           batch for all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
-Launch (1 GPU, fla installed): python bench_train.py --out_dir=runs/bench_train [--sections=stage2,phases --specs=(gdn,)]
-CPU smoke (seconds, no compile, no fla):  python bench_train.py --device=cpu --smoke=True
-Writes OUT_DIR/bench_train.md (the printed tables) and OUT_DIR/profile_*.txt (docs/results.md has them).
+Launch (1 GPU, fla installed): python bench_train.py --out_dir=runs/bench_train [--sections=stage2,phases]; CPU
+smoke: --device=cpu --smoke=True. Writes OUT_DIR/bench_train.md (the tables) and OUT_DIR/profile_*.txt.
 """
 
 import copy
@@ -38,7 +33,8 @@ from hybrid.model import mixers
 from hybrid.optim import adamw, optimizer_step
 from hybrid.selection import SpecSwitcher
 from hybrid.shards import RandomBatches
-from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, stage2_param_groups, teacher_hidden
+from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_hidden
+from hybrid.stage2 import teacher_targets
 from hybrid.surgery import build_student
 
 # -----------------------------------------------------------------------------
@@ -51,7 +47,7 @@ INTERMEDIATE = 1536             # MLP width
 VOCAB = 49152                   # vocabulary size
 # What to run
 DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
-SECTIONS = "copy,stage2,phases,stage1,gas2,kpad"  # comma list, run in this order
+SECTIONS = "copy,stage2,phases,stage1,gas2"  # comma list, run in this order (fla #640's kpad: bench_kernels.py)
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
 PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
 GDN_TRAIN_KERNELS = "off"       # mixers.GDN_TRAIN_KERNELS: "cuda" runs op_gdn_train's kernels in the GDN layers
@@ -221,6 +217,7 @@ KERNEL_KINDS = (  # first match wins; kernel-name substrings, lower case
     ("matmul (cuBLAS)", ("gemm", "cutlass", "nvjet", "xmma", "gemv", "cublas", "matmul")),
     ("softmax attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
     ("optimizer", ("adam", "multi_tensor")),
+    ("GDN inputs (op_gdn_train, op_gdn_prefill)", ("bwd_kernel", "inputs_kernel")),
     ("GDN kernels (fla)", ("chunk", "wy", "tril", "cumsum", "kkt", "w_u", "dhu", "l2norm", "delta")),
     ("memcpy/memset", ("memcpy", "memset")),
     ("conv (cuDNN)", ("conv", "cudnn")),
@@ -359,7 +356,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
 
 
 def run_gas2(cpu_teacher, teachers, device, autocast):
-    emit("\n## GA-S2 candidates (build + train GAS2_TOKENS each; val scoring not included)\n")
+    emit("\n## GA-S2 candidates (build + train GAS2_TOKENS + 2 held-out KLs on 8 val batches each, as select_layers)\n")
     emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |\n"
          "|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
@@ -368,6 +365,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         accum = max(1, GAS2_STEP_TOKENS // (micro * T))
         teacher = teachers[fast]
         targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
+        val = [RandomBatches(micro, T, VOCAB, n=1, seed=SEED + 1 + i).next_batch() for i in range(8)]  # 8 val batches
+        h_val = teacher_targets(teacher, val, device)
         secs, train_secs = [], []
         # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
         switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
@@ -393,8 +392,10 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                 optimizer_step(opt, student.parameters(), 1.0)
             float(loss)
             sync(device)
-            secs.append(time.time() - t0)
             train_secs.append(time.time() - t1)
+            for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
+                held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val)
+            secs.append(time.time() - t0)
             del student, opt, model
         del switcher
         rest = sum(secs[1:]) / max(1, len(secs) - 1)
@@ -403,48 +404,6 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | {fmt(tps)} | "
              f"{secs[0] + 29 * rest:.0f} s | {cache} |")
         torch.cuda.empty_cache() if device.type == "cuda" else None
-
-
-def run_kpad(device):
-    """fla's GDN fwd+bwd at K=64 as fla picks its blocks (fla #640) and under op_gdn's three workarounds,
-    each with its gradient error against the fp32 chunked reference (a wrong row shows it)."""
-    emit("\n## GDN kernel at K=64: fla #640 workarounds (pad to K=128, narrow dqkwg blocks, checked) vs none\n")
-    from hybrid.model import op_gdn
-    from hybrid.model.op_common import fla_module, relative_errors
-    chunk_fn = fla_module("fla.ops.gated_delta_rule").chunk_gated_delta_rule
-    chunk, chunk_o = fla_module("fla.ops.gated_delta_rule.chunk"), fla_module("fla.ops.common.chunk_o")
-    op_gdn._guard_dqkwg()
-    guarded, original = chunk.chunk_bwd_dqkwg, chunk.chunk_bwd_dqkwg.original
-    B, T, H, D = BASE_MICRO_BATCH, STAGE2_SEQ_LEN, HEADS, HIDDEN // HEADS
-    g0 = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16, generator=g0) for _ in range(3))
-    q, k = (torch.nn.functional.normalize(t, dim=-1) for t in (q, k))
-    g = -torch.rand(B, T, H, device=device, generator=g0) * 0.1
-    beta = torch.rand(B, T, H, device=device, generator=g0).to(torch.bfloat16)
-    do = torch.randn(B, T, H, D, device=device, generator=g0)
-    leaves = [t.requires_grad_(True) for t in (q, k, v, g, beta)]
-
-    def grads(fn):
-        for t in leaves:
-            t.grad = None
-        (fn(*leaves)[0].float() * do).sum().backward()
-        return [t.grad.float() for t in leaves]
-
-    ref = grads(lambda *x: op_gdn.gdn_chunked(*(t.float() for t in x)))
-    paths = (("fla's blocks (K=64, BK=64)", original, chunk_fn, None),
-             ("pad: K=128 everywhere", original, op_gdn.gdn, "pad"),
-             ("narrow: dqkwg at BK=32", guarded, op_gdn.gdn, "narrow"),
-             ("checked: BK=64 checked once vs BK=32", guarded, op_gdn.gdn, "checked"))
-    emit("| path | fwd+bwd ms | x fla's blocks | max rel err dq, dk, dv, dg, dbeta |\n|---|---|---|---|")
-    base, saved = None, (chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND)
-    for label, dqkwg, fn, workaround in paths:
-        chunk.chunk_bwd_dqkwg, op_gdn.HOPPER_WORKAROUND = dqkwg, workaround or saved[2]
-        chunk_o.TRITON_ABOVE_3_7_1 = True  # fla's guard lifted (the first row is the bug it guards against)
-        errs = relative_errors(zip("qkvgb", grads(fn), ref)).values()
-        ms = timed(lambda: grads(fn), device, warmup=2, repeats=10)
-        base = base or ms
-        emit(f"| {label} | {ms:.2f} | {ms / base:.2f}x | {', '.join(f'{e:.1e}' for e in errs)} |")
-    chunk.chunk_bwd_dqkwg, chunk_o.TRITON_ABOVE_3_7_1, op_gdn.HOPPER_WORKAROUND = saved
 
 
 def timed(fn, device, warmup: int, repeats: int) -> float:
@@ -491,8 +450,8 @@ def main():
         t0 = time.time()
         if section in runs:
             runs[section](cpu_teacher, teachers, device, autocast)
-        elif section in ("copy", "kpad") and device.type == "cuda":
-            (run_copy if section == "copy" else run_kpad)(device)
+        elif section == "copy" and device.type == "cuda":
+            run_copy(device)
         print(f"[{section}: {time.time() - t0:.0f} s]", flush=True)
 
 

@@ -12,7 +12,7 @@
 #                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
 #   train_kernels  the same, the fast stage-1 rotation and stage 2 at micro-batch 64, with GDN's inputs through
 #                  op_gdn_train's Triton kernels (GDN_TRAIN_KERNELS=cuda): the A/B against train_profile (and train)
-#   train          stage-1 rotation, eager and fast (fla #640's kpad section ran on 2026-12-02)
+#   train          stage-1 rotation, eager and fast
 #   gas2_shared    train_profile's GA-S2 candidates in two processes sharing the GPU at once: their summed
 #                  tokens/s against train_profile's one process (select_layers.py's launch-bound steps)
 #   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
