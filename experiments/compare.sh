@@ -16,7 +16,8 @@
 # tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): the selection ~19 min, ~22 with stage 1,
 # estimated, not yet measured.
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
-# with a lease's at the default (same data, val tokens and recall prompts).
+# with a lease's at the default (same data, val tokens and recall prompts). S1_ARGS="--target=attn": more
+# distill.py settings for that stage 1 (e.g. RADLADS' attention-output target, or --train_mlp=True).
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,9 @@ fi
 T0=$(date +%s)
 phase() { echo; echo "== $1 | elapsed $(( $(date +%s) - T0 ))s =="; }
 phase "stage 1 (rotation)"
-$PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_dir="$R/stage1" "${S1[@]}"
+read -r -a S1_EXTRA <<< "${S1_ARGS:-}"
+$PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_dir="$R/stage1" "${S1[@]}" \
+  ${S1_EXTRA[@]+"${S1_EXTRA[@]}"}
 if [ "$SELECT_TOKENS" -gt 0 ]; then
   phase "layer selection, $SELECT_TOKENS tokens per GA-S2 candidate"
   $PY select_layers.py --init="$R/stage1" --data_dir="$D" --run_dir="$R/select" "${SEL[@]}"

@@ -268,12 +268,12 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     # SELECT_TOKENS: a selection of its own after stage 1, which the arms then use; no arms: no eval
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "sel"), "SELECT_TOKENS": "4194304",
-                              "ARMS": "", "S1_STEPS": "256"}, timeout=60)
+                              "ARMS": "", "S1_STEPS": "256", "S1_ARGS": "--target=attn --train_mlp=True"}, timeout=60)
     assert out.returncode == 0, out.stderr
     sel_calls = log.read_text().splitlines()[len(calls) + len(lever):]
     assert [c.split()[0] for c in sel_calls] == ["distill.py", "select_layers.py"]
     assert "--candidate_tokens=4194304" in sel_calls[1] and "halving" in sel_calls[1]
-    assert "--steps_per_layer=256" in sel_calls[0]
+    assert "--steps_per_layer=256" in sel_calls[0] and sel_calls[0].endswith("--target=attn --train_mlp=True")
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "sa"), "SELECT_TOKENS": "1048576",
                               "ARMS": "ga_s2"}, timeout=60)
