@@ -96,7 +96,7 @@ def test_train_kernels_only_where_they_apply(monkeypatch):
 
 
 @triton_on_cpu
-def test_backward_kernel_compiles_for_hopper_without_spills():
+def test_backward_kernels_compile_for_hopper_without_spills():
     from hybrid.model import op_gdn_train
     from tests.test_decode_kernels import ptxas_report
     p, i32 = "*bf16", "i32"
@@ -107,6 +107,11 @@ def test_backward_kernel_compiles_for_hopper_without_spills():
         report = ptxas_report(op_gdn_train._kernels()["bwd"], sig, {"H": 9, "HKV": 3, "D": D, "W": 4, "HAS_CONV": True,
                                                                     "BLOCK_T": op_gdn_train.BLOCK_T[D], "NPAD": 46,
                                                                     "PAD_BLOCK": 64}, 4)
+        assert "0 bytes spill stores" in report, (D, report)
+        norm = {"o_ptr": p, "gate_ptr": p, "w_ptr": "*fp32", "dy_ptr": p, "do_ptr": p, "dgate_ptr": p, "dw_ptr": "*fp32",
+                "eps": "fp32", "T": i32}
+        report = ptxas_report(op_gdn_train._kernels()["norm_bwd"], norm, {"H": 9, "D": D,
+                                                                         "BLOCK_T": op_gdn_train.BLOCK_T[D]}, 4)
         assert "0 bytes spill stores" in report, (D, report)
 
 

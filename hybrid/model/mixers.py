@@ -25,7 +25,7 @@ from . import op_gdn_prefill
 from .op_decode import check_agrees
 from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 from .op_gdn_step import check_once, gdn_step, supported as gdn_step_supported
-from .op_gdn_train import gdn_train_inputs
+from .op_gdn_train import gdn_train_inputs, gdn_train_norm
 from .op_gla import gla
 from .op_rwkv7 import rwkv7
 from .mixer_swa import SlidingWindowMixer
@@ -33,7 +33,8 @@ from .mixer_swa import SlidingWindowMixer
 # The kernels' dispatchers (fla's Triton kernels on GPU) stay outside torch.compile: a compiled
 # decoder layer (hybrid/fastpath.py) fuses the elementwise work around them and calls them eagerly.
 # Traced, their lazy fla imports and fla's own autotuned kernels break or bloat the graph.
-gdn, gla, rwkv7, gdn_train_inputs = (torch.compiler.disable(f) for f in (gdn, gla, rwkv7, gdn_train_inputs))
+gdn, gla, rwkv7 = (torch.compiler.disable(f) for f in (gdn, gla, rwkv7))
+gdn_train_inputs, gdn_train_norm = (torch.compiler.disable(f) for f in (gdn_train_inputs, gdn_train_norm))
 # GDN's inputs through op_gdn_train's Triton kernels (forward and backward) for whole rows from an empty state:
 # "off" | "cuda" (CUDA tensors) | "always" (also the CPU interpreter's, for the tests). Opt-in until timed on the GPU.
 GDN_TRAIN_KERNELS = "off"
@@ -79,8 +80,7 @@ class GatedDeltaNetMixer(TeacherInitMixer):
             q, k, v, beta, g, gate = gdn_train_inputs(P, self.conv_weight if self.conv_size > 1 else None, self.A_log,
                                                       self.dt_bias, H, Hkv, D)
             o, _ = gdn(q, k, v, g, beta, output_final_state=False, impl=self.impl)
-            o = gated_rms_norm(o, gate.view(B, T, H, D), self.o_norm)
-            return self.o_proj(o.reshape(B, T, H * D)), None
+            return self.o_proj(gdn_train_norm(o, gate, self.o_norm.weight, self.o_norm.eps)), None
         x = zero_pads(x, pad_mask)
         q, k, v, a, b, gate = self.project(x, self.a_proj, self.b_proj, self.g_proj)  # one matmul
         m = None if pad_mask is None else pad_mask.to(x.dtype)[..., None, None]  # (B, T, 1, 1)

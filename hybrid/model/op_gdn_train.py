@@ -1,9 +1,10 @@
-"""Gated DeltaNet's inputs for training, with autograd: the elementwise work between the packed
-projection and fla's chunk kernel in one Triton kernel each way, where a compiled mix() runs ~6
-fused graphs that read and write the packed projection's misaligned column slices several times.
+"""Gated DeltaNet's elementwise work in training, with autograd: between the packed projection and
+fla's chunk kernel in one Triton kernel each way, where a compiled mix() runs ~6 fused graphs that
+read and write the packed projection's misaligned column slices several times; and the output norm.
 
     q, k, v, beta, g, gate = gdn_train_inputs(P, conv_weight, A_log, dt_bias, H, HKV, D)
     o, _ = gdn(q, k, v, g, beta)                       # fla's chunk kernel, its own autograd
+    y = gdn_train_norm(o, gate, norm_weight, eps)      # then o_proj
 
 P (B, T, PW) is the packed projection's output (TeacherInitMixer.project_packed), columns
 [q (H D) | k (HKV D) | v (HKV D) | a (H) | b (H) | gate (H D) | zero padding]. Forward: op_gdn_prefill's
@@ -13,7 +14,8 @@ gradient is recomputed at t .. t + W - 1 from P (the conv, SiLU and L2 norm's ba
 their GQA copies), the conv's input gradient and the head's conv-weight partial sums follow, the
 q-head programs add the gates' gradients (beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)),
 copy the gate's, and the first program zeroes the padding columns: dP in one pass, with no
-concatenation of per-slice gradients.
+concatenation of per-slice gradients. The output's gated RMSNorm likewise: forward op_gdn_prefill's norm
+kernel, backward one kernel per (sequence, block of tokens, head) with partial sums for the norm weight.
 
 The reference is GatedDeltaNetMixer.mix()'s op-by-op path (tests/test_gdn_train.py: values and
 gradients, in Triton's CPU interpreter; on the GPU, compiled). This file imports only torch and its
@@ -23,7 +25,7 @@ op neighbours (Triton lazily): export.py copies it beside the exported modeling 
 import torch
 
 from .op_common import lazy_kernels
-from .op_gdn_prefill import gdn_prefill_inputs
+from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 
 tl = None  # triton.language once _kernels() has run
 BLOCK_T = {16: 16, 32: 16, 64: 16, 128: 8}  # tokens per backward program by head_dim: no spills on sm_90
@@ -130,7 +132,33 @@ def _define(triton) -> dict:
                     tl.store(dst + G + H * D + cols[None, :], tl.zeros((BLOCK_T, PAD_BLOCK), tl.float32).to(out_ty),
                              mask=ok[:, None] & (cols < NPAD)[None, :])
 
-    return {"bwd": bwd_kernel}
+    @triton.jit
+    def norm_bwd_kernel(o_ptr, gate_ptr, w_ptr, dy_ptr, do_ptr, dgate_ptr, dw_ptr, eps, T,
+                        H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """y = w * RMSNorm(o) * SiLU(gate) per (token, head) backward; o, do (B, T, H, D), gate, dy, dgate
+        (B, T, H D), all contiguous: one flat index. dw: this program's partial sum."""
+        bi = tl.program_id(0).to(tl.int64)
+        tb = tl.program_id(1)
+        h = tl.program_id(2)
+        t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, D)
+        ok = (t < T)[:, None]
+        idx = ((bi * T + t[:, None]) * H + h) * D + d[None, :]
+        o = tl.load(o_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        gate = tl.load(gate_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + d).to(tl.float32)[None, :]
+        rstd = tl.rsqrt(tl.sum(o * o, 1) / D + eps)[:, None]
+        n = o * rstd
+        sig = tl.sigmoid(gate)
+        dnw = dy * gate * sig  # d(w n)
+        tl.store(dw_ptr + ((bi * tl.num_programs(1) + tb) * H + h) * D + d, tl.sum(dnw * n, 0))
+        dn = dnw * w
+        tl.store(do_ptr + idx, (rstd * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])).to(do_ptr.dtype.element_ty), mask=ok)
+        dgate = dy * w * n * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(dgate_ptr + idx, dgate.to(dgate_ptr.dtype.element_ty), mask=ok)
+
+    return {"bwd": bwd_kernel, "norm_bwd": norm_bwd_kernel}
 
 
 _kernels = lazy_kernels(globals(), _define)
@@ -174,6 +202,33 @@ class _GdnInputs(torch.autograd.Function):
             num_warps=4)
         dconv = None if conv_weight is None else dw.sum(0).to(conv_weight.dtype)
         return dP, dconv, dalog.sum(0).to(A_log.dtype), ddtb.sum(0).to(dt_bias.dtype), None, None, None
+
+
+class _GdnNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, gate, weight, eps):
+        o, gate = o.contiguous(), gate.contiguous()
+        ctx.save_for_backward(o, gate, weight)
+        ctx.eps = eps
+        return gated_rms_norm_prefill(o, gate, weight, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        o, gate, weight = ctx.saved_tensors
+        B, T, H, D = o.shape
+        block_t = BLOCK_T.get(D, 8)
+        nt = -(-T // block_t)
+        do, dgate = torch.empty_like(o), torch.empty_like(gate)
+        dw = torch.empty(B * nt * H, D, dtype=torch.float32, device=o.device)
+        _kernels()["norm_bwd"][(B, nt, H)](o, gate, weight, dy.contiguous(), do, dgate, dw, float(ctx.eps), T, H=H, D=D,
+                                           BLOCK_T=block_t, num_warps=4)
+        return do, dgate, dw.sum(0).to(weight.dtype), None
+
+
+def gdn_train_norm(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """o (B, T, H, D), gate (B, T, H D) -> RMSNorm(o) * weight * SiLU(gate) as (B, T, H D) in gate's dtype
+    (mixer_base.gated_rms_norm's math; forward op_gdn_prefill's norm kernel), with gradients for all three."""
+    return _GdnNorm.apply(o, gate, weight, eps)
 
 
 def gdn_train_inputs(P: torch.Tensor, conv_weight: torch.Tensor | None, A_log: torch.Tensor, dt_bias: torch.Tensor,
