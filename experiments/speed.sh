@@ -61,7 +61,7 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_decode_kernels.py \
+part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_decode_kernels.py \
   tests/test_fastpath.py tests/test_losses.py tests/test_engine.py tests/test_mixers.py
 part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
   --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
