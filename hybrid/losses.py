@@ -11,6 +11,8 @@ forward plus a recomputing backward. `kl_reference` is the plain version it is t
     p = softmax(logits / temperature); KL and CE are means over unmasked tokens.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -74,54 +76,43 @@ def kl_ce_chunk_fused(zs: torch.Tensor, zt: torch.Tensor, wt: torch.Tensor, tgt:
     return kl, ce, (g * wt).to(out_dtype)
 
 
-_compiled_chunk = None
+@functools.cache
+def _compiled(fn):
+    """torch.compile(fn), once per process and lazily: importing the module compiles nothing."""
+    return torch.compile(fn, dynamic=False)
 
 
 def _chunk_fn(fused: bool | None, device: torch.device):
     """fused None: the compiled fused chunk on GPU, the reference elsewhere (compiling costs more
     than it saves on CPU); True: the fused form (compiled on GPU, plain on CPU); False: the reference."""
-    global _compiled_chunk
     if fused is None:
         fused = device.type == "cuda"
     if not fused:
         return kl_ce_chunk_reference
-    if device.type != "cuda":
-        return kl_ce_chunk_fused
-    if _compiled_chunk is None:  # compiled lazily, once per process: importing the module does nothing
-        _compiled_chunk = torch.compile(kl_ce_chunk_fused, dynamic=False)
-    return _compiled_chunk
+    return _compiled(kl_ce_chunk_fused) if device.type == "cuda" else kl_ce_chunk_fused
+
+
+def _stats(log_ps: torch.Tensor, log_pt: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt[:, None]).sum(),
+                        -log_pt.gather(1, tgt[:, None]).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
 
 
 def stats_chunk_reference(zs: torch.Tensor, zt: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """One chunk of held-out statistics, op by op (the reference). zs, zt (c, V) student/teacher logits, tgt
     (c,) next ids -> sums over the chunk of [KL(teacher || student), student CE, teacher CE, top-1 agreement]."""
-    log_ps = F.log_softmax(zs.float(), dim=-1)
-    log_pt = F.log_softmax(zt.float(), dim=-1)
-    return torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt[:, None]).sum(),
-                        -log_pt.gather(1, tgt[:, None]).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
+    return _stats(F.log_softmax(zs.float(), dim=-1), F.log_softmax(zt.float(), dim=-1), tgt)
 
 
 def stats_chunk_fused(zs: torch.Tensor, zt: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """stats_chunk_reference written for torch.compile (row statistics, then one pass; as kl_ce_chunk_fused)."""
     zs, zt = zs.float(), zt.float()
-    log_ps = zs - torch.logsumexp(zs, dim=-1, keepdim=True)
-    log_pt = zt - torch.logsumexp(zt, dim=-1, keepdim=True)
-    return torch.stack([(log_pt.exp() * (log_pt - log_ps)).sum(), -log_ps.gather(1, tgt[:, None]).sum(),
-                        -log_pt.gather(1, tgt[:, None]).sum(), (log_ps.argmax(-1) == log_pt.argmax(-1)).sum().float()])
-
-
-_compiled_stats = None
+    return _stats(zs - torch.logsumexp(zs, dim=-1, keepdim=True), zt - torch.logsumexp(zt, dim=-1, keepdim=True), tgt)
 
 
 def stats_chunk_fn(device: torch.device):
     """The compiled fused statistics on GPU (a held-out KL scores every GA-S2 candidate twice), the
     reference elsewhere."""
-    global _compiled_stats
-    if device.type != "cuda":
-        return stats_chunk_reference
-    if _compiled_stats is None:
-        _compiled_stats = torch.compile(stats_chunk_fused, dynamic=False)
-    return _compiled_stats
+    return _compiled(stats_chunk_fused) if device.type == "cuda" else stats_chunk_reference
 
 
 class _ChunkedDistill(torch.autograd.Function):
