@@ -217,7 +217,7 @@ KERNEL_KINDS = (  # first match wins; kernel-name substrings, lower case
     ("matmul (cuBLAS)", ("gemm", "cutlass", "nvjet", "xmma", "gemv", "cublas", "matmul")),
     ("softmax attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
     ("optimizer", ("adam", "multi_tensor")),
-    ("GDN inputs (op_gdn_train, op_gdn_prefill)", ("bwd_kernel", "inputs_kernel")),
+    ("GDN inputs and output norm (op_gdn_train, op_gdn_prefill)", ("gdn_train_", "inputs_kernel", "norm_kernel")),
     ("GDN kernels (fla)", ("chunk", "wy", "tril", "cumsum", "kkt", "w_u", "dhu", "l2norm", "delta")),
     ("memcpy/memset", ("memcpy", "memset")),
     ("conv (cuDNN)", ("conv", "cudnn")),

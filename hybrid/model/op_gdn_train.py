@@ -75,7 +75,7 @@ def _define(triton) -> dict:
     globals()["conv_out_grad"] = conv_out_grad  # Triton resolves the kernel's callees in the module's globals
 
     @triton.jit
-    def bwd_kernel(p_ptr, p_sb, p_st, convw_ptr, alog_ptr, dtb_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
+    def gdn_train_inputs_bwd(p_ptr, p_sb, p_st, convw_ptr, alog_ptr, dtb_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
                    dgate_ptr, dp_ptr, dw_ptr, dalog_ptr, ddtb_ptr, T, PW,
                    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
                    HAS_CONV: tl.constexpr, NPAD: tl.constexpr, PAD_BLOCK: tl.constexpr):
@@ -133,7 +133,7 @@ def _define(triton) -> dict:
                              mask=ok[:, None] & (cols < NPAD)[None, :])
 
     @triton.jit
-    def norm_bwd_kernel(o_ptr, gate_ptr, w_ptr, dy_ptr, do_ptr, dgate_ptr, dw_ptr, eps, T,
+    def gdn_train_norm_bwd(o_ptr, gate_ptr, w_ptr, dy_ptr, do_ptr, dgate_ptr, dw_ptr, eps, T,
                         H: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
         """y = w * RMSNorm(o) * SiLU(gate) per (token, head) backward; o, do (B, T, H, D), gate, dy, dgate
         (B, T, H D), all contiguous: one flat index. dw: this program's partial sum."""
@@ -154,11 +154,12 @@ def _define(triton) -> dict:
         dnw = dy * gate * sig  # d(w n)
         tl.store(dw_ptr + ((bi * tl.num_programs(1) + tb) * H + h) * D + d, tl.sum(dnw * n, 0))
         dn = dnw * w
-        tl.store(do_ptr + idx, (rstd * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])).to(do_ptr.dtype.element_ty), mask=ok)
+        do = rstd * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
+        tl.store(do_ptr + idx, do.to(do_ptr.dtype.element_ty), mask=ok)
         dgate = dy * w * n * sig * (1.0 + gate * (1.0 - sig))
         tl.store(dgate_ptr + idx, dgate.to(dgate_ptr.dtype.element_ty), mask=ok)
 
-    return {"bwd": bwd_kernel, "norm_bwd": norm_bwd_kernel}
+    return {"bwd": gdn_train_inputs_bwd, "norm_bwd": gdn_train_norm_bwd}  # names the profiler shows
 
 
 _kernels = lazy_kernels(globals(), _define)
