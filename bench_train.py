@@ -50,7 +50,8 @@ DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
 SECTIONS = "copy,stage2,phases,stage1,gas2"  # comma list, run in this order (fla #640's kpad: bench_kernels.py)
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
 PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
-GDN_TRAIN_KERNELS = "off"       # mixers.GDN_TRAIN_KERNELS: "cuda" runs op_gdn_train's kernels in the GDN layers
+GDN_TRAIN_KERNELS = "off"       # the fast path's mixers.GDN_TRAIN_KERNELS ("cuda": op_gdn_train's kernels in the GDN
+                                # layers); a comma list, e.g. "off,cuda", times each side by side (eager: always "off")
 # Stage 2
 STAGE2_SEQ_LEN = 2048           # tokens per row
 BASE_MICRO_BATCH = 16           # the eager baseline's micro-batch (distill.py's default)
@@ -141,14 +142,25 @@ def flops_per_token(spec: list[str], T: int, part: str = "stage2") -> float:
     return LAYERS * softmax + 3 * student + 8 * VOCAB * HIDDEN
 
 
-def configs(base_micro: int, fast_micros) -> list[tuple[bool, int]]:
-    """(fast, micro-batch) pairs to time: the eager baseline at base_micro, the fast path at each of fast_micros."""
+def configs(base_micro: int, fast_micros):
+    """(label, fast, micro-batch) to time: the eager baseline at base_micro, then the fast path at each of fast_micros
+    for each GDN_TRAIN_KERNELS setting, which is set in mixers as its configurations come up."""
     paths = [p.strip() for p in PATHS.split(",")]
-    return [(False, base_micro)] * ("eager" in paths) + [(True, m) for m in fast_micros] * ("fast" in paths)
+    kernels = [k.strip() for k in GDN_TRAIN_KERNELS.split(",")]
+    todo = [("eager", False, base_micro, "off")] * ("eager" in paths)
+    todo += [("fast" if k == "off" else "fast kernels", True, m, k) for k in kernels for m in fast_micros] * ("fast" in paths)
+    for label, fast, micro, k in todo:
+        mixers.GDN_TRAIN_KERNELS = k
+        yield label, fast, micro
+    mixers.GDN_TRAIN_KERNELS = "off"
 
 
 def ratio(tps: float, base: float | None) -> str:
     return "-" if base is None else f"{tps / base:.2f}x"
+
+
+def peak_gib(device) -> str:
+    return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
 
 
 def fmt(n: float) -> str:
@@ -173,18 +185,20 @@ def stage2_step(model, student, teacher, loader, opt, accum, device, autocast):
 
 def run_stage2(cpu_teacher, teachers, device, autocast):
     emit("\n## stage 2 (accumulate_kl + clip + AdamW), tokens/s\n")
-    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | losses (first steps) |\n"
-         "|---|---|---|---|---|---|---|---|---|---|")
+    emit("| section | spec | path | micro | T | tok/s | x eager | MFU | compile s | peak GiB | losses (first steps) |\n"
+         "|---|---|---|---|---|---|---|---|---|---|---|")
     T = STAGE2_SEQ_LEN
     results = {}
     for spec_str in SPECS:
         spec = parse_spec(spec_str, LAYERS)
         name = "all-gdn" if "softmax" not in spec else f"{spec.count('softmax')}/{LAYERS} softmax"
         base = None
-        for fast, micro in configs(BASE_MICRO_BATCH, FAST_MICRO_BATCHES):
+        for label, fast, micro in configs(BASE_MICRO_BATCH, FAST_MICRO_BATCHES):
             accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
             try:
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 student, opt, model = stage2_setup(cpu_teacher, spec, device, fast)
                 teacher = teachers[fast]
                 losses, times = [], []
@@ -200,13 +214,13 @@ def run_stage2(cpu_teacher, teachers, device, autocast):
                 base = tps if not fast else base
                 compile_s = times[0] - dt
                 mfu = tps * flops_per_token(spec, T) / (PEAK_TFLOPS * 1e12)
-                emit(f"| stage2 | {name} | {'fast' if fast else 'eager'} | {micro} | {T} | {fmt(tps)} | "
-                     f"{ratio(tps, base)} | {100 * mfu:.1f}% | {compile_s:.1f} | "
+                emit(f"| stage2 | {name} | {label} | {micro} | {T} | {fmt(tps)} | "
+                     f"{ratio(tps, base)} | {100 * mfu:.1f}% | {compile_s:.1f} | {peak_gib(device)} | "
                      f"{' '.join(f'{x:.4f}' for x in losses[:4])} |")
                 results[(spec_str, fast, micro)] = tps
                 del student, opt, model
             except torch.cuda.OutOfMemoryError:
-                emit(f"| stage2 | {name} | {'fast' if fast else 'eager'} | {micro} | {T} | OOM | | | | |")
+                emit(f"| stage2 | {name} | {label} | {micro} | {T} | OOM | | | | | |")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
@@ -260,7 +274,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
     for spec_str in SPECS:
         spec = parse_spec(spec_str, LAYERS)
         name = "all-gdn" if "softmax" not in spec else f"{spec.count('softmax')}/{LAYERS} softmax"
-        for fast in [False] * ("eager" in PATHS) + [True] * ("fast" in PATHS):
+        for label, fast, _ in configs(micro, [micro]):
             student, opt, _ = stage2_setup(cpu_teacher, spec, device, fast)
             teacher, w_t = teachers[fast], teachers[fast].lm_head.weight
             loader = RandomBatches(micro, T, VOCAB, seed=SEED)
@@ -298,7 +312,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
                 sums[4] += elapsed_ms(events[accum * 5 - 1], events[-1])
             wall = (time.time() - t0) * 1e3 / STEPS
             ms = [s / STEPS for s in sums]
-            emit(f"| {name} | {'fast' if fast else 'eager'} | " + " | ".join(f"{m:.1f}" for m in ms) +
+            emit(f"| {name} | {label} | " + " | ".join(f"{m:.1f}" for m in ms) +
                  f" | {sum(ms):.1f} | {wall:.1f} |")
             if PROFILE and device.type == "cuda":
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
@@ -306,7 +320,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
                     for _ in range(2):
                         step()
                     sync(device)
-                profs.append((f"{name} {'fast' if fast else 'eager'}", prof))
+                profs.append((f"{name} {label}", prof))
             del student, opt
             torch.cuda.empty_cache() if device.type == "cuda" else None
     for label, prof in profs:
@@ -319,7 +333,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
          "|---|---|---|---|---|---|---|---|")
     T, layer, base = STAGE1_SEQ_LEN, STAGE1_LAYER, None
     spec = parse_spec("gdn", LAYERS)
-    for fast, micro in configs(STAGE1_MICRO_BATCHES[0], STAGE1_MICRO_BATCHES):
+    for label, fast, micro in configs(STAGE1_MICRO_BATCHES[0], STAGE1_MICRO_BATCHES):
         accum = max(1, STAGE1_STEP_TOKENS // (micro * T))
         loader = RandomBatches(micro, T, VOCAB, n=4, seed=SEED)
         torch.manual_seed(SEED + 1)
@@ -349,7 +363,7 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
         base = tps if not fast else base
         mfu = tps * flops_per_token(spec, T, "stage1") / (PEAK_TFLOPS * 1e12)
         eta = 30 * STAGE1_TOKENS_PER_LAYER / tps
-        emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {fmt(tps)} | {ratio(tps, base)} | {100 * mfu:.1f}% | "
+        emit(f"| {label} | {micro} | {T} | {fmt(tps)} | {ratio(tps, base)} | {100 * mfu:.1f}% | "
              f"{times[0] - dt:.1f} | {eta:.0f} s |")
         del student, opt, cache
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -361,7 +375,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
          "|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
-    for fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
+    for label, fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
         accum = max(1, GAS2_STEP_TOKENS // (micro * T))
         teacher = teachers[fast]
         targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
@@ -401,7 +415,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         rest = sum(secs[1:]) / max(1, len(secs) - 1)
         tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
         cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
-        emit(f"| {'fast' if fast else 'eager'} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | {fmt(tps)} | "
+        emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | {fmt(tps)} | "
              f"{secs[0] + 29 * rest:.0f} s | {cache} |")
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
@@ -436,7 +450,6 @@ def main():
     if SMOKE:
         smoke_settings(globals())
     device = torch.device(DEVICE)
-    mixers.GDN_TRAIN_KERNELS = GDN_TRAIN_KERNELS
     emit("# bench_train\n")
     emit("```\n" + dumps(config_dict(globals())) + "\n```")
     if device.type == "cuda":

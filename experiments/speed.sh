@@ -8,17 +8,17 @@
 #                  baselines), a decode profile at 16K B32 and a batch-1 prefill profile at 16K
 #   gpu_tests      the GPU tests of the engine's kernels and the training fast paths (`pytest -m gpu -v`:
 #                  a line per test, so that a cap keeps what passed)
-#   train_profile  the fast stage-2 step at micro-batch 32 by phase, kernel kinds and top kernels, and
-#                  GA-S2 candidates on shared teacher targets at micro-batch 64 (issue 11)
-#   train_kernels  the same, the fast stage-1 rotation and stage 2 at micro-batch 64, with GDN's inputs through
-#                  op_gdn_train's Triton kernels (GDN_TRAIN_KERNELS=cuda): the A/B against train_profile (and train)
+#   train_ab       the fast path in one process with GDN_TRAIN_KERNELS off and on (op_gdn_train's Triton kernels for
+#                  GDN's inputs and output norm), same init and batches: stage 2 at micro-batch 32 and 64 (tokens/s,
+#                  peak memory, losses), the step by phase with kernel kinds and top kernels, GA-S2 candidates on
+#                  shared teacher targets at micro-batch 64, stage-1 rotation at 64 (issue 11)
 #   train          stage-1 rotation, eager and fast
-#   gas2_shared    train_profile's GA-S2 candidates in two processes sharing the GPU at once: their summed
-#                  tokens/s against train_profile's one process (select_layers.py's launch-bound steps)
+#   gas2_shared    train_ab's GA-S2 candidates (kernels off) in two processes sharing the GPU at once: their summed
+#                  tokens/s against train_ab's one process (select_layers.py's launch-bound steps)
 #   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
 #                  fresh machine took ~5 minutes for the first one (2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default "gpu_tests train_profile train_kernels gas2_shared train gpu_tests_fla": issue 11's training parts
+# PARTS (default "gpu_tests train_ab gas2_shared train gpu_tests_fla": issue 11's training parts
 # and the GPU tests, ~25 min on a fresh machine; the inference parts closed with issue 12): the parts to run, e.g.
 # PARTS="engine bench" for the inference table.
 set -uo pipefail
@@ -26,7 +26,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests train_profile train_kernels gas2_shared train gpu_tests_fla}
+PARTS=${PARTS:-gpu_tests train_ab gas2_shared train gpu_tests_fla}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -63,11 +63,9 @@ part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=13
   --out_dir=$OUT_DIR/bench
 part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_decode_kernels.py \
   tests/test_fastpath.py tests/test_losses.py tests/test_engine.py tests/test_mixers.py
-part train_profile 300 $PY bench_train.py --sections=phases,gas2 --paths=fast --base_micro_batch=32 \
-  --gas2_micro_batches=[64] --out_dir=$OUT_DIR/train_profile  # the fast stage-2 step by phase and kernel; GA-S2
-part train_kernels 360 $PY bench_train.py --sections=phases,gas2,stage1,stage2 --paths=fast --base_micro_batch=32 \
-  --gas2_micro_batches=[64] --stage1_micro_batches=[64] --fast_micro_batches=[64] --gdn_train_kernels=cuda \
-  --out_dir=$OUT_DIR/train_kernels  # + stage 2 at micro-batch 64 (131k tokens a micro-step: fewer launches per token)
+part train_ab 480 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
+  --fast_micro_batches=[32,64] --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
+  --out_dir=$OUT_DIR/train_ab  # the fast path with GDN's inputs and norm as compiled torch vs op_gdn_train's kernels
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
   --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)
 part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train

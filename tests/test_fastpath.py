@@ -133,6 +133,6 @@ def test_bench_train_smoke_runs_every_section_and_paths_agree(tmp_path, monkeypa
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| stage2 |")]
     assert len(rows) == 4 and {r[3].strip() for r in rows} == {"eager", "fast"}
     for spec in {r[2] for r in rows}:  # same init and batches: the fast path's losses are the eager ones
-        losses = [r[10].split() for r in rows if r[2] == spec]
+        losses = [r[-2].split() for r in rows if r[2] == spec]
         assert losses[0] == losses[1] and len(losses[0]) == 3
     assert "ETA 30 layers" in text and "ETA 30 candidates" in text and "| all-gdn | fast |" in text
