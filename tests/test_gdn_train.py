@@ -123,7 +123,7 @@ def test_gpu_train_kernels_equal_mix_compiled(monkeypatch):
     for family, conv_size in (("llama_gqa", 4), ("mistral_mqa", 4), ("llama_gqa", 1)):
         check_matches_mix(family, conv_size, 300, monkeypatch, torch.float32, "cuda", rel=1e-2, sharp=False)
     _, mixer = make_mixer("gdn", "llama_gqa")
-    mixer = mixer.to("cuda")
+    mixer = mixer.to("cuda", torch.float32)  # make_mixer builds float64
     x = torch.randn(2, 256, D_MODEL, device="cuda")
     want_y, want, _ = mixer_and_grads(mixer, x, "off", monkeypatch)
     mixer.mix = torch.compile(mixer.mix, dynamic=False)
