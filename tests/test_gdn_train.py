@@ -102,11 +102,16 @@ def test_backward_kernels_compile_for_hopper_without_spills():
     p, i32 = "*bf16", "i32"
     sig = {"p_ptr": p, "p_sb": i32, "p_st": i32, "convw_ptr": "*fp32", "alog_ptr": "*fp32", "dtb_ptr": "*fp32",
            "dq_ptr": p, "dk_ptr": p, "dv_ptr": p, "dbeta_ptr": "*fp32", "dg_ptr": "*fp32", "dgate_ptr": p, "dp_ptr": p,
-           "dw_ptr": "*fp32", "dalog_ptr": "*fp32", "ddtb_ptr": "*fp32", "T": i32, "PW": i32}
+           "dy_ptr": p, "dalog_ptr": "*fp32", "ddtb_ptr": "*fp32", "T": i32, "PW": i32}
+    conv = {"p_ptr": p, "p_sb": i32, "p_st": i32, "convw_ptr": "*fp32", "dy_ptr": p, "dp_ptr": p, "dw_ptr": "*fp32",
+            "T": i32, "PW": i32}
     for D in (64, 128):  # SmolLM2's padded layout: 46 zero columns
         report = ptxas_report(op_gdn_train._kernels()["bwd"], sig, {"H": 9, "HKV": 3, "D": D, "W": 4, "HAS_CONV": True,
                                                                     "BLOCK_T": op_gdn_train.BLOCK_T[D], "NPAD": 46,
                                                                     "PAD_BLOCK": 64}, 4)
+        assert "0 bytes spill stores" in report, (D, report)
+        report = ptxas_report(op_gdn_train._kernels()["conv_bwd"], conv, {"CD": 15 * D, "D": D, "W": 4,
+                                                                          "BLOCK_T": op_gdn_train.CONV_BLOCK_T[D]}, 4)
         assert "0 bytes spill stores" in report, (D, report)
         norm = {"o_ptr": p, "gate_ptr": p, "w_ptr": "*fp32", "dy_ptr": p, "do_ptr": p, "dgate_ptr": p, "dw_ptr": "*fp32",
                 "eps": "fp32", "T": i32}

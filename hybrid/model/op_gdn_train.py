@@ -8,14 +8,16 @@ read and write the packed projection's misaligned column slices several times; a
 
 P (B, T, PW) is the packed projection's output (TeacherInitMixer.project_packed), columns
 [q (H D) | k (HKV D) | v (HKV D) | a (H) | b (H) | gate (H D) | zero padding]. Forward: op_gdn_prefill's
-inputs kernel (no pads: training rows are whole) and a copy of the gate columns. Backward, one program
-per (sequence, block of tokens, head of the conv channels [q | k | v heads]): the conv output's
-gradient is recomputed at t .. t + W - 1 from P (the conv, SiLU and L2 norm's backward; k and v sum
-their GQA copies), the conv's input gradient and the head's conv-weight partial sums follow, the
-q-head programs add the gates' gradients (beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)),
-copy the gate's, and the first program zeroes the padding columns: dP in one pass, with no
-concatenation of per-slice gradients. The output's gated RMSNorm likewise: forward op_gdn_prefill's norm
-kernel, backward one kernel per (sequence, block of tokens, head) with partial sums for the norm weight.
+inputs kernel (no pads: training rows are whole) and a copy of the gate columns. Backward, two
+kernels, each with one program per (sequence, block of tokens, head of the conv channels [q | k | v
+heads]): gdn_train_inputs_bwd forms the conv output's gradient once per token (the SiLU and L2 norm's
+backward from q's gradient; k and v sum their GQA copies) into a scratch tensor of P's dtype, the q-head
+programs add the gates' gradients (beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias)), copy the
+gate's, and the first program zeroes the padding columns; gdn_train_conv_bwd then runs the causal conv
+backwards (dx[t] from dy[t .. t + W - 1]) into dP and sums the conv weight's share of each block. With
+no conv the first kernel writes dP itself. Every column of dP is written once, with no concatenation
+of per-slice gradients. The output's gated RMSNorm likewise: forward op_gdn_prefill's norm kernel,
+backward one kernel per (sequence, block of tokens, head) with partial sums for the norm weight.
 
 The reference is GatedDeltaNetMixer.mix()'s op-by-op path (tests/test_gdn_train.py: values and
 gradients, in Triton's CPU interpreter; on the GPU, compiled). This file imports only torch and its
@@ -29,6 +31,7 @@ from .op_gdn_prefill import gated_rms_norm_prefill, gdn_prefill_inputs
 
 tl = None  # triton.language once _kernels() has run
 BLOCK_T = {16: 16, 32: 16, 64: 16, 128: 8}  # tokens per backward program by head_dim: no spills on sm_90
+CONV_BLOCK_T = {16: 64, 32: 64, 64: 32, 128: 16}  # the same for the conv's backward
 
 
 def _define(triton) -> dict:
@@ -76,9 +79,11 @@ def _define(triton) -> dict:
 
     @triton.jit
     def gdn_train_inputs_bwd(p_ptr, p_sb, p_st, convw_ptr, alog_ptr, dtb_ptr, dq_ptr, dk_ptr, dv_ptr, dbeta_ptr, dg_ptr,
-                   dgate_ptr, dp_ptr, dw_ptr, dalog_ptr, ddtb_ptr, T, PW,
-                   H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr,
-                   HAS_CONV: tl.constexpr, NPAD: tl.constexpr, PAD_BLOCK: tl.constexpr):
+                             dgate_ptr, dp_ptr, dy_ptr, dalog_ptr, ddtb_ptr, T, PW,
+                             H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+                             BLOCK_T: tl.constexpr, HAS_CONV: tl.constexpr, NPAD: tl.constexpr, PAD_BLOCK: tl.constexpr):
+        """The conv output's gradient of channel head c at this block's tokens, once: into dy (B, T, C D), or
+        with no conv straight into dP; the q-head programs also write the gates' and the gate's columns."""
         bi = tl.program_id(0).to(tl.int64)
         tb = tl.program_id(1)
         c = tl.program_id(2)
@@ -91,23 +96,14 @@ def _define(triton) -> dict:
         src = p_ptr + bi * p_sb + c * D  # conv channel head c: P's columns [c D, c D + D)
         row = dp_ptr + (bi * T + t) * PW  # dP: contiguous (B, T, PW)
         dst = row[:, None]
-        dy0 = conv_out_grad(src, p_st, convw_ptr, dq_ptr, dk_ptr, dv_ptr, bi, t, c, d, ch, T, H, HKV, D, W, BLOCK_T,
-                            HAS_CONV)
-        if HAS_CONV:  # y[t] = sum_j w_j x[t - (W-1) + j]  ->  dx[t] = sum_s w_{W-1-s} dy[t + s]
-            dx = dy0 * tl.load(convw_ptr + ch * W + W - 1).to(tl.float32)[None, :]
-            for s in tl.static_range(1, W):
-                dys = conv_out_grad(src, p_st, convw_ptr, dq_ptr, dk_ptr, dv_ptr, bi, t + s, c, d, ch, T, H, HKV, D,
-                                    W, BLOCK_T, HAS_CONV)
-                dx += dys * tl.load(convw_ptr + ch * W + W - 1 - s).to(tl.float32)[None, :]
-            for j in tl.static_range(W):  # this block's share of dw_j = sum_t dy[t] x[t - (W-1) + j]
-                ts = t - (W - 1) + j
-                okj = (ts >= 0) & (ts < T)
-                xj = tl.load(src + ts[:, None] * p_st + d[None, :], mask=okj[:, None], other=0.0).to(tl.float32)
-                tl.store(dw_ptr + (part * C * D + ch) * W + j, tl.sum(dy0 * xj, 0))
-        else:
-            dx = dy0
+        dy = conv_out_grad(src, p_st, convw_ptr, dq_ptr, dk_ptr, dv_ptr, bi, t, c, d, ch, T, H, HKV, D, W, BLOCK_T,
+                           HAS_CONV)
         out_ty = dp_ptr.dtype.element_ty
-        tl.store(dst + ch[None, :], dx.to(out_ty), mask=ok[:, None])
+        if HAS_CONV:  # gdn_train_conv_bwd takes it from here
+            tl.store(dy_ptr + (bi * T + t[:, None]) * (C * D) + ch[None, :], dy.to(dy_ptr.dtype.element_ty),
+                     mask=ok[:, None])
+        else:
+            tl.store(dst + ch[None, :], dy.to(out_ty), mask=ok[:, None])
         if c < H:  # this head's gates and gate columns
             A = C * D  # first a column
             a = tl.load(p_ptr + bi * p_sb + t * p_st + A + c, mask=ok, other=0.0).to(tl.float32)
@@ -131,6 +127,34 @@ def _define(triton) -> dict:
                     cols = tl.arange(0, PAD_BLOCK)
                     tl.store(dst + G + H * D + cols[None, :], tl.zeros((BLOCK_T, PAD_BLOCK), tl.float32).to(out_ty),
                              mask=ok[:, None] & (cols < NPAD)[None, :])
+
+    @triton.jit
+    def gdn_train_conv_bwd(p_ptr, p_sb, p_st, convw_ptr, dy_ptr, dp_ptr, dw_ptr, T, PW, CD: tl.constexpr,
+                           D: tl.constexpr, W: tl.constexpr, BLOCK_T: tl.constexpr):
+        """The causal conv's backward for channel head c: y[t] = sum_j w_j x[t - (W-1) + j], so
+        dx[t] = sum_s w_{W-1-s} dy[t + s] into dP's columns, and this block's share of dw_j = sum_t dy[t] x[t-(W-1)+j]."""
+        bi = tl.program_id(0).to(tl.int64)
+        tb = tl.program_id(1)
+        c = tl.program_id(2)
+        part = bi * tl.num_programs(1) + tb
+        t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        d = tl.arange(0, D)
+        ch = c * D + d
+        ok = t < T
+        dyb = dy_ptr + bi * T * CD + ch[None, :]
+        dy0 = tl.load(dyb + t[:, None] * CD, mask=ok[:, None], other=0.0).to(tl.float32)
+        dx = dy0 * tl.load(convw_ptr + ch * W + W - 1).to(tl.float32)[None, :]
+        for s in tl.static_range(1, W):
+            ts = t + s
+            dys = tl.load(dyb + ts[:, None] * CD, mask=(ts < T)[:, None], other=0.0).to(tl.float32)
+            dx += dys * tl.load(convw_ptr + ch * W + W - 1 - s).to(tl.float32)[None, :]
+        tl.store(dp_ptr + (bi * T + t[:, None]) * PW + ch[None, :], dx.to(dp_ptr.dtype.element_ty), mask=ok[:, None])
+        src = p_ptr + bi * p_sb + c * D
+        for j in tl.static_range(W):
+            ts = t - (W - 1) + j
+            okj = (ts >= 0) & (ts < T)
+            xj = tl.load(src + ts[:, None] * p_st + d[None, :], mask=okj[:, None], other=0.0).to(tl.float32)
+            tl.store(dw_ptr + (part * CD + ch) * W + j, tl.sum(dy0 * xj, 0))
 
     @triton.jit
     def gdn_train_norm_bwd(o_ptr, gate_ptr, w_ptr, dy_ptr, do_ptr, dgate_ptr, dw_ptr, eps, T,
@@ -159,7 +183,8 @@ def _define(triton) -> dict:
         dgate = dy * w * n * sig * (1.0 + gate * (1.0 - sig))
         tl.store(dgate_ptr + idx, dgate.to(dgate_ptr.dtype.element_ty), mask=ok)
 
-    return {"bwd": gdn_train_inputs_bwd, "norm_bwd": gdn_train_norm_bwd}  # names the profiler shows
+    return {"bwd": gdn_train_inputs_bwd, "conv_bwd": gdn_train_conv_bwd,  # the names the profiler shows
+            "norm_bwd": gdn_train_norm_bwd}
 
 
 _kernels = lazy_kernels(globals(), _define)
@@ -193,15 +218,22 @@ class _GdnInputs(torch.autograd.Function):
         block_t = BLOCK_T.get(D, 8)
         nt = -(-T // block_t)
         dP = torch.empty(B, T, PW, dtype=P.dtype, device=P.device)
-        dw = torch.empty(B * nt, C * D, W, dtype=torch.float32, device=P.device)
+        dy = dP if conv_weight is None else torch.empty(B, T, C * D, dtype=P.dtype, device=P.device)
         dalog, ddtb = (torch.empty(B * nt, H, dtype=torch.float32, device=P.device) for _ in range(2))
         npad = PW - sum(packed_layout(H, HKV, D))
         _kernels()["bwd"][(B, nt, C)](
             P, P.stride(0), P.stride(1), dalog if conv_weight is None else conv_weight, A_log, dt_bias, dq, dk, dv,
-            dbeta, dg, dgate, dP, dw, dalog, ddtb, T, PW, H=H, HKV=HKV, D=D, W=W, BLOCK_T=block_t,
+            dbeta, dg, dgate, dP, dy, dalog, ddtb, T, PW, H=H, HKV=HKV, D=D, W=W, BLOCK_T=block_t,
             HAS_CONV=conv_weight is not None, NPAD=npad, PAD_BLOCK=max(16, 1 << max(npad - 1, 0).bit_length()),
             num_warps=4)
-        dconv = None if conv_weight is None else dw.sum(0).to(conv_weight.dtype)
+        dconv = None
+        if conv_weight is not None:
+            block_c = CONV_BLOCK_T.get(D, 16)
+            nc = -(-T // block_c)
+            dw = torch.empty(B * nc, C * D, W, dtype=torch.float32, device=P.device)
+            _kernels()["conv_bwd"][(B, nc, C)](P, P.stride(0), P.stride(1), conv_weight, dy, dP, dw, T, PW, CD=C * D,
+                                               D=D, W=W, BLOCK_T=block_c, num_warps=4)
+            dconv = dw.sum(0).to(conv_weight.dtype)
         return dP, dconv, dalog.sum(0).to(A_log.dtype), ddtb.sum(0).to(dt_bias.dtype), None, None, None
 
 
