@@ -44,7 +44,7 @@ REF_REPS = 3                    # timed repetitions for the torch reference (slo
 WARMUP = 2                      # untimed calls first (Triton compile + autotune)
 REF_MAX_TOKENS_PER_SEQ = 32768  # skip the torch reference above this T
 ERR_SEQ_LEN = 2048              # T for the fla-vs-reference error table (B = 1, with an initial state)
-SECTIONS = "speed,errors,big,mixer,kpad"  # which tables, comma-separated, in this order
+SECTIONS = "speed,errors,big,mixer,kpad"  # which tables, comma-separated, in this order (+ "gdn_train")
 # "big": GDN forward at BIG_BATCH x BIG_SEQ_LEN (raw fla op, dispatcher, SDPA);
 # "mixer": a GDN mixer module vs the raw op on that shape (needs hybrid/mixers.py)
 # "kpad": GDN fwd+bwd at K=64, fla's own blocks (fla #640) vs op_gdn's workarounds, at KPAD_BATCH x KPAD_SEQ_LEN
@@ -52,6 +52,10 @@ BIG_BATCH = 8                   # B for "big" and "mixer"
 BIG_SEQ_LEN = 4096              # T for "big" and "mixer"
 KPAD_BATCH = 16                 # B for "kpad" (a stage-2 micro-batch of distill.py's default)
 KPAD_SEQ_LEN = 2048             # T for "kpad"
+# "gdn_train": op_gdn_train's kernels alone (ms, the bytes they must move vs the copy bandwidth), and a compiled GDN
+# mixer's forward + backward with them off and on, at TRAIN_BATCH x TRAIN_SEQ_LEN (a stage-2 micro-batch), bf16
+TRAIN_BATCH = 32                # B for "gdn_train"
+TRAIN_SEQ_LEN = 2048            # T for "gdn_train"
 OUT_FILE = "runs/bench_kernels.md"  # markdown tables, written atomically
 SEED = 0
 # -----------------------------------------------------------------------------
@@ -342,6 +346,73 @@ def bench_kpad(have_fla: bool) -> None:
     flush_file()
 
 
+def bench_gdn_train(have_fla: bool) -> None:
+    """op_gdn_train's kernels forward + backward alone, against the bytes each tensor they read or write
+    holds (a lower bound on their traffic) at the measured copy bandwidth; then a compiled GDN mixer's
+    mix() forward + backward with mixers.GDN_TRAIN_KERNELS "off" (inductor's graphs) and "cuda"."""
+    if not have_fla:
+        return
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from hybrid.model import mixers
+    from hybrid.model.op_gdn_train import gdn_train_inputs, gdn_train_norm, packed_layout
+    B, T, H, HKV, D = TRAIN_BATCH, TRAIN_SEQ_LEN, HEADS, 3, HEAD_DIM
+    emit(f"## GDN's training elementwise work: op_gdn_train vs compiled torch, B={B} T={T}, {H} heads ({HKV} kv) of {D}")
+    emit()
+    cfg = LlamaConfig(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=HKV, head_dim=D,
+                      intermediate_size=1536, num_hidden_layers=1, vocab_size=256, max_position_embeddings=T)
+    mixer = mixers.build_mixer("gdn", LlamaAttention(cfg, layer_idx=0), cfg, 0).to(DEVICE, torch.bfloat16)
+    x = torch.randn(B, T, H * D, device=DEVICE, dtype=torch.bfloat16)
+    P = mixer.project_packed(x, mixer.a_proj, mixer.b_proj, mixer.g_proj)[0].detach().requires_grad_(True)
+    w = [mixer.conv_weight, mixer.A_log, mixer.dt_bias]
+    outs = gdn_train_inputs(P, *w, H, HKV, D)
+    grads = [torch.randn_like(t) for t in outs]
+    o = torch.randn(B, T, H, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    gate = torch.randn(B, T, H * D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn_like(gate)
+    n_in = sum(packed_layout(H, HKV, D)[:5])  # the conv channels and the gates' columns
+    tok = 2 * B * T  # bytes per bf16 element per column
+    leaves = [P, o, gate, *mixer.parameters()]
+
+    def fresh(fn):  # no gradient accumulation kernels in the timings
+        for t in leaves:
+            t.grad = None
+        return fn()
+
+    io = {  # (fn, bytes of every tensor it must read or write, once each); fwd + bwd: backward reads the
+        # inputs' columns, q/k/v/gate's gradients and the gates' (fp32), writes dP
+        "inputs fwd": (lambda: gdn_train_inputs(P, *w, H, HKV, D), tok * (n_in + 5 * H * D + 4 * H)),
+        "inputs fwd+bwd": (lambda: torch.autograd.backward(gdn_train_inputs(P, *w, H, HKV, D), grads),
+                           tok * (n_in + 5 * H * D + 4 * H) + tok * (n_in + 4 * H * D + 4 * H + P.shape[-1])),
+        "norm fwd+bwd": (lambda: gdn_train_norm(o, gate, mixer.o_norm.weight, mixer.o_norm.eps).backward(dy),
+                         tok * 3 * H * D + tok * 5 * H * D)}
+    src = torch.empty(2**28, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() / (timed(lambda: dst.copy_(src), REPS, WARMUP) / 1e3)
+    emit(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    emit()
+    emit("| kernels | ms | GB moved (lower bound) | fraction of copy bandwidth |")
+    emit("|---|---|---|---|")
+    for name, (fn, nbytes) in io.items():
+        ms = timed(lambda: fresh(fn), REPS, WARMUP)
+        emit(f"| {name} | {ms:.3f} | {nbytes / 1e9:.3f} | {100 * nbytes / (ms / 1e3) / bw:.0f}% |")
+    emit()
+    mix = torch.compile(mixer.mix, dynamic=False)
+    dmix = torch.randn_like(x)
+    emit("| compiled mix() fwd+bwd (projections, fla's chunk kernel, o_proj included) | ms |")
+    emit("|---|---|")
+    for mode in ("off", "cuda"):
+        mixers.GDN_TRAIN_KERNELS = mode
+        xx = x.detach().requires_grad_(True)
+        ms = timed(lambda: fresh(lambda: mix(xx, None, None, None, output_state=False)[0].backward(dmix)), REPS,
+                   WARMUP + 1)
+        emit(f"| GDN_TRAIN_KERNELS={mode} | {ms:.3f} |")
+    mixers.GDN_TRAIN_KERNELS = "off"
+    emit()
+    flush_file()
+
+
 def main() -> None:
     torch.manual_seed(SEED)
     if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -367,7 +438,7 @@ def main() -> None:
     flush_file()
     sections = {"speed": lambda: bench_speed(have_fla), "errors": bench_errors if have_fla else (lambda: None),
                 "big": lambda: bench_big_shape(have_fla), "mixer": lambda: bench_mixer(have_fla),
-                "kpad": lambda: bench_kpad(have_fla)}
+                "kpad": lambda: bench_kpad(have_fla), "gdn_train": lambda: bench_gdn_train(have_fla)}
     for name in SECTIONS.split(","):
         if name not in sections:
             raise ValueError(f"--sections: unknown {name!r}; expected some of {tuple(sections)}")
