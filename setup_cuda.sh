@@ -14,6 +14,9 @@ fi
 py=.venv/bin/python
 if [ "$mode" = cpu ]; then
   $py -m pip install -q -r requirements-cpu.txt
+  # Triton (the device's version) in a folder of its own, for the kernel tests: tests/conftest.py runs the
+  # Triton kernels in its CPU interpreter against their references and compiles them for sm_90 with it
+  [ -d .venv/triton-cpu/triton ] || $py -m pip install -q --no-deps --target .venv/triton-cpu triton==3.6.0
 else
   $py -m pip install -q "torch>=2.6"                 # PyPI's Linux torch wheels are CUDA builds
   $py -m pip install -q -e ".[gpu,test]"

@@ -10,17 +10,24 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import psutil
-import pytest
-import torch
-
-VOCAB = 256
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Triton kernels on a CPU machine: Triton's interpreter must be chosen before anything imports Triton, so
 # the tests named *interpreted* run in a child pytest with TRITON_INTERPRET=1 (run_interpreted); the
-# parent compiles kernels for sm_90 (Triton's wheel ships ptxas). Triton is not in CI's CPU set-up.
+# parent compiles kernels for sm_90 (Triton's wheel ships ptxas). `setup_cuda.sh --cpu` (CI's set-up)
+# puts Triton in a folder of its own, TRITON_CPU, off the venv's path: it joins the path of this process
+# (before torch is imported) and of the interpreter's child only, not of the other subprocess tests, whose
+# every start it would slow.
+TRITON_CPU = os.path.join(REPO, ".venv", "triton-cpu")
+if importlib.util.find_spec("triton") is None and os.path.isdir(os.path.join(TRITON_CPU, "triton")):
+    sys.path.insert(0, TRITON_CPU)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 256
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 interpreted = pytest.mark.skipif(not (HAS_TRITON and INTERPRETING),
                                  reason="runs in the child pytest with TRITON_INTERPRET=1")
@@ -156,7 +163,8 @@ def tiny_setup(tmp_path_factory):
 
 def run_interpreted(test_file: str, passed: int) -> None:
     """Run test_file's tests named *interpreted* in a child pytest under Triton's interpreter: all pass, none skip."""
+    path = os.pathsep.join([TRITON_CPU, REPO, os.environ.get("PYTHONPATH", "")])
     r = launch("-m", ["pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", test_file, "-k", "interpreted"],
-               env={"TRITON_INTERPRET": "1"})
+               env={"TRITON_INTERPRET": "1", "PYTHONPATH": path})
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     assert f"{passed} passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
