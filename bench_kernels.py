@@ -398,6 +398,22 @@ def bench_gdn_train(have_fla: bool) -> None:
         ms = timed(lambda: fresh(fn), REPS, WARMUP)
         emit(f"| {name} | {ms:.3f} | {nbytes / 1e9:.3f} | {100 * nbytes / (ms / 1e3) / bw:.0f}% |")
     emit()
+    # tokens per program, one kernel's at a time (the defaults: op_gdn_prefill.BLOCK_T, op_gdn_train's dicts)
+    from hybrid.model import op_gdn_prefill, op_gdn_train
+    emit("| block size tried (tokens per program) | inputs fwd+bwd ms |")
+    emit("|---|---|")
+    fwd_bwd = io["inputs fwd+bwd"][0]
+    for label, table, key, sizes in (("forward (op_gdn_prefill.BLOCK_T)", vars(op_gdn_prefill), "BLOCK_T", (16, 32, 64)),
+                                     ("backward, gradient pass (op_gdn_train.BLOCK_T)", op_gdn_train.BLOCK_T, D, (16, 32)),
+                                     ("backward, conv pass (op_gdn_train.CONV_BLOCK_T)", op_gdn_train.CONV_BLOCK_T, D,
+                                      (16, 32, 64))):
+        default = table[key]
+        for size in sizes:
+            table[key] = size
+            ms = timed(lambda: fresh(fwd_bwd), REPS, WARMUP)
+            emit(f"| {label} = {size}{' (default)' if size == default else ''} | {ms:.3f} |")
+        table[key] = default
+    emit()
     mix = torch.compile(mixer.mix, dynamic=False)
     dmix = torch.randn_like(x)
     emit("| compiled mix() fwd+bwd (projections, fla's chunk kernel, o_proj included) | ms |")

@@ -8,7 +8,8 @@
 #                  baselines), a decode profile at 16K B32 and a batch-1 prefill profile at 16K
 #   gpu_tests      the GPU tests of the engine's kernels and the training fast paths (`pytest -m gpu -v`:
 #                  a line per test, so that a cap keeps what passed)
-#   gdn_kernels    op_gdn_train's kernels alone against their bytes, and a compiled GDN mixer with them off and on
+#   gdn_kernels    op_gdn_train's kernels alone against their bytes, their block sizes, and a compiled GDN mixer
+#                  with them off and on
 #   train_ab       the fast path in one process with GDN_TRAIN_KERNELS off and on (op_gdn_train's Triton kernels for
 #                  GDN's inputs and output norm), same init and batches: stage 2 at micro-batch 32 and 64 (tokens/s,
 #                  peak memory, losses), the step by phase with kernel kinds and top kernels, GA-S2 candidates on
@@ -64,7 +65,7 @@ part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=13
   --out_dir=$OUT_DIR/bench
 part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_fastpath.py \
   tests/test_losses.py tests/test_engine.py tests/test_mixers.py tests/test_decode_kernels.py  # passed last: last
-part gdn_kernels 150 $PY bench_kernels.py --sections=gdn_train --out_file=$OUT_DIR/gdn_kernels.md  # op_gdn_train alone
+part gdn_kernels 200 $PY bench_kernels.py --sections=gdn_train --out_file=$OUT_DIR/gdn_kernels.md  # op_gdn_train alone
 part train_ab 480 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
   --fast_micro_batches=[32,64] --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
   --out_dir=$OUT_DIR/train_ab  # the fast path with GDN's inputs and norm as compiled torch vs op_gdn_train's kernels
