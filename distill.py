@@ -47,6 +47,7 @@ from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load
 from hybrid.parallel import (all_mean, average_gradients, broadcast_parameters, describe, full_state, gathered,
                              local_optimizer_state, shard_teacher, wrap)
 from hybrid.plots import plot_run
+from hybrid.repeats import RepeatSpans
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
 from hybrid.stage2 import KLStudent, accumulate_kl, held_out_kl, stage2_param_groups
 from hybrid.student import Artifact, rebuild_student, seed_from
@@ -78,6 +79,8 @@ TEMPERATURE = 1.0               # KL temperature (loss scaled by T^2)
 CE_WEIGHT = 0.0                 # weight of next-token cross-entropy added to the KL
 UNTIE_EMBEDDINGS = False        # give the student its own LM head during stage 2
 LR_MIXER = 1e-3                 # stage 2 LR for mixer parameters (stage 1 uses LR for them)
+REPEAT_ROWS = 0.0               # stage 2: share of training rows given long-range repeats of their spans (0 = none)
+                                # (recall practice, hybrid/repeats.py; held-out rows stay plain text)
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
 TIME_LIMIT_S = 0                # stage 2 ends after the step in which this many seconds have passed (0 = none),
                                 # with the eval, checkpoint and final.pt of a planned end (for a lease)
@@ -130,6 +133,8 @@ def check_settings() -> dict:
                          "in rotation), which fit every rank: drop --parallel for stage 1")
     if SHARD_TEACHER and PARALLEL != "fsdp":
         raise ValueError("--shard_teacher=True needs --parallel=fsdp")
+    if not 0.0 <= REPEAT_ROWS <= 1.0 or (REPEAT_ROWS and STAGE != 2):
+        raise ValueError(f"--repeat_rows={REPEAT_ROWS}: a share of stage 2's rows, between 0 and 1 (stage 2 only)")
     for name, path, fix in (("spec", spec_file(SPEC)[0], "run select_layers.py first"),
                             ("init", INIT, "run stage 1 first")):
         if path and not os.path.exists(path):
@@ -401,6 +406,8 @@ def main() -> dict:
     teacher, tokenizer = load_teacher(teacher_dir, dtype=torch.float32, device="cpu")
     loader = ShardLoader(DATA_DIR, "train", MICRO_BATCH, SEQ_LEN, rank, world_size, vocab_size=teacher.config.vocab_size)
     check_tokenizer(loader.manifest, tokenizer, DATA_DIR)
+    if REPEAT_ROWS:
+        loader = RepeatSpans(loader, REPEAT_ROWS, SEED)
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES, rank, world_size)
     spec = read_spec(SPEC, teacher.config.num_hidden_layers)
     source = ckpt if ckpt is not None else (load_checkpoint(INIT) if INIT else None)  # the run resumed, or the seed

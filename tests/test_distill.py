@@ -17,7 +17,7 @@ SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAY
                 SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
                 TARGET="layer", TRAIN_MLP=False, UNTIE_EMBEDDINGS=False, CE_WEIGHT=0.0, TEMPERATURE=1.0, COMPILE=False,
                 SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337,
-                MIXER_OPTIONS="{}")
+                MIXER_OPTIONS="{}", REPEAT_ROWS=0.0)
 
 
 def configure(monkeypatch, setup, run_dir, **kw):
@@ -146,6 +146,25 @@ def test_stage2_kill_and_resume_is_bit_exact(tiny_setup, stage1_run, tmp_path, m
     a = {m["step"]: m["loss"] for m in metrics(full) if "loss" in m}
     b = {m["step"]: m["loss"] for m in metrics(killed) if "loss" in m}
     assert a == b  # bit-exact, every step
+
+
+def test_stage2_repeat_rows_train_on_edited_rows_and_resume_bit_exact(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    from hybrid import repeats
+    monkeypatch.setattr(repeats, "MIN_SPAN", 4)  # rows of 32 tokens: spans of 4-8
+    monkeypatch.setattr(repeats, "MAX_SPAN", 8)
+    runs = {}
+    for name, share in (("plain", 0.0), ("full", 1.0), ("killed", 1.0)):
+        configure(monkeypatch, tiny_setup, tmp_path / name, STAGE=2, INIT=stage1_run, STAGE2_STEPS=6, SAVE_EVERY=3,
+                  EVAL_EVERY=6, REPEAT_ROWS=share)
+        kill_then_resume(monkeypatch, at_step=3) if name == "killed" else distill.main()
+        runs[name] = {m["step"]: m["loss"] for m in metrics(tmp_path / name) if "loss" in m}
+    assert runs["full"] == runs["killed"]  # the edits depend on the batch index: a resumed run sees the same rows
+    assert runs["full"] != runs["plain"]
+    val = [json.load(open(tmp_path / n / "summary.json"))["teacher_ppl"] for n in ("plain", "full")]
+    assert val[0] == val[1]  # held-out rows stay plain text
+    with pytest.raises(ValueError, match="--repeat_rows=0.5: a share of stage 2's rows"):
+        configure(monkeypatch, tiny_setup, tmp_path / "s1", STAGE=1, REPEAT_ROWS=0.5)
+        distill.check_settings()
 
 
 def _cli(setup, run_dir, nproc, *extra):

@@ -1,0 +1,67 @@
+"""Stage-2 rows with long-range exact repeats: practice for in-context recall.
+
+A softmax teacher predicts the second occurrence of a span almost perfectly once its first tokens
+are in (induction: find the earlier occurrence, copy what followed it). A linear layer has to carry
+that span in its fixed-size state, and this is the ability a hybrid loses first: its recall is 10-24%
+of the teacher's after 63M stage-2 tokens of plain text (docs/results.md). Plain documentation text
+repeats itself, but rarely exactly and rarely far apart, so the KL has little to say about it.
+
+RepeatSpans wraps a loader. In a fraction of the rows it copies spans of the row to later places in
+the same row, at distances up to the row's length, until about COVER of the row is a copy. The
+teacher's targets come from the edited rows as usual, so the student is taught where the teacher
+copies. The spans are the row's own text, and no prompt template is involved: the recall suite's
+tasks (passkey, needles, variable tracking, MQAR with their own wording, on held-out text) do not
+appear in training. Held-out KL is measured on plain validation rows.
+
+The edits depend only on (seed, rank, the wrapped loader's batch index), so a resumed run sees the same
+batches: state_dict() and load_state_dict() are the wrapped loader's (a ShardLoader's).
+"""
+
+import numpy as np
+import torch
+
+MIN_SPAN, MAX_SPAN = 16, 128  # tokens per copied span
+COVER = 0.25                  # share of an edited row that copies cover
+
+
+class RepeatSpans:
+    def __init__(self, loader, fraction: float, seed: int):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"RepeatSpans: fraction {fraction} of rows; expected a number in [0, 1]")
+        self.loader, self.fraction, self.seed = loader, fraction, seed
+
+    def __getattr__(self, name):  # everything else is the wrapped loader's (manifest, B, T, ...)
+        return getattr(self.loader, name)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.loader.load_state_dict(d)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.loader.rank, self.loader.step])
+        x, y = self.loader.next_batch()
+        rows = np.flatnonzero(rng.random(x.shape[0]) < self.fraction)
+        if len(rows):
+            x, y = x.clone(), y.clone()  # views of one window: rows share boundary tokens
+        for i in rows:
+            row = torch.cat([x[i], y[i, -1:]])  # the row's T + 1 tokens
+            repeat_spans(row, rng)
+            x[i], y[i] = row[:-1], row[1:]
+        return x, y
+
+
+def repeat_spans(row: torch.Tensor, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """Copy spans of `row` (1-D, in place) to later places in it until copies cover COVER of it;
+    -> [(source, destination, length)] in order (a later copy may overwrite part of an earlier one).
+    Rows shorter than 4 * MIN_SPAN are left alone."""
+    n, copies, covered = row.numel(), [], 0
+    while n >= 4 * MIN_SPAN and covered < COVER * n:
+        s = int(rng.integers(MIN_SPAN, min(MAX_SPAN, n // 4) + 1))
+        src = int(rng.integers(0, n - 2 * s + 1))
+        dst = int(rng.integers(src + s, n - s + 1))  # after the source ends: no overlap
+        row[dst:dst + s] = row[src:src + s].clone()
+        copies.append((src, dst, s))
+        covered += s
+    return copies
