@@ -15,13 +15,15 @@
 #                  peak memory, losses), the step by phase with kernel kinds and top kernels, GA-S2 candidates on
 #                  shared teacher targets at micro-batch 64, stage-1 rotation at 64 (issue 11)
 #   train          stage-1 rotation, eager and fast
+#   train_eager    stage 2's eager reference at micro-batch 16 beside the fast path with the kernels at 64, in one
+#                  process: the side-by-side table of issue 11 (same init and batches, losses beside tokens/s)
 #   gas2_shared    train_ab's GA-S2 candidates (kernels off) in two processes sharing the GPU at once: their summed
 #                  tokens/s against train_ab's one process (select_layers.py's launch-bound steps)
 #   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
 #                  fresh machine took ~5 minutes for the first one (2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default "gpu_tests gdn_kernels train_ab gpu_tests_fla": issue 11's open training parts
-# and the GPU tests, ~21 min on a fresh machine; gas2_shared and train were measured on 2026-12-06; the inference
+# PARTS (default "gpu_tests gdn_kernels train_ab train_eager gpu_tests_fla": issue 11's open training parts
+# and the GPU tests, ~25 min on a fresh machine; gas2_shared and train were measured on 2026-12-06; the inference
 # parts closed with issue 12): the parts to run, e.g.
 # PARTS="engine bench" for the inference table.
 set -uo pipefail
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests gdn_kernels train_ab gpu_tests_fla}
+PARTS=${PARTS:-gpu_tests gdn_kernels train_ab train_eager gpu_tests_fla}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -70,6 +72,8 @@ part gdn_kernels 200 $PY bench_kernels.py --sections=gdn_train --out_file=$OUT_D
 part train_ab 480 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
   --fast_micro_batches=[32,64] --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
   --out_dir=$OUT_DIR/train_ab  # the fast path with GDN's inputs and norm as compiled torch vs op_gdn_train's kernels
+part train_eager 240 $PY bench_train.py --sections=stage2 --fast_micro_batches=[64] --gdn_train_kernels=cuda \
+  --out_dir=$OUT_DIR/train_eager  # the eager reference beside the fastest path, one process (issue 11's table)
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
   --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)
 part train 200 $PY bench_train.py --sections=stage1 --out_dir=$OUT_DIR/train
