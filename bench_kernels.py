@@ -387,9 +387,8 @@ def bench_gdn_train(have_fla: bool) -> None:
                            tok * (n_in + 5 * H * D + 4 * H) + tok * (n_in + 4 * H * D + 4 * H + P.shape[-1])),
         "norm fwd+bwd": (lambda: gdn_train_norm(o, gate, mixer.o_norm.weight, mixer.o_norm.eps).backward(dy),
                          tok * 3 * H * D + tok * 5 * H * D)}
-    src = torch.empty(2**28, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    bw = 2 * src.numel() / (timed(lambda: dst.copy_(src), REPS, WARMUP) / 1e3)
+    from bench import copy_bandwidth
+    bw = copy_bandwidth(torch.device(DEVICE))
     emit(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
     emit()
     emit("| kernels | ms | GB moved (lower bound) | fraction of copy bandwidth |")

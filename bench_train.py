@@ -23,6 +23,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bench import copy_bandwidth
 from hybrid.capture import LatentCache, layer_call
 from hybrid.common import run_script
 from hybrid.config import config_dict, dumps
@@ -420,21 +421,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
-def timed(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):  # -> ms per call, wall time between device syncs
-        fn()
-    sync(device)
-    t0 = time.time()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.time() - t0) * 1e3 / repeats
-
-
 def run_copy(device):
-    x = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
-    y = torch.empty_like(x)
-    bw = 2 * x.numel() * 4 / (timed(lambda: y.copy_(x), device, warmup=3, repeats=20) / 1e3)
+    bw = copy_bandwidth(device)
     emit(f"\ncopy bandwidth: {bw / 1e12:.2f} TB/s (read + write); bf16 peak used for MFU: {PEAK_TFLOPS} TFLOP/s")
 
 

@@ -30,14 +30,8 @@ class RepeatSpans:
             raise ValueError(f"RepeatSpans: fraction {fraction} of rows; expected a number in [0, 1]")
         self.loader, self.fraction, self.seed = loader, fraction, seed
 
-    def __getattr__(self, name):  # everything else is the wrapped loader's (manifest, B, T, ...)
+    def __getattr__(self, name):  # everything else is the wrapped loader's (state_dict, manifest, B, T, ...)
         return getattr(self.loader, name)
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, d: dict) -> None:
-        self.loader.load_state_dict(d)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.loader.rank, self.loader.step])
