@@ -72,7 +72,7 @@ GAS2_SEQ_LEN = 512              # tokens per row (select_layers.py's SEQ_LEN)
 GAS2_MICRO_BATCHES = (16, 64)   # eager baseline at the first; fast at each
 GAS2_STEP_TOKENS = 2**15        # select_layers.py's TOTAL_BATCH_TOKENS
 GAS2_TOKENS = 16 * 2**15        # tokens per candidate (0.52M)
-GAS2_CANDIDATES = 3             # candidates timed per path (ETA scales to 30)
+GAS2_CANDIDATES = 4             # candidates timed per path (ETA scales to 30)
 # Hardware
 PEAK_TFLOPS = 790.0             # H200 dense bf16 matmul, measured
 OUT_DIR = "runs/bench_train"    # bench_train.md and profile_*.txt go here
@@ -372,8 +372,9 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
 
 def run_gas2(cpu_teacher, teachers, device, autocast):
     emit("\n## GA-S2 candidates (build + train GAS2_TOKENS + 2 held-out KLs on 8 val batches each, as select_layers)\n")
-    emit("| path | micro | T | s/candidate (first, rest) | tok/s (train) | ETA 30 candidates | teacher cache |\n"
-         "|---|---|---|---|---|---|---|")
+    emit("| path | micro | T | s/candidate (first, rest) | of which: build, first step, other steps, 2 scores "
+         "(rest) | tok/s (train) | tok/s (steps 2+) | ETA 30 candidates | teacher cache |\n"
+         "|---|---|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
     for label, fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
@@ -382,7 +383,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
         val = [RandomBatches(micro, T, VOCAB, n=1, seed=SEED + 1 + i).next_batch() for i in range(8)]  # 8 val batches
         h_val = teacher_targets(teacher, val, device)
-        secs, train_secs = [], []
+        secs, train_secs, parts = [], [], []  # parts: per candidate (build, first step, other steps, scores) s
         # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
         switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
                                 base_layers) if fast else None
@@ -401,23 +402,30 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
             loader = RandomBatches(micro, T, VOCAB, n=64, seed=SEED)
             sync(device)
             t1 = time.time()
+            stamps = [t1]  # after the first step, then after the last
             for step in range(steps):
                 loss = accumulate_kl(model, teacher, loader, accum, device, autocast, targets=targets,
                                      first=step * accum)  # targets None (eager): a teacher forward per micro-step
                 optimizer_step(opt, student.parameters(), 1.0)
-            float(loss)
-            sync(device)
-            train_secs.append(time.time() - t1)
+                if step in (0, steps - 1):
+                    float(loss)
+                    sync(device)
+                    stamps.append(time.time())
+            train_secs.append(stamps[-1] - t1)
             for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
                 held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val)
+            sync(device)
             secs.append(time.time() - t0)
+            parts.append((t1 - t0, stamps[1] - t1, stamps[-1] - stamps[1], time.time() - stamps[-1]))
             del student, opt, model
         del switcher
         rest = sum(secs[1:]) / max(1, len(secs) - 1)
         tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
+        rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(4)]
+        tps_steady = GAS2_TOKENS * (steps - 1) / steps / max(rest_parts[2], 1e-9)
         cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
-        emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | {fmt(tps)} | "
-             f"{secs[0] + 29 * rest:.0f} s | {cache} |")
+        emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " + ", ".join(f"{x:.2f}" for x in rest_parts) +
+             f" | {fmt(tps)} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
         torch.cuda.empty_cache() if device.type == "cuda" else None
 
 
