@@ -377,6 +377,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
          "|---|---|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
+    profs = []
     for label, fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
         accum = max(1, GAS2_STEP_TOKENS // (micro * T))
         teacher = teachers[fast]
@@ -412,6 +413,15 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                     sync(device)
                     stamps.append(time.time())
             train_secs.append(stamps[-1] - t1)
+            if PROFILE and device.type == "cuda" and c == 1:  # a steady candidate's steps: GPU-bound or not?
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for step in range(3):
+                        accumulate_kl(model, teacher, loader, accum, device, autocast, targets=targets, first=step * accum)
+                        optimizer_step(opt, student.parameters(), 1.0)
+                    sync(device)
+                profs.append((f"gas2 {label} (wall {1e3 * (stamps[-1] - stamps[1]) / max(1, steps - 1):.1f} ms/step)",
+                              prof, accum * micro * T))
             for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
                 held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val)
             sync(device)
@@ -427,6 +437,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
         emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " + ", ".join(f"{x:.2f}" for x in rest_parts) +
              f" | {fmt(tps)} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
         torch.cuda.empty_cache() if device.type == "cuda" else None
+    for name, prof, tokens in profs:
+        profile_table(prof, name, 3, tokens)
 
 
 def run_copy(device):
