@@ -28,7 +28,7 @@ def mixer_and_grads(mixer, x: torch.Tensor, mode: str, monkeypatch, pad_mask=Non
     mixer.zero_grad()
     x = x.clone().requires_grad_(True)
     y, _ = mixer.mix(x, None, None, pad_mask, output_state=False)
-    w = torch.randn_like(y, generator=torch.Generator().manual_seed(5))  # a loss that weighs every output
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=y.dtype).to(y.device)  # weighs every output
     (y * w).sum().backward()
     grads = {"x": x.grad, **{n: p.grad for n, p in mixer.named_parameters() if p.grad is not None}}
     return y.detach(), grads, len(calls)
