@@ -8,16 +8,18 @@ weights) and random token batches, through the library's own training code:
   phases   one stage-2 step split by CUDA events (teacher fwd, student fwd, KL, backward, optimizer)
            and torch.profiler kernel time by kind, eager vs fast; top kernels to OUT_DIR/profile_*.txt.
   stage1   a rotation step as distill.py's (LatentCache target + student layer + layer_mse + AdamW).
-  gas2     GA-S2 candidates as select_layers (build, train, score twice): eager = rebuilt from the CPU teacher,
-           a teacher forward per micro-step; fast = built on the device, TeacherTargets (the teacher once per
-           batch for all candidates) + compiled layers; ETA of 30 candidates x GAS2_TOKENS.
+  gas2     GA-S2 candidates as select_layers (build, train, score twice): eager = rebuilt from the CPU teacher, a
+           teacher forward per micro-step; fast = on the device, TeacherTargets + compiled layers (+ CUDA graphs:
+           GAS2_GRAPHS); ETA of 30 candidates x GAS2_TOKENS; a steady candidate's steps profiled (wall vs GPU).
 MFU counts matmul FLOPs (see flops_per_token) against PEAK_TFLOPS; copy bandwidth is measured.
 Launch (1 GPU, fla installed): python bench_train.py --out_dir=runs/bench_train [--sections=stage2,phases]; CPU
 smoke: --device=cpu --smoke=True. Writes OUT_DIR/bench_train.md (the tables) and OUT_DIR/profile_*.txt.
 """
 
 import copy
+import functools
 import os
+import re
 import time
 
 import torch
@@ -28,6 +30,7 @@ from hybrid.capture import LatentCache, layer_call
 from hybrid.common import run_script
 from hybrid.config import config_dict, dumps
 from hybrid.fastpath import compile_layers
+from hybrid.graphs import CudaGraphed, capturable, kl_step
 from hybrid.losses import chunked_distill_loss, layer_mse
 from hybrid.model.spec import parse_spec
 from hybrid.model import mixers
@@ -35,7 +38,7 @@ from hybrid.optim import adamw, optimizer_step
 from hybrid.selection import SpecSwitcher
 from hybrid.shards import RandomBatches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_hidden
-from hybrid.stage2 import teacher_targets
+from hybrid.stage2 import batch_stats, teacher_targets
 from hybrid.surgery import build_student
 
 # -----------------------------------------------------------------------------
@@ -73,6 +76,7 @@ GAS2_MICRO_BATCHES = (16, 64)   # eager baseline at the first; fast at each
 GAS2_STEP_TOKENS = 2**15        # select_layers.py's TOTAL_BATCH_TOKENS
 GAS2_TOKENS = 16 * 2**15        # tokens per candidate (0.52M)
 GAS2_CANDIDATES = 4             # candidates timed per path (ETA scales to 30)
+GAS2_GRAPHS = "off,on"          # comma list of "off" | "on": the fast path's steps and scoring as CUDA graphs (graphs.py)
 # Hardware
 PEAK_TFLOPS = 790.0             # H200 dense bf16 matmul, measured
 OUT_DIR = "runs/bench_train"    # bench_train.md and profile_*.txt go here
@@ -260,7 +264,8 @@ def profile_table(prof, label: str, steps: int, tokens: int):
     emit("| kernel kind | ms/step | share |\n|---|---|---|")
     for k, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
         emit(f"| {k} | {t / steps / 1e3:.2f} | {100 * t / max(total, 1e-9):.1f}% |")
-    with open(os.path.join(OUT_DIR, f"profile_{label.replace(' ', '_').replace('/', '')}.txt"), "w") as f:
+    with open(os.path.join(OUT_DIR, "profile_" + re.sub(r"[^A-Za-z0-9_.-]", "", label.replace(" ", "_")) + ".txt"),
+              "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=80))
 
 
@@ -378,65 +383,80 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
     profs = []
-    for label, fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
-        accum = max(1, GAS2_STEP_TOKENS // (micro * T))
-        teacher = teachers[fast]
-        targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
-        val = [RandomBatches(micro, T, VOCAB, n=1, seed=SEED + 1 + i).next_batch() for i in range(8)]  # 8 val batches
-        h_val = teacher_targets(teacher, val, device)
-        secs, train_secs, parts = [], [], []  # parts: per candidate (build, first step, other steps, scores) s
-        # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
-        switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
-                                base_layers) if fast else None
-        for c in range(GAS2_CANDIDATES):
-            sync(device)
-            t0 = time.time()
-            spec = list(base_layers)
-            spec[c * 7 % LAYERS] = "softmax"
-            torch.manual_seed(SEED)
-            student = switcher.copy(spec) if fast else \
-                build_student(cpu_teacher, spec).to(device).train().requires_grad_(True)
-            opt = adamw(stage2_param_groups(student, 1e-3, 1e-4), 1e-3, 0.0, device)
-            if fast:
-                compile_layers(student)
-            model = KLStudent(student, 1.0, 0.0, KL_CHUNK_TOKENS, fused=None if fast else False)
-            loader = RandomBatches(micro, T, VOCAB, n=64, seed=SEED)
-            sync(device)
-            t1 = time.time()
-            stamps = [t1]  # after the first step, then after the last
-            for step in range(steps):
-                loss = accumulate_kl(model, teacher, loader, accum, device, autocast, targets=targets,
-                                     first=step * accum)  # targets None (eager): a teacher forward per micro-step
-                optimizer_step(opt, student.parameters(), 1.0)
-                if step in (0, steps - 1):
-                    float(loss)
-                    sync(device)
-                    stamps.append(time.time())
-            train_secs.append(stamps[-1] - t1)
-            if PROFILE and device.type == "cuda" and c == 1:  # a steady candidate's steps: GPU-bound or not?
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                        torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for step in range(3):
-                        accumulate_kl(model, teacher, loader, accum, device, autocast, targets=targets, first=step * accum)
-                        optimizer_step(opt, student.parameters(), 1.0)
-                    sync(device)
-                profs.append((f"gas2 {label} (wall {1e3 * (stamps[-1] - stamps[1]) / max(1, steps - 1):.1f} ms/step)",
-                              prof, accum * micro * T))
-            for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
-                held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val)
-            sync(device)
-            secs.append(time.time() - t0)
-            parts.append((t1 - t0, stamps[1] - t1, stamps[-1] - stamps[1], time.time() - stamps[-1]))
-            del student, opt, model
-        del switcher
-        rest = sum(secs[1:]) / max(1, len(secs) - 1)
-        tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
-        rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(4)]
-        tps_steady = GAS2_TOKENS * (steps - 1) / steps / max(rest_parts[2], 1e-9)
-        cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
-        emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " + ", ".join(f"{x:.2f}" for x in rest_parts) +
-             f" | {fmt(tps)} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+    graph_modes = [g.strip() == "on" for g in GAS2_GRAPHS.split(",")]
+    for label0, fast, micro in configs(GAS2_MICRO_BATCHES[0], GAS2_MICRO_BATCHES):
+        for graphs in graph_modes if fast else [False]:
+            label = label0 + " graphs" * graphs
+            accum = max(1, GAS2_STEP_TOKENS // (micro * T))
+            teacher = teachers[fast]
+            targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
+            val = [RandomBatches(micro, T, VOCAB, n=1, seed=SEED + 1 + i).next_batch() for i in range(8)]
+            h_val = teacher_targets(teacher, val, device)  # 8 val batches
+            secs, train_secs, parts = [], [], []  # parts: per candidate (build, first step, other steps, scores) s
+            # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
+            switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
+                                    base_layers) if fast else None
+            for c in range(GAS2_CANDIDATES):
+                sync(device)
+                t0 = time.time()
+                spec = list(base_layers)
+                spec[c * 7 % LAYERS] = "softmax"
+                torch.manual_seed(SEED)
+                student = switcher.copy(spec) if fast else \
+                    build_student(cpu_teacher, spec).to(device).train().requires_grad_(True)
+                opt = adamw(stage2_param_groups(student, 1e-3, 1e-4), 1e-3, 0.0, device)
+                if fast:
+                    compile_layers(student)
+                model = KLStudent(student, 1.0, 0.0, KL_CHUNK_TOKENS, fused=None if fast else False)
+                loader = RandomBatches(micro, T, VOCAB, n=64, seed=SEED)
+                # fast: select_layers' step (graphs.kl_step), replayed as a CUDA graph after two plain steps when graphs
+                graphed = CudaGraphed(functools.partial(kl_step, model, teacher, opt, list(student.parameters()), 1.0,
+                                                        device, autocast), enabled=graphs, before_capture=lambda: capturable(opt))
+                stats = CudaGraphed(functools.partial(batch_stats, student, teacher.lm_head.weight, autocast,
+                                                      KL_CHUNK_TOKENS), enabled=graphs)
+
+                def one_step(step):
+                    if targets is not None:
+                        return graphed(*[t for i in range(accum) for t in targets[step * accum + i]])
+                    loss = accumulate_kl(model, teacher, loader, accum, device, autocast)  # eager: teacher forwards
+                    optimizer_step(opt, student.parameters(), 1.0)
+                    return loss
+
+                sync(device)
+                t1 = time.time()
+                stamps = [t1]  # after the first step, then after the last
+                for step in range(steps):
+                    loss = one_step(step)
+                    if step in (0, steps - 1):
+                        float(loss)
+                        sync(device)
+                        stamps.append(time.time())
+                train_secs.append(stamps[-1] - t1)
+                if PROFILE and device.type == "cuda" and c == 1:  # a steady candidate's steps: GPU-bound or not?
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for step in range(3):
+                            one_step(step)
+                        sync(device)
+                    profs.append((f"gas2 {label} (wall {1e3 * (stamps[-1] - stamps[1]) / max(1, steps - 1):.1f} ms/step)",
+                                  prof, accum * micro * T))
+                for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
+                    held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val,
+                                stats_fn=stats)
+                sync(device)
+                secs.append(time.time() - t0)
+                parts.append((t1 - t0, stamps[1] - t1, stamps[-1] - stamps[1], time.time() - stamps[-1]))
+                del student, opt, model, graphed, stats
+            del switcher
+            rest = sum(secs[1:]) / max(1, len(secs) - 1)
+            tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
+            rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(4)]
+            tps_steady = GAS2_TOKENS * (steps - 1) / steps / max(rest_parts[2], 1e-9)
+            cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
+            emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " +
+                 ", ".join(f"{x:.2f}" for x in rest_parts) +
+                 f" | {fmt(tps)} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
+            torch.cuda.empty_cache() if device.type == "cuda" else None
     for name, prof, tokens in profs:
         profile_table(prof, name, 3, tokens)
 

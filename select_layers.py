@@ -48,12 +48,13 @@ from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
 from hybrid.fastpath import compile_layers
+from hybrid.graphs import CudaGraphed, capturable, kl_step
 from hybrid.model.spec import with_softmax
-from hybrid.optim import adamw, cosine_lr, grad_accum_steps, optimizer_step, set_lr
+from hybrid.optim import adamw, cosine_lr, grad_accum_steps, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
-from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_targets
+from hybrid.stage2 import KLStudent, TeacherTargets, batch_stats, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
@@ -91,13 +92,15 @@ EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN 
 LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
 SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
+GRAPHS = False                  # each candidate's optimizer step and held-out scoring as CUDA graphs (GPU only; a
+                                # step of 32k tokens leaves the GPU idle ~36% while the host issues it: hybrid/graphs.py)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
 # settings that cannot change a stored job result (candidates/<job>.json); every other setting is part
 # of the key stored with each result, and a result with another key is an error, not a silent reuse
-# (COMPILE: compiled layers change only float rounding, as in distill.py)
+# (COMPILE: compiled layers change only float rounding, as in distill.py; GRAPHS replays the same kernels)
 _UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE",
-               "COMPILE")
+               "COMPILE", "GRAPHS")
 
 
 def smoke_settings(g: dict) -> None:
@@ -119,7 +122,12 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
         compile_layers(student)
     opt = adamw(stage2_param_groups(student, LR_MIXER, LR / 10), LR_MIXER, WEIGHT_DECAY, ctx["device"])
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
-    accum = ctx["accum"]
+    accum, device, teacher = ctx["accum"], ctx["device"], ctx["teacher"]
+    on = GRAPHS and device.type == "cuda"
+    train_step = CudaGraphed(functools.partial(kl_step, model, teacher, opt, list(student.parameters()), GRAD_CLIP,
+                                               device, ctx["autocast"]), enabled=on, before_capture=lambda: capturable(opt))
+    stats = CudaGraphed(functools.partial(batch_stats, student, teacher.lm_head.weight, ctx["autocast"], KL_CHUNK_TOKENS),
+                        enabled=on)
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):
@@ -127,23 +135,22 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
         # every candidate trains on the same batches: the teacher's states come from the shared cache
-        loss_sum = accumulate_kl(model, ctx["teacher"], None, accum, ctx["device"], ctx["autocast"],
-                                 targets=ctx["targets"], first=step * accum)
-        optimizer_step(opt, student.parameters(), GRAD_CLIP)
+        loss_sum = train_step(*[t for i in range(accum) for t in ctx["targets"][step * accum + i]])
         if step % LOG_EVERY == 0 or step == steps - 1:
             losses.append((step, loss_sum.item()))
             print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, time.time() - t1,
                            TOTAL_BATCH_TOKENS), flush=True)
         if step + 1 in eval_at:
-            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS, **score(ctx, student)})
+            evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS, **score(ctx, student, stats)})
     return {"spec": spec, "steps": steps, "schedule_steps": schedule_steps, "train_tokens": steps * TOTAL_BATCH_TOKENS,
             "eval_tokens": len(evals) * ctx["eval_tokens"], "losses": losses, "evals": evals}
 
 
-def score(ctx, student) -> dict:
-    """The held-out KL of one student on the shared val batches -> {"kl", "std", "per_batch"}."""
+def score(ctx, student, stats=None) -> dict:
+    """The held-out KL of one student on the shared val batches -> {"kl", "std", "per_batch"}; stats: its
+    batch_stats as a CudaGraphed (a trained candidate's, scored twice)."""
     r = held_out_kl(student, ctx["teacher"], ctx["val"], ctx["device"], ctx["autocast"], KL_CHUNK_TOKENS,
-                    h_teacher=ctx["h_val"])
+                    h_teacher=ctx["h_val"], stats_fn=stats)
     return {"kl": r["val_kl"], "std": r["val_kl_std"], "per_batch": r["val_kl_per_batch"]}
 
 

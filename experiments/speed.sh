@@ -12,8 +12,9 @@
 #                  with them off and on
 #   train_ab       the fast path in one process with GDN_TRAIN_KERNELS off and on (op_gdn_train's Triton kernels for
 #                  GDN's inputs and output norm), same init and batches: stage 2 at micro-batch 32 and 64 (tokens/s,
-#                  peak memory, losses), the step by phase with kernel kinds and top kernels, GA-S2 candidates on
-#                  shared teacher targets at micro-batch 64, stage-1 rotation at 64 (issue 11)
+#                  peak memory, losses; micro 64 only where the GPU has > 100 GB), the step by phase with kernel kinds
+#                  and top kernels, GA-S2 candidates on shared teacher targets at micro-batch 64 with their steps and
+#                  scoring as CUDA graphs off and on (graphs.py), stage-1 rotation at 64 (issue 11)
 #   train          stage-1 rotation, eager and fast
 #   train_eager    stage 2's eager reference at micro-batch 16 beside the fast path with the kernels at 64, in one
 #                  process: the side-by-side table of issue 11 (same init and batches, losses beside tokens/s)
@@ -66,13 +67,15 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part gpu_tests 240 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_fastpath.py \
-  tests/test_losses.py tests/test_engine.py tests/test_mixers.py tests/test_decode_kernels.py  # passed last: last
+part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_graphs.py \
+  tests/test_fastpath.py tests/test_losses.py tests/test_mixers.py tests/test_engine.py tests/test_decode_kernels.py
 part gdn_kernels 200 $PY bench_kernels.py --sections=gdn_train --out_file=$OUT_DIR/gdn_kernels.md  # op_gdn_train alone
-part train_ab 480 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
-  --fast_micro_batches=[32,64] --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
+MICROS=[32,64]  # micro-batch 64 at T=2048 peaks at 95-112 GiB: an H100's 80 GiB takes 32 only
+[ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)" -gt 100000 ] 2>/dev/null || MICROS=[32]
+part train_ab 540 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
+  --fast_micro_batches=$MICROS --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
   --out_dir=$OUT_DIR/train_ab  # the fast path with GDN's inputs and norm as compiled torch vs op_gdn_train's kernels
-part train_eager 240 $PY bench_train.py --sections=stage2 --fast_micro_batches=[64] --gdn_train_kernels=cuda \
+part train_eager 240 $PY bench_train.py --sections=stage2 --fast_micro_batches=[${MICROS: -3:2}] --gdn_train_kernels=cuda \
   --out_dir=$OUT_DIR/train_eager  # the eager reference beside the fastest path, one process (issue 11's table)
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
   --out_dir=$OUT_DIR/gas2_shared_\$i & done; wait"  # two processes on the GPU at once (select_layers.py under torchrun --nproc_per_node=2 on one GPU)

@@ -54,7 +54,10 @@ def adamw(param_groups: list[dict], lr: float, weight_decay: float, device: torc
 def set_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
     """The one LR convention: every group runs at its peak LR (base_lr) times the schedule's scale."""
     for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * scale
+        if torch.is_tensor(group["lr"]):  # a captured step reads its LR from this tensor (graphs.capturable)
+            group["lr"].fill_(group["base_lr"] * scale)
+        else:
+            group["lr"] = group["base_lr"] * scale
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -13,6 +13,7 @@ GA-S2's ranking and eval.py's report are the same number.
 """
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -134,23 +135,32 @@ def logit_stats(h_s: torch.Tensor, w_s: torch.Tensor, h_t: torch.Tensor, w_t: to
 
 
 @torch.no_grad()
+def batch_stats(student: nn.Module, w_t: torch.Tensor, autocast, chunk_tokens: int, x: torch.Tensor, y: torch.Tensor,
+                h_t: torch.Tensor) -> torch.Tensor:
+    """logit_stats of the student on one held-out batch (x, y on the device, h_t the teacher's states) -> (4,)."""
+    with autocast:
+        h_s = student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
+    return logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens)
+
+
+@torch.no_grad()
 def held_out_kl(student: nn.Module, teacher: nn.Module, batches: list, device: torch.device, autocast,
-                chunk_tokens: int = 4096, h_teacher: list[torch.Tensor] | None = None, reduce: bool = False) -> dict:
+                chunk_tokens: int = 4096, h_teacher: list[torch.Tensor] | None = None, reduce: bool = False,
+                stats_fn=None) -> dict:
     """Held-out KL(teacher || student) at temperature 1, both perplexities and top-1 agreement over
     `batches` of (x, y). h_teacher: the teacher's final hidden states per batch, when computed once
     (teacher_targets). Means over ranks when reduce=True (False when each rank scores its own model).
     -> {"val_kl", "val_ppl", "teacher_ppl", "top1_agreement"} (means over batches), plus this rank's
-    "val_kl_per_batch" and their "val_kl_std"."""
+    "val_kl_per_batch" and their "val_kl_std". stats_fn(x, y, h_t): batch_stats of this student in another
+    form (select_layers.py's is a graphs.CudaGraphed of it)."""
     was_training = student.training
     student.eval()
     rows = []
-    w_t = teacher.lm_head.weight
+    stats_fn = stats_fn or functools.partial(batch_stats, student, teacher.lm_head.weight, autocast, chunk_tokens)
     for j, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         h_t = teacher_hidden(teacher, x) if h_teacher is None else h_teacher[j]
-        with autocast:
-            h_s = student.model(input_ids=x, use_cache=False).last_hidden_state.to(h_t.dtype)
-        rows.append(logit_stats(h_s, student.lm_head.weight, h_t, w_t, y, chunk_tokens))
+        rows.append(stats_fn(x, y, h_t).clone())  # a replayed graph's output is overwritten by the next batch
     student.train(was_training)
     total = sum(rows) / len(rows)
     if reduce:

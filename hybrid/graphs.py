@@ -1,0 +1,106 @@
+"""Small, repeated GPU work as CUDA graphs: one launch from the host instead of thousands.
+
+A GA-S2 candidate's optimizer step (32,768 tokens at T=512) makes the host issue a compiled graph
+and fla's kernels for every layer, forward and backward; on an H100 that took 236 ms of wall time per
+step against 150 ms of GPU work (docs/results.md, fifth speed lease), and the candidates' held-out
+scoring is a smaller forward still. `CudaGraphed(fn)` runs `fn` plainly for its first calls (torch.compile,
+fla's autotune and the optimizer's state happen there), captures the next call as a CUDA graph and
+replays it for every later call: the same kernels on the same memory, so the same numbers as plain calls
+(tests/test_graphs.py), with one host launch per call.
+
+    step = CudaGraphed(lambda x, y, h: kl_step(...), before_capture=lambda: capturable(opt))
+    for i in range(steps):
+        set_lr(opt, scale(i))          # a tensor LR once captured: set_lr fills it in place
+        loss = step(x_i, y_i, h_i)     # replays after the warm-up calls
+
+What a captured call may do: fixed shapes (checked: a call with other shapes is an error), no host
+syncs (`.item()`, printing a tensor), no CPU-side randomness; the tensors it reads that are not its
+arguments (weights, optimizer state) must stay where they are: updated in place, as AdamW does. The
+output is overwritten by the next replay (clone what you keep). Off CUDA, or with enabled=False, every
+call is plain: the fallback is the reference.
+"""
+
+from typing import Callable
+
+import torch
+
+from .optim import optimizer_step
+from .stage2 import accumulate_kl
+
+
+def capturable(opt: torch.optim.Optimizer) -> None:
+    """Make an optimizer's step capturable: AdamW's "capturable" flag on, and each group's LR a 0-d tensor
+    on its parameters' device (set_lr then fills it in place, so a replayed step reads the current LR)."""
+    for group in opt.param_groups:
+        device = group["params"][0].device
+        group["capturable"] = True
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+
+class CudaGraphed:
+    """fn(*tensors) -> tensor: plain for the first `warmup` calls, then captured once and replayed.
+
+    The last warm-up call runs on the capture stream (lazily made per-stream state, e.g. cuBLAS
+    workspaces, then exists there); `before_capture` runs just before the capture (e.g. `capturable`).
+    `replays` counts the calls served by the graph."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2, enabled: bool = True,
+                 before_capture: Callable[[], None] | None = None):
+        self.fn, self.warmup, self.before_capture = fn, max(1, warmup), before_capture
+        self.enabled = enabled and torch.cuda.is_available()
+        self.calls, self.replays = 0, 0
+        self.graph, self.inputs, self.out = None, None, None
+        self.stream = torch.cuda.Stream() if self.enabled else None
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.enabled or (self.graph is None and self.calls <= self.warmup):
+            if self.enabled and self.calls == self.warmup:
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    out = self.fn(*tensors)
+                torch.cuda.current_stream().wait_stream(self.stream)
+                return out
+            return self.fn(*tensors)
+        if self.graph is None:
+            self._capture(tensors)
+        self._check(tensors)
+        for dst, src in zip(self.inputs, tensors):
+            dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        self.replays += 1
+        return self.out
+
+    def _capture(self, tensors) -> None:
+        if self.before_capture is not None:
+            self.before_capture()
+        self.inputs = [t.detach().clone() for t in tensors]
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(self.graph, stream=self.stream):
+                self.out = self.fn(*self.inputs)
+        except RuntimeError as e:  # e.g. a host sync inside fn: name the way around it
+            raise RuntimeError(f"CudaGraphed: capturing {getattr(self.fn, '__name__', self.fn)} failed ({e}); run it "
+                               "without graphs (select_layers.py --graphs=False)") from e
+
+    def _check(self, tensors) -> None:
+        if len(tensors) != len(self.inputs):
+            raise ValueError(f"CudaGraphed: captured with {len(self.inputs)} tensors, called with {len(tensors)}")
+        for i, (a, b) in enumerate(zip(self.inputs, tensors)):
+            if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+                raise ValueError(f"CudaGraphed: argument {i} is {tuple(b.shape)} {b.dtype} on {b.device}, but the graph "
+                                 f"was captured for {tuple(a.shape)} {a.dtype} on {a.device}: a graph replays fixed "
+                                 "shapes; keep every call's batch the same size (or pass enabled=False)")
+
+
+def kl_step(model: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer, params: list,
+            grad_clip: float, device: torch.device, autocast, *tensors: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on cached teacher targets, as GA-S2's candidates take it: the KL forward +
+    backward of each micro-batch (tensors = x, y, h_t of each, flat), clip, AdamW, grads dropped.
+    -> the mean loss (0-d, on device). What `CudaGraphed` captures for select_layers.py."""
+    batches = [tensors[i:i + 3] for i in range(0, len(tensors), 3)]
+    loss = accumulate_kl(model, teacher, None, len(batches), device, autocast, targets=batches)
+    optimizer_step(opt, params, grad_clip)
+    return loss
