@@ -47,8 +47,11 @@ pack_cache() {  # Triton's kernels + autotune results and inductor's compiled gr
   # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process).
   # A call brings back at most 8 files of <= 16 MiB, 64 MiB in all: each archive in 15 MB parts, the
   # inductor cache only when both fit beside the results
-  tar czf /tmp/triton_cache.tgz -C / root/.triton/cache 2>/dev/null || true
-  tar czf /tmp/inductor_cache.tgz -C / tmp/torchinductor_root 2>/dev/null || true
+  # Triton loads a cached kernel from its json + cubin (+ launcher .so); its IR files (llir, ttir, ttgir, ptx, source:
+  # ~80% of either cache) stay behind: 51 -> 17 MB (Triton's) and 34 -> 20 MB (inductor's) on 2026-12-06
+  local ir=(--exclude='*.llir' --exclude='*.ttir' --exclude='*.ttgir' --exclude='*.ptx' --exclude='*.source')
+  tar czf /tmp/triton_cache.tgz "${ir[@]}" -C / root/.triton/cache 2>/dev/null || true
+  tar czf /tmp/inductor_cache.tgz "${ir[@]}" -C / tmp/torchinductor_root 2>/dev/null || true
   local t=$(stat -c %s /tmp/triton_cache.tgz 2>/dev/null || echo 0) i=$(stat -c %s /tmp/inductor_cache.tgz 2>/dev/null || echo 0)
   if [ "$t" -gt 0 ] && [ "$t" -lt 60000000 ]; then split -b 15000000 -d -a 1 /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part"; else t=0; fi
   if [ "$i" -gt 0 ] && [ $(( t + i )) -lt 60000000 ] && [ $(( (t + 14999999) / 15000000 + (i + 14999999) / 15000000 )) -le 7 ]; then
