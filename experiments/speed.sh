@@ -15,6 +15,7 @@
 #                  peak memory, losses; micro 64 only where the GPU has > 100 GB), the step by phase with kernel kinds
 #                  and top kernels, GA-S2 candidates on shared teacher targets at micro-batch 64 with their steps and
 #                  scoring as CUDA graphs off and on (graphs.py), stage-1 rotation at 64 (issue 11)
+#   train_kl       stage 2 with the logit KL in chunks of 16384 tokens instead of 4096 (micro 32, kernels off)
 #   train          stage-1 rotation, eager and fast
 #   train_eager    stage 2's eager reference at micro-batch 16 beside the fast path with the kernels at 64, in one
 #                  process: the side-by-side table of issue 11 (same init and batches, losses beside tokens/s)
@@ -23,7 +24,7 @@
 #   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
 #                  fresh machine took ~5 minutes for the first one (2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default "gpu_tests gdn_kernels train_ab train_eager gpu_tests_fla": issue 11's open training parts
+# PARTS (default "gpu_tests gdn_kernels train_ab train_kl train_eager gpu_tests_fla": issue 11's open training parts
 # and the GPU tests, ~25 min on a fresh machine; gas2_shared and train were measured on 2026-12-06; the inference
 # parts closed with issue 12): the parts to run, e.g.
 # PARTS="engine bench" for the inference table.
@@ -32,7 +33,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests gdn_kernels train_ab train_eager gpu_tests_fla}
+PARTS=${PARTS:-gpu_tests gdn_kernels train_ab train_kl train_eager gpu_tests_fla}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
@@ -75,6 +76,9 @@ MICROS=[32,64]  # micro-batch 64 at T=2048 peaks at 95-112 GiB: an H100's 80 GiB
 part train_ab 540 $PY bench_train.py --sections=stage2,phases,gas2,stage1 --paths=fast --base_micro_batch=32 \
   --fast_micro_batches=$MICROS --gas2_micro_batches=[64] --stage1_micro_batches=[64] --gdn_train_kernels=off,cuda \
   --out_dir=$OUT_DIR/train_ab  # the fast path with GDN's inputs and norm as compiled torch vs op_gdn_train's kernels
+part train_kl 200 $PY bench_train.py --sections=stage2,phases --paths=fast --base_micro_batch=32 --fast_micro_batches=[32] \
+  --kl_chunk_tokens=16384 --out_dir=$OUT_DIR/train_kl  # the KL in 4x larger chunks: a quarter of the per-chunk LM-head
+  # grad accumulations (~7 ms per step at 4096 on the H100), ~4 GB more peak; against train_ab's micro-32 rows
 part train_eager 240 $PY bench_train.py --sections=stage2 --fast_micro_batches=[${MICROS: -3:2}] --gdn_train_kernels=cuda \
   --out_dir=$OUT_DIR/train_eager  # the eager reference beside the fastest path, one process (issue 11's table)
 part gas2_shared 240 bash -c "for i in 0 1; do $PY bench_train.py --sections=gas2 --paths=fast --gas2_micro_batches=[64] \
