@@ -24,8 +24,8 @@
 #   gpu_tests_fla  fla's ops vs the torch references (tests/test_ops.py): last, as fla's JIT of each op on a
 #                  fresh machine took ~5 minutes for the first one (2026-12-02)
 # DEADLINE_S (s from the start, 0 = none): a part that would start with under its cap left is skipped.
-# PARTS (default "gpu_tests gdn_kernels train_ab train_kl train_eager gpu_tests_fla": issue 11's open training parts
-# and the GPU tests, ~25 min on a fresh machine; gas2_shared and train were measured on 2026-12-06; the inference
+# PARTS (default "gpu_tests train_ab train_kl train_eager gpu_tests_fla": issue 11's open training parts
+# and the GPU tests, ~25 min on a fresh machine; gas2_shared, train and gdn_kernels were measured on 2026-12-06; the inference
 # parts closed with issue 12): the parts to run, e.g.
 # PARTS="engine bench" for the inference table.
 set -uo pipefail
@@ -33,7 +33,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 OUT_DIR=runs/speed
 DEADLINE_S=${DEADLINE_S:-0}
-PARTS=${PARTS:-gpu_tests gdn_kernels train_ab train_kl train_eager gpu_tests_fla}
+PARTS=${PARTS:-gpu_tests train_ab train_kl train_eager gpu_tests_fla}
 export PYTHONUNBUFFERED=1  # a part cut by its cap keeps what it printed
 mkdir -p $OUT_DIR
 T0=$(date +%s)
