@@ -17,9 +17,11 @@ What a captured call may do: fixed shapes (checked: a call with other shapes is 
 syncs (`.item()`, printing a tensor), no CPU-side randomness; the tensors it reads that are not its
 arguments (weights, optimizer state) must stay where they are: updated in place, as AdamW does. The
 output is overwritten by the next replay (clone what you keep). Off CUDA, or with enabled=False, every
-call is plain: the fallback is the reference.
+call is plain: the fallback is the reference. A capture that fails warns and leaves every later call plain
+(a lease's run goes on, slower; the GPU test counts replays, so it cannot pass that way).
 """
 
+import warnings
 from typing import Callable
 
 import torch
@@ -64,7 +66,14 @@ class CudaGraphed:
                 return out
             return self.fn(*tensors)
         if self.graph is None:
-            self._capture(tensors)
+            try:
+                self._capture(tensors)
+            except RuntimeError as e:  # keep a long run alive, plainly, and say so (tests count the replays)
+                warnings.warn(f"CudaGraphed: capturing {getattr(self.fn, 'func', self.fn)} failed, so its calls run "
+                              f"without a graph from here on ({e})")
+                self.enabled, self.graph, self.inputs, self.out = False, None, None, None
+                torch.cuda.synchronize()
+                return self.fn(*tensors)
         self._check(tensors)
         for dst, src in zip(self.inputs, tensors):
             dst.copy_(src, non_blocking=True)
@@ -78,12 +87,8 @@ class CudaGraphed:
         self.inputs = [t.detach().clone() for t in tensors]
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self.out = self.fn(*self.inputs)
-        except RuntimeError as e:  # e.g. a host sync inside fn: name the way around it
-            raise RuntimeError(f"CudaGraphed: capturing {getattr(self.fn, '__name__', self.fn)} failed ({e}); run it "
-                               "without graphs (select_layers.py --graphs=False)") from e
+        with torch.cuda.graph(self.graph, stream=self.stream):  # e.g. a host sync inside fn makes this raise
+            self.out = self.fn(*self.inputs)
 
     def _check(self, tensors) -> None:
         if len(tensors) != len(self.inputs):
@@ -101,6 +106,7 @@ def kl_step(model: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.O
     backward of each micro-batch (tensors = x, y, h_t of each, flat), clip, AdamW, grads dropped.
     -> the mean loss (0-d, on device). What `CudaGraphed` captures for select_layers.py."""
     batches = [tensors[i:i + 3] for i in range(0, len(tensors), 3)]
+    opt.zero_grad(set_to_none=True)  # none are left from a step, but a failed capture may leave some behind
     loss = accumulate_kl(model, teacher, None, len(batches), device, autocast, targets=batches)
     optimizer_step(opt, params, grad_clip)
     return loss
