@@ -392,7 +392,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
             targets = TeacherTargets(teacher, RandomBatches(micro, T, VOCAB, n=64, seed=SEED), device) if fast else None
             val = [RandomBatches(micro, T, VOCAB, n=1, seed=SEED + 1 + i).next_batch() for i in range(8)]
             h_val = teacher_targets(teacher, val, device)  # 8 val batches
-            secs, train_secs, parts = [], [], []  # parts: per candidate (build, first step, other steps, scores) s
+            secs, parts = [], []  # parts: per candidate (build, first step, other steps, scores) s
             # fast: select_layers' candidates, copies of a resident student on the device; eager: rebuilt from the CPU
             switcher = SpecSwitcher(build_student(cpu_teacher, base_layers).to(device).eval(), cpu_teacher,
                                     base_layers) if fast else None
@@ -418,9 +418,7 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                 def one_step(step):
                     if targets is not None:
                         return graphed(*[t for i in range(accum) for t in targets[step * accum + i]])
-                    loss = accumulate_kl(model, teacher, loader, accum, device, autocast)  # eager: teacher forwards
-                    optimizer_step(opt, student.parameters(), 1.0)
-                    return loss
+                    return stage2_step(model, student, teacher, loader, opt, accum, device, autocast)  # eager
 
                 sync(device)
                 t1 = time.time()
@@ -431,7 +429,6 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                         float(loss)
                         sync(device)
                         stamps.append(time.time())
-                train_secs.append(stamps[-1] - t1)
                 if PROFILE and device.type == "cuda" and c == 1:  # a steady candidate's steps: GPU-bound or not?
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -449,8 +446,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                 del student, opt, model, graphed, stats
             del switcher
             rest = sum(secs[1:]) / max(1, len(secs) - 1)
-            tps = GAS2_TOKENS / (sum(train_secs[1:]) / max(1, len(train_secs) - 1))
             rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(4)]
+            tps = GAS2_TOKENS / (rest_parts[1] + rest_parts[2])  # all steps of a candidate after the first
             tps_steady = GAS2_TOKENS * (steps - 1) / steps / max(rest_parts[2], 1e-9)
             cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
             emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " +
