@@ -143,7 +143,9 @@ gpu_tests)  # the GPU-only tests (fast paths vs their references) on this machin
   fla; restore_cache  # (+ .device/cache when carried: a fresh machine skips fla's JIT)
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} TRITON_CACHE_AUTOTUNING=1
   cd $P 2>/dev/null || true
-  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -q -rfE -x ${TESTS:-tests/test_decode_kernels.py tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  # every test, not -x: the whole output with tracebacks into $OUT (a capped pytest prints no summary)
+  timeout "${2:-500}" python3 -m pytest -m gpu -o addopts="" -v -rfE --tb=short ${TESTS:-tests/test_decode_kernels.py tests/test_engine.py tests/test_fastpath.py tests/test_losses.py tests/test_ops.py} > "$OUT/gpu_tests.txt" 2>&1
+  grep -E "PASSED|FAILED|ERROR|Error|assert" "$OUT/gpu_tests.txt" | tail -30
   ;;
 *)
   sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-; exit 2

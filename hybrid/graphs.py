@@ -21,6 +21,7 @@ call is plain: the fallback is the reference. A capture that fails warns and lea
 (a lease's run goes on, slower; the GPU test counts replays, so it cannot pass that way).
 """
 
+import contextlib
 import warnings
 from typing import Callable
 
@@ -87,8 +88,8 @@ class CudaGraphed:
         self.inputs = [t.detach().clone() for t in tensors]
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=self.stream):  # e.g. a host sync inside fn makes this raise
-            self.out = self.fn(*self.inputs)
+        with torch.cuda.graph(self.graph, stream=self.stream), masks_as_when_not_capturing():
+            self.out = self.fn(*self.inputs)  # e.g. a host sync inside fn makes this raise
 
     def _check(self, tensors) -> None:
         if len(tensors) != len(self.inputs):
@@ -98,6 +99,33 @@ class CudaGraphed:
                 raise ValueError(f"CudaGraphed: argument {i} is {tuple(b.shape)} {b.dtype} on {b.device}, but the graph "
                                  f"was captured for {tuple(a.shape)} {a.dtype} on {a.device}: a graph replays fixed "
                                  "shapes; keep every call's batch the same size (or pass enabled=False)")
+
+
+@contextlib.contextmanager
+def masks_as_when_not_capturing():
+    """transformers' mask builder takes a capturing CUDA stream for tracing (its is_tracing), and where it
+    would read data it gives up: in a plain call it checks the positions for packed sequences (a host sync),
+    finds none and lets SDPA's is_causal stand in for the mask; in a captured call it builds a (B, 1, T, T)
+    mask instead. The compiled softmax layers then see a mask their warm-up calls did not, recompile inside
+    the capture, and the capture fails (on the H100, transformers 5.17, 2026-12-06). Within this context it
+    decides as in the plain calls: no packed sequences (a captured call's positions are the forward's own
+    0..T-1: don't capture a call that passes packed position_ids) and no mask when there is no padding mask
+    (a padding mask still counts as traced: reading it would sync)."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:
+        yield
+        return
+    saved = {name: getattr(mu, name) for name in ("is_tracing", "find_packed_sequence_indices") if hasattr(mu, name)}
+    if "is_tracing" in saved:
+        mu.is_tracing = lambda tensor=None: tensor is not None and saved["is_tracing"](tensor)
+    if "find_packed_sequence_indices" in saved:
+        mu.find_packed_sequence_indices = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(mu, name, fn)
 
 
 def kl_step(model: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer, params: list,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hybrid.fastpath import compile_layers
-from hybrid.graphs import CudaGraphed, capturable, kl_step
+from hybrid.graphs import CudaGraphed, capturable, kl_step, masks_as_when_not_capturing
 from hybrid.optim import adamw, optimizer_step, set_lr
 from hybrid.stage2 import KLStudent, accumulate_kl, batch_stats, held_out_kl, stage2_param_groups, teacher_hidden
 from hybrid.surgery import build_student
@@ -37,6 +37,26 @@ def test_graphed_is_plain_off_cuda():
     for _ in range(4):
         torch.testing.assert_close(g(x, x), 2 * x)
     assert len(seen) == 4 and g.replays == 0 and g.graph is None
+
+
+def test_captured_forward_sees_the_plain_calls_masks(monkeypatch):
+    """A stream capture, simulated on CPU: transformers then builds a causal mask for the softmax layers
+    that a plain call does not (what made every capture recompile and fail on the H100); within
+    masks_as_when_not_capturing they get the plain call's None again, and the same hidden states."""
+    import transformers.utils.import_utils as import_utils
+    teacher, student, batches = student_and_batches(torch.device("cpu"))
+    seen = []
+    softmax = student.model.layers[1].self_attn
+    softmax.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
+    x = batches[0][0]
+    with torch.no_grad():
+        plain = student.model(input_ids=x, use_cache=False).last_hidden_state
+        monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+        student.model(input_ids=x, use_cache=False)
+        with masks_as_when_not_capturing():
+            captured = student.model(input_ids=x, use_cache=False).last_hidden_state
+    assert seen[0] is None and torch.is_tensor(seen[1]) and seen[2] is None
+    torch.testing.assert_close(captured, plain)
 
 
 def gpu_teacher():
