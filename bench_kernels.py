@@ -417,13 +417,14 @@ def bench_gdn_train(have_fla: bool) -> None:
     dmix = torch.randn_like(x)
     emit("| compiled mix() fwd+bwd (projections, fla's chunk kernel, o_proj included) | ms |")
     emit("|---|---|")
+    default = mixers.GDN_TRAIN_KERNELS
     for mode in ("off", "cuda"):
         mixers.GDN_TRAIN_KERNELS = mode
         xx = x.detach().requires_grad_(True)
         ms = timed(lambda: fresh(lambda: mix(xx, None, None, None, output_state=False)[0].backward(dmix)), REPS,
                    WARMUP + 1)
         emit(f"| GDN_TRAIN_KERNELS={mode} | {ms:.3f} |")
-    mixers.GDN_TRAIN_KERNELS = "off"
+    mixers.GDN_TRAIN_KERNELS = default
     emit()
     flush_file()
 

@@ -54,7 +54,7 @@ DEVICE = "cuda"                 # "cuda" | "cpu" (smoke only)
 SECTIONS = "copy,stage2,phases,stage1,gas2"  # comma list, run in this order (fla #640's kpad: bench_kernels.py)
 SPECS = ("gdn", "gdn;softmax=0,4,8,12,16,20,24,28")  # all-GDN and a 25% (8 of 30) softmax hybrid
 PATHS = "eager,fast"            # which paths each section times ("fast" alone skips the baselines)
-GDN_TRAIN_KERNELS = "off"       # the fast path's mixers.GDN_TRAIN_KERNELS ("cuda": op_gdn_train's kernels in the GDN
+GDN_TRAIN_KERNELS = "cuda"      # the fast path's mixers.GDN_TRAIN_KERNELS ("cuda": op_gdn_train's kernels in the GDN
                                 # layers); a comma list, e.g. "off,cuda", times each side by side (eager: always "off")
 # Stage 2
 STAGE2_SEQ_LEN = 2048           # tokens per row
@@ -151,13 +151,13 @@ def configs(base_micro: int, fast_micros):
     """(label, fast, micro-batch) to time: the eager baseline at base_micro, then the fast path at each of fast_micros
     for each GDN_TRAIN_KERNELS setting, which is set in mixers as its configurations come up."""
     paths = [p.strip() for p in PATHS.split(",")]
-    kernels = [k.strip() for k in GDN_TRAIN_KERNELS.split(",")]
+    kernels, default = [k.strip() for k in GDN_TRAIN_KERNELS.split(",")], mixers.GDN_TRAIN_KERNELS
     todo = [("eager", False, base_micro, "off")] * ("eager" in paths)
     todo += [("fast" if k == "off" else "fast kernels", True, m, k) for k in kernels for m in fast_micros] * ("fast" in paths)
     for label, fast, micro, k in todo:
         mixers.GDN_TRAIN_KERNELS = k
         yield label, fast, micro
-    mixers.GDN_TRAIN_KERNELS = "off"
+    mixers.GDN_TRAIN_KERNELS = default
 
 
 def ratio(tps: float, base: float | None) -> str:

@@ -92,8 +92,9 @@ EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN 
 LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
 SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
-GRAPHS = False                  # each candidate's optimizer step and held-out scoring as CUDA graphs (GPU only; a
-                                # step of 32k tokens leaves the GPU idle ~36% while the host issues it: hybrid/graphs.py)
+GRAPHS = True                   # each candidate's optimizer step and held-out scoring as CUDA graphs (GPU only; a
+                                # step of 32k tokens leaves the GPU idle ~36% while the host issues it: hybrid/graphs.py;
+                                # 5.93 -> 4.68 s per candidate on an H100, 2026-12-06)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
 # settings that cannot change a stored job result (candidates/<job>.json); every other setting is part

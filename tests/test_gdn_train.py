@@ -70,10 +70,11 @@ def test_interpreted_train_kernels_equal_mix(family, conv_size, T, monkeypatch):
 
 
 def test_train_kernels_only_where_they_apply(monkeypatch):
-    """Off by default; with pads, a state, or a Qwen3 q/k norm the op-by-op path runs (no Triton needed)."""
+    """On CUDA tensors only by default; with pads, a state, or a Qwen3 q/k norm the op-by-op path runs (no Triton
+    needed)."""
     _, mixer = make_mixer("gdn", "llama_gqa")
     x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
-    assert mixers.GDN_TRAIN_KERNELS == "off"
+    assert mixers.GDN_TRAIN_KERNELS == "cuda"
     assert mixer_and_grads(mixer, x, "off", monkeypatch)[2] == 0
     assert not mixer._train_kernels(x, None, None, False) and not mixer._train_kernels(x, None, None, True)
     monkeypatch.setattr(mixers, "GDN_TRAIN_KERNELS", "cuda")
