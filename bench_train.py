@@ -273,7 +273,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
     """One stage-2 step split by CUDA events, and the profiler's kernel kinds, eager vs fast."""
     emit("\n## stage 2 step phases (ms per optimizer step, GPU time between CUDA events)\n")
     emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |\n"
-         "|---|---|---|---|---|---|---|---|---|")
+         "|---|---|---|---|---|---|---|---|---|---|")
     T, micro = STAGE2_SEQ_LEN, BASE_MICRO_BATCH
     accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
     profs = []
@@ -378,8 +378,8 @@ def run_stage1(cpu_teacher, teachers, device, autocast):
 def run_gas2(cpu_teacher, teachers, device, autocast):
     emit("\n## GA-S2 candidates (build + train GAS2_TOKENS + 2 held-out KLs on 8 val batches each, as select_layers)\n")
     emit("| path | micro | T | s/candidate (first, rest) | of which: build, first step, other steps, 2 scores "
-         "(rest) | tok/s (train) | tok/s (steps 2+) | ETA 30 candidates | teacher cache |\n"
-         "|---|---|---|---|---|---|---|---|---|")
+         "(rest) | tok/s (train) | steady ms/step (steps 3+) | tok/s (steps 3+) | ETA 30 candidates | teacher cache |\n"
+         "|---|---|---|---|---|---|---|---|---|---|")
     T, base_layers = GAS2_SEQ_LEN, parse_spec("gdn", LAYERS)
     steps = GAS2_TOKENS // GAS2_STEP_TOKENS
     profs = []
@@ -422,37 +422,39 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
 
                 sync(device)
                 t1 = time.time()
-                stamps = [t1]  # after the first step, then after the last
+                stamps = {-1: t1}  # after steps 0, 2 (graphs: two plain calls, then the capture) and the last
                 for step in range(steps):
                     loss = one_step(step)
-                    if step in (0, steps - 1):
+                    if step in (0, 2, steps - 1):
                         float(loss)
                         sync(device)
-                        stamps.append(time.time())
+                        stamps[step] = time.time()
+                k = 2 if steps > 3 else 0  # steady: the steps after the third (after the first for a short smoke run)
+                steady = (stamps[steps - 1] - stamps[k]) / max(1, steps - 1 - k)
                 if PROFILE and device.type == "cuda" and c == 1:  # a steady candidate's steps: GPU-bound or not?
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
                         for step in range(3):
                             one_step(step)
                         sync(device)
-                    profs.append((f"gas2 {label} (wall {1e3 * (stamps[-1] - stamps[1]) / max(1, steps - 1):.1f} ms/step)",
+                    profs.append((f"gas2 {label} (wall {1e3 * steady:.1f} ms/step, steps 3+)",
                                   prof, accum * micro * T))
                 for _ in range(2):  # select_layers scores GA-S2's candidates at the early-stopping step and at the end
                     held_out_kl(student, teacher, val, device, autocast, KL_CHUNK_TOKENS, h_teacher=h_val,
                                 stats_fn=stats)
                 sync(device)
                 secs.append(time.time() - t0)
-                parts.append((t1 - t0, stamps[1] - t1, stamps[-1] - stamps[1], time.time() - stamps[-1]))
+                parts.append((t1 - t0, stamps[0] - t1, stamps[steps - 1] - stamps[0], time.time() - stamps[steps - 1], steady))
                 del student, opt, model, graphed, stats
             del switcher
             rest = sum(secs[1:]) / max(1, len(secs) - 1)
-            rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(4)]
+            rest_parts = [sum(p[i] for p in parts[1:]) / max(1, len(parts) - 1) for i in range(5)]
             tps = GAS2_TOKENS / (rest_parts[1] + rest_parts[2])  # all steps of a candidate after the first
-            tps_steady = GAS2_TOKENS * (steps - 1) / steps / max(rest_parts[2], 1e-9)
+            tps_steady = GAS2_TOKENS / steps / max(rest_parts[4], 1e-9)
             cache = f"{targets.kept_bytes / 2**20:.0f} MiB" if targets is not None else "-"
             emit(f"| {label} | {micro} | {T} | {secs[0]:.1f}, {rest:.2f} | " +
-                 ", ".join(f"{x:.2f}" for x in rest_parts) +
-                 f" | {fmt(tps)} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
+                 ", ".join(f"{x:.2f}" for x in rest_parts[:4]) +
+                 f" | {fmt(tps)} | {1e3 * rest_parts[4]:.1f} | {fmt(tps_steady)} | {secs[0] + 29 * rest:.0f} s | {cache} |")
             torch.cuda.empty_cache() if device.type == "cuda" else None
     for name, prof, tokens in profs:
         profile_table(prof, name, 3, tokens)

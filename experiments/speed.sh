@@ -68,8 +68,9 @@ echo "fastest engine settings: ${best:-none measured}"
 part bench 330 $PY bench.py --random=True --repeats=2 --prefill_repeat_tokens=131072 --profile=[16384,32] \
   --profile_prefill=[16384] $best \
   --out_dir=$OUT_DIR/bench
-part gpu_tests 300 $PY -m pytest -m gpu -o addopts="" -v -rfE tests/test_gdn_train.py tests/test_graphs.py \
-  tests/test_fastpath.py tests/test_losses.py tests/test_mixers.py tests/test_engine.py tests/test_decode_kernels.py
+part gpu_tests 300 bash -c "for f in tests/test_gdn_train.py tests/test_graphs.py tests/test_fastpath.py tests/test_losses.py \
+  tests/test_mixers.py tests/test_engine.py tests/test_decode_kernels.py; do $PY -m pytest -m gpu -o addopts= -v -rfE \
+  --tb=short \$f; done"  # a file at a time: a failure's traceback is printed before the cap can cut the rest
 part gdn_kernels 200 $PY bench_kernels.py --sections=gdn_train --out_file=$OUT_DIR/gdn_kernels.md  # op_gdn_train alone
 MICROS=[32,64]  # micro-batch 64 at T=2048 peaks at 95-112 GiB: an H100's 80 GiB takes 32 only
 [ "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)" -gt 100000 ] 2>/dev/null || MICROS=[32]

@@ -131,8 +131,9 @@ def test_bench_train_smoke_runs_every_section_and_paths_agree(tmp_path, monkeypa
     bench_train.main()
     text = (tmp_path / "bench_train.md").read_text()
     rows = [r.split("|") for r in text.splitlines() if r.startswith("| stage2 |")]
-    assert len(rows) == 4 and {r[3].strip() for r in rows} == {"eager", "fast"}
+    assert len(rows) == 4 and {r[3].strip() for r in rows} == {"eager", "fast kernels"}  # GDN_TRAIN_KERNELS "cuda"
     for spec in {r[2] for r in rows}:  # same init and batches: the fast path's losses are the eager ones
         losses = [r[-2].split() for r in rows if r[2] == spec]
         assert losses[0] == losses[1] and len(losses[0]) == 3
-    assert "ETA 30 layers" in text and "ETA 30 candidates" in text and "| all-gdn | fast |" in text
+    assert "ETA 30 layers" in text and "ETA 30 candidates" in text and "| all-gdn | fast kernels |" in text
+    assert "| fast kernels graphs |" in text and "steady ms/step" in text  # GA-S2 with its graphs off and on
