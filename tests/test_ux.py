@@ -209,11 +209,11 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     s2, s2_long = calls[3], calls[4]
     assert "--seq_len=2048" in s2 and "--seq_len=4096" in s2_long
     limits = [int(c.split("--time_limit_s=")[1].split()[0]) for c in (s2, s2_long)]
-    assert sum(limits) <= 12 * 60  # the rest of ~25 min: stage 1 ~2.5, selection ~5.5, eval ~2, bench ~1.5
+    assert sum(limits) <= 13 * 60  # the rest of ~25 min: stage 1 ~2.5, selection ~3.5, eval ~2, bench ~1.5
 
     def tokens(call):
         return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
-    assert tokens(s2) + tokens(s2_long) >= 130e6 and tokens(s2_long) >= 50e6  # much of it at 4096, for recall
+    assert tokens(s2) + tokens(s2_long) >= 150e6 and tokens(s2_long) >= 50e6  # issue 13; much of it at 4096, for recall
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
 
 
@@ -234,9 +234,9 @@ def test_distill_sh_deadline_cuts_stage2_to_fit(tmp_path):
         limits = [int(c.split("--time_limit_s=")[1].split()[0]) for c in calls if "--stage=2" in c]
         return limits, calls[[c.split()[0] for c in calls].index("export.py")], out
 
-    assert run(5000)[0] == [400, 310]  # a long deadline: the parts' own caps
-    limits, _, _ = run(1200)  # 1200 - 420 reserve - 60 overhead - (310 + 60) for the long part = 350
-    assert limits[0] in (349, 350) and limits[1] == 310
+    assert run(5000)[0] == [450, 330]  # a long deadline: the parts' own caps
+    limits, _, _ = run(1200)  # 1200 - 420 reserve - 60 overhead - (330 + 60) for the long part = 330
+    assert limits[0] in (329, 330) and limits[1] == 330
     limits, export, out = run(500)
     assert limits == [60] and export.split("--checkpoint=")[1].split()[0] == str(tmp_path / "run" / "stage2")
     assert "skipping stage 2's longer rows" in out.stdout and "running 60s of it" in out.stderr
