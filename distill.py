@@ -80,6 +80,8 @@ CE_WEIGHT = 0.0                 # weight of next-token cross-entropy added to th
 UNTIE_EMBEDDINGS = False        # give the student its own LM head during stage 2
 LR_MIXER = 1e-3                 # stage 2 LR for mixer parameters (stage 1 uses LR for them)
 REPEAT_ROWS = 0.0               # stage 2: share of training rows given long-range repeats of their spans (0 = none)
+DATA_START = "auto"             # stage 2: train tokens to skip first: a count, or "auto": where the stage-2 run that
+                                # --init names stopped reading (distill.sh's T=4096 part reads on, not the same text again)
                                 # (recall practice, hybrid/repeats.py; held-out rows stay plain text)
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
 TIME_LIMIT_S = 0                # stage 2 ends after the step in which this many seconds have passed (0 = none),
@@ -135,6 +137,9 @@ def check_settings() -> dict:
         raise ValueError("--shard_teacher=True needs --parallel=fsdp")
     if not 0.0 <= REPEAT_ROWS <= 1.0 or (REPEAT_ROWS and STAGE != 2):
         raise ValueError(f"--repeat_rows={REPEAT_ROWS}: a share of stage 2's rows, between 0 and 1 (stage 2 only)")
+    if not (DATA_START == "auto" or str(DATA_START).isdigit()):
+        raise ValueError(f"--data_start={DATA_START}: a number of train tokens to skip, or \"auto\" (where an --init "
+                         "stage-2 run stopped reading)")
     for name, path, fix in (("spec", spec_file(SPEC)[0], "run select_layers.py first"),
                             ("init", INIT, "run stage 1 first")):
         if path and not os.path.exists(path):
@@ -382,6 +387,14 @@ def save(run: Run, student, opt, extra: dict, step: int) -> None:
     barrier()
 
 
+def data_start(source: dict | None, source_art) -> int:
+    """DATA_START as a token count: "auto" takes the data position saved with a stage-2 --init (0 for others)."""
+    if DATA_START != "auto":
+        return int(DATA_START)
+    state = (source or {}).get("loader") if INIT and source_art is not None and source_art.stage == 2 else None
+    return state["windows_read"] * state["B"] * state["T"] if state else 0
+
+
 def main() -> dict:
     if SMOKE:
         smoke_settings(globals())
@@ -429,6 +442,9 @@ def main() -> dict:
                              "distill.py checkpoint or run dir")
         seeded = seed_from(student, source["model"], source_art.hybrid_spec, spec)
         print0(f"seeded layers {seeded} from {INIT}")
+    if STAGE == 2 and ckpt is None and (skip := data_start(source, source_art)):
+        loader.seek(skip)
+        print0(f"data: stage 2 starts at train token {skip:,} of {loader.total * loader.B * loader.T:,} (--data_start)")
     del source
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank unless SHARD_TEACHER
@@ -460,7 +476,8 @@ def main() -> dict:
     final_state, _ = full_state(student, None)
     if is_master():
         atomic_write_json(os.path.join(RUN_DIR, "summary.json"), summary)
-        atomic_torch_save({"model": final_state, "config": run.config, "step": 0}, final_path(RUN_DIR))
+        where = {"loader": loader.state_dict()} if STAGE == 2 else {}  # a later part's --data_start=auto reads on
+        atomic_torch_save({"model": final_state, "config": run.config, "step": 0, **where}, final_path(RUN_DIR))
         plot_run(RUN_DIR)
     barrier()
     print0(f"done in {time.time() - t0:.1f}s; final student: {final_path(RUN_DIR)}")

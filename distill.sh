@@ -107,7 +107,8 @@ L1=$(part_limit "$S2_LIMIT" $(( S2L_LIMIT > 0 ? S2L_LIMIT + 60 : 120 )))  # room
 [ "$L1" -ge 60 ] || { echo "distill.sh: DEADLINE_S=$DEADLINE_S leaves ${L1}s for stage 2; running 60s of it" >&2; L1=60; }
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage1" \
   --spec="$RUN/select/selection.json" --run_dir="$RUN/stage2" "${S2[@]}" --time_limit_s="$L1" "$@"
-# the same student continues on longer rows (every weight carries over; a fresh optimizer and schedule)
+# the same student continues on longer rows (every weight carries over; a fresh optimizer and schedule) and on
+# the text after what the first part read (distill.py's --data_start=auto): no token is read more than twice
 FINAL="$RUN/stage2_long"
 L2=$(part_limit "$S2L_LIMIT")
 if [ "$DEADLINE_S" -gt 0 ] && [ "$L2" -lt 90 ]; then

@@ -218,6 +218,12 @@ class ShardLoader:
         self.step += 1
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
+    def seek(self, tokens: int) -> None:
+        """Start at the first whole window at or after train token `tokens` (modulo the split), e.g. where a
+        loader with another B, T stopped (its state's windows_read * B * T): the text after it comes next."""
+        windows = -(-tokens // (self.B * self.T))
+        self.step = -(-windows // self.world_size)
+
     def state_dict(self) -> dict:
         return {"split": self.split, "B": self.B, "T": self.T, "world_size": self.world_size,
                 "windows_read": self.step * self.world_size, "total": self.total}

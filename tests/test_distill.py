@@ -17,7 +17,7 @@ SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, STEPS_PER_LAY
                 SAVE_EVERY=1000, KEEP_CHECKPOINTS=0, INIT="", SPEC="gdn", LAYERS="all", STAGE1_MODE="rotation",
                 TARGET="layer", TRAIN_MLP=False, UNTIE_EMBEDDINGS=False, CE_WEIGHT=0.0, TEMPERATURE=1.0, COMPILE=False,
                 SMOKE=False, LATENT_CACHE_TOKENS=4 * 64, KL_CHUNK_TOKENS=24, SEED=1337,
-                MIXER_OPTIONS="{}", REPEAT_ROWS=0.0)
+                MIXER_OPTIONS="{}", REPEAT_ROWS=0.0, DATA_START="auto")
 
 
 def configure(monkeypatch, setup, run_dir, **kw):
@@ -307,7 +307,8 @@ def test_stage2_time_limit_ends_like_a_planned_end(tiny_setup, stage1_run, tmp_p
 
 
 def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_run, tmp_path, monkeypatch):
-    """distill.sh's long part: --init=<a stage-2 run> carries every weight over, not only the mixers."""
+    """distill.sh's long part: --init=<a stage-2 run> carries every weight over, not only the mixers, and reads on
+    where that run's data stopped (--data_start=auto) instead of from the first token again."""
     first = tmp_path / "s2"
     configure(monkeypatch, tiny_setup, first, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=3,
               EVAL_EVERY=100)
@@ -322,6 +323,14 @@ def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_ru
         return student
 
     monkeypatch.setattr(distill, "rebuild_student", spy)
+    starts, real_next = [], distill.ShardLoader.next_batch  # (B, T, loader step) of every training batch
+
+    def next_batch(self):
+        if self.split == "train":
+            starts.append((self.B, self.T, self.step))
+        return real_next(self)
+
+    monkeypatch.setattr(distill.ShardLoader, "next_batch", next_batch)
     configure(monkeypatch, tiny_setup, tmp_path / "long", STAGE=2, INIT=str(first), SPEC="gdn;softmax=1",
               SEQ_LEN=64, STAGE2_STEPS=1, LR=0.0, LR_MIXER=0.0, EVAL_EVERY=100)
     distill.main()  # LR 0: the weights after the step are the ones it started from
@@ -329,6 +338,12 @@ def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_ru
     for key in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight",
                 "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
         assert torch.equal(state[key], trained[key]), key
+    # the first part read 3 steps x 128 tokens = 6 windows of 2 x 32; the long part's windows of 2 x 64 start at the 4th
+    assert starts[0] == (2, 64, 3)
+    configure(monkeypatch, tiny_setup, tmp_path / "from0", STAGE=2, INIT=str(first), SPEC="gdn;softmax=1",
+              SEQ_LEN=64, STAGE2_STEPS=1, EVAL_EVERY=100, DATA_START="0")
+    distill.main()
+    assert starts == [(2, 64, 3), (2, 64, 0)]  # --data_start=0: from the first token, as before
 
 
 def test_a_missing_selection_file_is_named_before_anything_loads(monkeypatch, tmp_path):

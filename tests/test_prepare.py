@@ -77,6 +77,15 @@ def test_prepare_local_text_roundtrip(tmp_path, monkeypatch, tok_dir):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     x, y = ShardLoader(out, "train", 2, 32).next_batch()
     assert x.shape == (2, 32)
+    # seek: two ranks of (1, 32) rows go on after what one loader of (2, 16) read, and read nothing it read
+    first = ShardLoader(out, "train", 2, 16)
+    seen = {tuple(first.next_batch()[0].flatten().tolist()) for _ in range(3)}
+    ranks = [ShardLoader(out, "train", 1, 32, rank=r, world_size=2) for r in range(2)]
+    for loader in ranks:
+        loader.seek(first.state_dict()["windows_read"] * 2 * 16)
+    after = [tuple(loader.next_batch()[0].flatten().tolist()) for loader in ranks]
+    # 3 windows of 32 tokens were read: the ranks start a whole round later, at windows 4 and 5 (window 3 skipped)
+    assert after == [tuple(ranks[0].window(w)[:-1].tolist()) for w in (4, 5)] and not seen & set(after)
     # a second run is a no-op; other settings into the same folder are refused
     mtimes = {f: os.path.getmtime(os.path.join(out, f)) for f in os.listdir(out)}
     run_prepare(monkeypatch, teacher=tok_dir, dataset=str(tmp_path / "texts"), out_dir=out, shard_tokens=500)
