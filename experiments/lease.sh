@@ -5,10 +5,12 @@
 #   here, once:  bash ../shared/device/stage_teacher.sh      (.device/wheels, t1, t2)
 #                bash experiments/lease.sh pack_data          (.device/data: data/debian as one .tar.xz;
 #                                                             the GGUF's md5 beside its second half)
+#   call 0, carry [.device/wheels, .device/cache]: bash experiments/lease.sh cache   (when .device/cache exists:
+#           an earlier lease's compile caches, ~55 MB, too large to ride beside t1, t2 or the data; they save a
+#           fresh machine most of the ~4 min it spends in fla's JIT and the per-layer compiles)
 #   call 1, carry [.device/wheels, .device/t1]:    bash experiments/lease.sh teacher1
 #           (also starts, detached, the GPU test of the fla #640 workaround; if it fails, the run's
 #           copy of the code pads instead: op_gdn.HOPPER_WORKAROUND = "pad")
-#           (+ .device/cache when it fits the 64 MiB: compile caches of an earlier lease, see pack_cache)
 #   call 2, carry [.device/wheels, .device/t2]:    bash experiments/lease.sh teacher2
 #   call 3, carry [.device/wheels, .device/data]:  DEADLINE_S=<s> bash experiments/lease.sh start 540
 #           (DEADLINE_S: the lease's budget_left_s at this call minus ~90 s for the last pack; distill.sh
@@ -38,7 +40,10 @@ pack() {  # small results only, into $OUT
   [ -d $P/runs ] || return 0
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
 }
-restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), when this call carried them
+restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), when this call carried them (once a machine:
+  # a warm machine keeps an earlier call's carried .device/cache, and unpacking it again would take a call's seconds)
+  [ -f /tmp/cache_restored ] && return 0
+  ls .device/cache/*.part* > /dev/null 2>&1 && touch /tmp/cache_restored
   for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz; do
     if ls $f.part* > /dev/null 2>&1; then cat $f.part* | tar xzf - -C / && echo "restored $f"; fi
   done
@@ -83,6 +88,9 @@ pack_data)
   tar cf - data/debian | xz -T2 -6 > .device/data/debian.tar.xz.tmp && mv .device/data/debian.tar.xz.tmp .device/data/debian.tar.xz
   [ -s .device/teacher.gguf.md5 ] && cp .device/teacher.gguf.md5 .device/t2/  # teacher2 checks the joined GGUF
   ls -la .device/data
+  ;;
+cache)  # call 0: only the compile caches (restore_cache), before teacher1 starts fla's first kernels
+  restore_cache
   ;;
 teacher1)
   mkdir -p /root/teacher && cp .device/t1/* /root/teacher/ && ls -la /root/teacher
