@@ -80,9 +80,9 @@ CE_WEIGHT = 0.0                 # weight of next-token cross-entropy added to th
 UNTIE_EMBEDDINGS = False        # give the student its own LM head during stage 2
 LR_MIXER = 1e-3                 # stage 2 LR for mixer parameters (stage 1 uses LR for them)
 REPEAT_ROWS = 0.0               # stage 2: share of training rows given long-range repeats of their spans (0 = none)
+                                # (recall practice, hybrid/repeats.py; held-out rows stay plain text)
 DATA_START = "auto"             # stage 2: train tokens to skip first: a count, or "auto": where the stage-2 run that
                                 # --init names stopped reading (distill.sh's T=4096 part reads on, not the same text again)
-                                # (recall practice, hybrid/repeats.py; held-out rows stay plain text)
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
 TIME_LIMIT_S = 0                # stage 2 ends after the step in which this many seconds have passed (0 = none),
                                 # with the eval, checkpoint and final.pt of a planned end (for a lease)

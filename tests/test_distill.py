@@ -352,6 +352,10 @@ def test_a_missing_selection_file_is_named_before_anything_loads(monkeypatch, tm
         monkeypatch.setattr(distill, "INIT", "")
         with pytest.raises(FileNotFoundError, match=r"--spec=.*nope\.json: no such file or folder; run select_layers"):
             distill.check_settings()
+    monkeypatch.setattr(distill, "SPEC", "gdn")
+    monkeypatch.setattr(distill, "DATA_START", "1e6")
+    with pytest.raises(ValueError, match=r"--data_start=1e6: a number of train tokens to skip, or \"auto\""):
+        distill.check_settings()
     from hybrid.surgery import spec_file
     assert spec_file("gdn;softmax=1") == ("", "") and spec_file("a/s.json") == ("a/s.json", "")
     assert spec_file("a/s.json:uniform") == ("a/s.json", "uniform")
