@@ -16,7 +16,8 @@ replays it for every later call: the same kernels on the same memory, so the sam
 What a captured call may do: fixed shapes (checked: a call with other shapes is an error), no host
 syncs (`.item()`, printing a tensor), no CPU-side randomness; the tensors it reads that are not its
 arguments (weights, optimizer state) must stay where they are: updated in place, as AdamW does. The
-output is overwritten by the next replay (clone what you keep). Off CUDA, or with enabled=False, every
+output is overwritten by the next replay (clone what you keep). While capturing, transformers builds its
+attention masks as in the plain calls (masks_as_when_not_capturing). Off CUDA, or with enabled=False, every
 call is plain: the fallback is the reference. A capture that fails warns and leaves every later call plain
 (a lease's run goes on, slower; the GPU test counts replays, so it cannot pass that way).
 """
