@@ -273,7 +273,7 @@ def run_phases(cpu_teacher, teachers, device, autocast):
     """One stage-2 step split by CUDA events, and the profiler's kernel kinds, eager vs fast."""
     emit("\n## stage 2 step phases (ms per optimizer step, GPU time between CUDA events)\n")
     emit("| spec | path | teacher fwd | student fwd | KL (loss+grads) | backward | optimizer | total | wall |\n"
-         "|---|---|---|---|---|---|---|---|---|---|")
+         "|---|---|---|---|---|---|---|---|---|")
     T, micro = STAGE2_SEQ_LEN, BASE_MICRO_BATCH
     accum = max(1, STAGE2_STEP_TOKENS // (micro * T))
     profs = []
