@@ -17,7 +17,6 @@ smoke: --device=cpu --smoke=True. Writes OUT_DIR/bench_train.md (the tables) and
 """
 
 import copy
-import functools
 import os
 import re
 import time
@@ -30,7 +29,7 @@ from hybrid.capture import LatentCache, layer_call
 from hybrid.common import run_script
 from hybrid.config import config_dict, dumps
 from hybrid.fastpath import compile_layers
-from hybrid.graphs import CudaGraphed, capturable, kl_step
+from hybrid.graphs import candidate_calls
 from hybrid.losses import chunked_distill_loss, layer_mse
 from hybrid.model.spec import parse_spec
 from hybrid.model import mixers
@@ -38,7 +37,7 @@ from hybrid.optim import adamw, optimizer_step
 from hybrid.selection import SpecSwitcher
 from hybrid.shards import RandomBatches
 from hybrid.stage2 import KLStudent, TeacherTargets, accumulate_kl, held_out_kl, stage2_param_groups, teacher_hidden
-from hybrid.stage2 import batch_stats, teacher_targets
+from hybrid.stage2 import teacher_targets
 from hybrid.surgery import build_student
 
 # -----------------------------------------------------------------------------
@@ -410,10 +409,8 @@ def run_gas2(cpu_teacher, teachers, device, autocast):
                 model = KLStudent(student, 1.0, 0.0, KL_CHUNK_TOKENS, fused=None if fast else False)
                 loader = RandomBatches(micro, T, VOCAB, n=64, seed=SEED)
                 # fast: select_layers' step (graphs.kl_step), replayed as a CUDA graph after two plain steps when graphs
-                graphed = CudaGraphed(functools.partial(kl_step, model, teacher, opt, list(student.parameters()), 1.0,
-                                                        device, autocast), enabled=graphs, before_capture=lambda: capturable(opt))
-                stats = CudaGraphed(functools.partial(batch_stats, student, teacher.lm_head.weight, autocast,
-                                                      KL_CHUNK_TOKENS), enabled=graphs)
+                graphed, stats = candidate_calls(model, student, teacher, opt, 1.0, device, autocast, KL_CHUNK_TOKENS,
+                                                 enabled=graphs)
 
                 def one_step(step):
                     if targets is not None:

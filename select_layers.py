@@ -48,13 +48,13 @@ from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
 from hybrid.fastpath import compile_layers
-from hybrid.graphs import CudaGraphed, capturable, kl_step
+from hybrid.graphs import candidate_calls
 from hybrid.model.spec import with_softmax
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
-from hybrid.stage2 import KLStudent, TeacherTargets, batch_stats, held_out_kl, stage2_param_groups, teacher_targets
+from hybrid.stage2 import KLStudent, TeacherTargets, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student
 from hybrid.surgery import SOFTMAX
 from hybrid.teacher import load_teacher, resolve_teacher
@@ -125,10 +125,8 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     model = KLStudent(student, TEMPERATURE, 0.0, KL_CHUNK_TOKENS)
     accum, device, teacher = ctx["accum"], ctx["device"], ctx["teacher"]
     on = GRAPHS and device.type == "cuda"
-    train_step = CudaGraphed(functools.partial(kl_step, model, teacher, opt, list(student.parameters()), GRAD_CLIP,
-                                               device, ctx["autocast"]), enabled=on, before_capture=lambda: capturable(opt))
-    stats = CudaGraphed(functools.partial(batch_stats, student, teacher.lm_head.weight, ctx["autocast"], KL_CHUNK_TOKENS),
-                        enabled=on)
+    train_step, stats = candidate_calls(model, student, teacher, opt, GRAD_CLIP, device, ctx["autocast"], KL_CHUNK_TOKENS,
+                                        enabled=on)
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
     evals, losses = [], []
     for step in range(steps):

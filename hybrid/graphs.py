@@ -23,13 +23,14 @@ call is plain: the fallback is the reference. A capture that fails warns and lea
 """
 
 import contextlib
+import functools
 import warnings
 from typing import Callable
 
 import torch
 
 from .optim import optimizer_step
-from .stage2 import accumulate_kl
+from .stage2 import accumulate_kl, batch_stats
 
 
 def capturable(opt: torch.optim.Optimizer) -> None:
@@ -139,3 +140,16 @@ def kl_step(model: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.O
     loss = accumulate_kl(model, teacher, None, len(batches), device, autocast, targets=batches)
     optimizer_step(opt, params, grad_clip)
     return loss
+
+
+def candidate_calls(model, student: torch.nn.Module, teacher: torch.nn.Module, opt: torch.optim.Optimizer,
+                    grad_clip: float, device: torch.device, autocast, chunk_tokens: int,
+                    enabled: bool) -> tuple[CudaGraphed, CudaGraphed]:
+    """A GA-S2 candidate's two repeated calls, graphed when enabled: its optimizer step on cached teacher
+    targets (kl_step; model: the KLStudent of `student`) and its held-out scoring of one batch (batch_stats,
+    for held_out_kl's stats_fn). select_layers.py trains with them and bench_train.py times them."""
+    step = CudaGraphed(functools.partial(kl_step, model, teacher, opt, list(student.parameters()), grad_clip, device,
+                                         autocast), enabled=enabled, before_capture=lambda: capturable(opt))
+    stats = CudaGraphed(functools.partial(batch_stats, student, teacher.lm_head.weight, autocast, chunk_tokens),
+                        enabled=enabled)
+    return step, stats
