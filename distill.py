@@ -23,6 +23,7 @@ log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt} (a rotation
 k-th trained layer's parameters; README says what a run needs on disk). Re-running the same command
 continues the run (RESUME=auto); a run dir holding another run's checkpoints is refused, not mixed with.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
+(stage 2's dt: the wall time per training step since the previous line, which waited for the GPU)
 """
 
 import ast
@@ -43,9 +44,10 @@ from hybrid.config import check_choice, config_dict
 from hybrid.fastpath import compile_layers, compile_report
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
-from hybrid.optim import adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step, set_lr
+from hybrid.optim import (TimedCosine, adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step,
+                          set_lr)
 from hybrid.parallel import (all_mean, average_gradients, broadcast_parameters, describe, full_state, gathered,
-                             local_optimizer_state, shard_teacher, wrap)
+                             local_optimizer_state, shard_teacher, synced_seconds, wrap)
 from hybrid.plots import plot_run
 from hybrid.repeats import RepeatSpans
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
@@ -85,7 +87,8 @@ DATA_START = "auto"             # stage 2: train tokens to skip first: a count, 
                                 # --init names stopped reading (distill.sh's T=4096 part reads on, not the same text again)
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL (memory ~ 3 * chunk * vocab floats)
 TIME_LIMIT_S = 0                # stage 2 ends after the step in which this many seconds have passed (0 = none),
-                                # with the eval, checkpoint and final.pt of a planned end (for a lease)
+                                # with the eval, checkpoint and final.pt of a planned end (for a lease); its LR schedule
+                                # is fitted to the steps that fit, at the pace of its first 10 steps, so it ends annealed
 # Optimization
 SEQ_LEN = 512                   # tokens per row
 MICRO_BATCH = 16                # rows per rank per micro-step
@@ -313,9 +316,10 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         loader.load_state_dict(ckpt["loader"])
         start, metrics = ckpt["step"], ckpt.get("val_metrics", {})
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
-    warmup = capped_warmup(WARMUP_STEPS, STAGE2_STEPS)
+    sched = TimedCosine(STAGE2_STEPS, capped_warmup(WARMUP_STEPS, STAGE2_STEPS), MIN_LR_FRAC, TIME_LIMIT_S, start)
     prog = Progress(STAGE2_STEPS, "stage 2", start=start)
     prof, t_start = None, time.time()
+    t_log, s_log = t_start, start  # a log line's pace: wall time over the training steps since the last line
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
@@ -326,24 +330,27 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
             write_profile(prof)
             prof = None
         t1 = time.time()
-        scale = cosine_lr(step, STAGE2_STEPS, warmup, 1.0, MIN_LR_FRAC)
+        scale = sched.scale(step)
         set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, run.accum, run.device, run.autocast)
         optimizer_step(opt, student.parameters(), GRAD_CLIP)
+        if sched.wants_time(step) and (note := sched.observe(step, synced_seconds(t_start, run.device))):
+            run.log.log(note)
         out_of_time = TIME_LIMIT_S > 0 and time_is_up(t_start, run)
-        last = step == STAGE2_STEPS - 1 or out_of_time
+        last = step == sched.total - 1 or out_of_time
         if step % LOG_EVERY == 0 or last:
-            loss_v = all_mean(loss_sum).item()
-            run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, time.time() - t1, step_tokens)
+            loss_v = all_mean(loss_sum).item()  # (syncs: the pace below is of finished steps)
+            dt, t_log, s_log = (time.time() - t_log) / (step + 1 - s_log), time.time(), step + 1
+            run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, dt, step_tokens)
                         + " | " + prog.line(step + 1),
                         {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
-                         "train_tokens": (step + 1) * step_tokens,
-                         "tok_per_s": step_tokens / (time.time() - t1)})
+                         "train_tokens": (step + 1) * step_tokens, "tok_per_s": step_tokens / dt})
         if step == start and COMPILE and run.device.type == "cuda":  # why a first step is slow (results.md)
             run.log.log(f"first step {time.time() - t1:.1f} s | " + compile_report())
-        if out_of_time:
+        if last and (out_of_time or step + 1 < STAGE2_STEPS):
             metrics["stopped_at_step"] = step + 1
-            run.log.log(f"stage 2: --time_limit_s={TIME_LIMIT_S} reached after step {step + 1} of {STAGE2_STEPS} "
+            why = "reached" if out_of_time else "planned: the LR schedule fitted to it ends"
+            run.log.log(f"stage 2: --time_limit_s={TIME_LIMIT_S} {why} after step {step + 1} of {STAGE2_STEPS} "
                         f"({(step + 1 - start) * step_tokens / 1e6:.1f}M tokens in this process); ending here",
                         {"stage": 2, "step": step, "stopped_at_step": step + 1})
         if (step + 1) % EVAL_EVERY == 0 or last:
@@ -355,7 +362,9 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
                         {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
         if (step + 1) % SAVE_EVERY == 0 or last:
             save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
-        if out_of_time:
+        if (step + 1) % EVAL_EVERY == 0 or (step + 1) % SAVE_EVERY == 0:
+            t_log, s_log = time.time(), step + 1  # (both synced) the log's pace is of training steps only
+        if last:
             break
     return metrics
 

@@ -10,7 +10,7 @@
 # With no GPU it runs a CPU-sized budget of every stage (minutes, for trying the tool, not for a
 # useful model) and says so; on a GPU the budgets fit one H200 in ~25 minutes with the data and teacher
 # already there (SmolLM2-135M: stage 1 rotation 4.2M tokens per layer, GA-S2 30 x 0.5M tokens, stage 2
-# 92M tokens at 2048 then 60M at 4096, each stage-2 part capped in wall time; see docs/results.md).
+# up to 92M tokens at 2048 then 62M at 4096, each stage-2 part capped in wall time; see docs/results.md).
 # Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,7 +22,7 @@ DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
 DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
-RESERVE_S=${RESERVE_S:-420}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench
+RESERVE_S=${RESERVE_S:-270}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench (203 measured)
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
   sed -n '2,/^set -euo/p' "$0" | grep '^#' | cut -c3-
   echo; echo "Environment settings (name=default  meaning):"
@@ -70,21 +70,21 @@ if [ "$GPUS" -eq 0 ]; then
   EVAL=(--seq_len=128 --micro_batch=2 --eval_batches=2 --recall_lengths=[256,512] --recall_samples=2 --recall_batch=2)
   BENCH=()
 else
-  # One H200 (issue 13): sized from the phases of two measured leases (docs/results.md, 2026-12-02) to
-  # ~25 min with data and teacher on the machine: prepare 0.6, stage 1 2.5 (1.9 of it the cold first
-  # layer: fla's JIT/autotune, compile, latent capture), selection ~3.5 (5.5 measured before GA-S2's
-  # candidates ran as CUDA graphs with GDN's training kernels: 30 of them 141 s on an H100 since, ~110 s
-  # estimated on the H200), stage 2 7.5 + 5.5 (+ ~1 of load, compile and evals; 210k tokens/s measured at
-  # 2048 before the kernels' 3-4%), export 0.3, eval 2, bench 1.5. DEADLINE_S cuts stage 2 if it runs late.
+  # One H200 (issue 13): sized to ~25 min with data and teacher on the machine from the phases of the
+  # whole run measured on an H100 (docs/results.md, 2026-12-06; compile caches carried): prepare 0.9,
+  # stage 1 1.4, selection 3.7 (GA-S2's 30 candidates 152 s), stage 2 8.2 + 6.2 (its caps, + ~0.6 each of
+  # load and final eval; 199k tokens/s at 2048 and 189k at 4096 on the H100), export 0.4, eval 2.1, bench
+  # 0.9. The caps bind on an H100 (~150M tokens); an H200 may finish the steps first. DEADLINE_S cuts
+  # stage 2 if it runs late, and a part that its cap or the deadline cuts fits its LR schedule to it.
   PREP=()
   S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
   SEL=(--methods=ga_s2,zero_shot,early,uniform,mse --candidate_tokens=524288 --seq_len=512
        --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
   S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=700 --eval_every=350  # 92M tokens
       --lr_mixer=3e-3)  # the lever study (docs/results.md): KL -0.03 and lower answer NLLs vs 1e-3 at 10.5M tokens
-  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=460 --eval_every=230 --lr_mixer=3e-4
-       --lr=3e-4)                                                      # 60M tokens at 4096 (recall at 4-8K), lower LR
-  S2_LIMIT=450; S2L_LIMIT=330  # wall-clock caps of the two parts (s): at ~215k / ~195k tokens/s they end first
+  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=470 --eval_every=235 --lr_mixer=3e-4
+       --lr=3e-4)                                                      # 62M tokens at 4096 (recall at 4-8K), lower LR
+  S2_LIMIT=490; S2L_LIMIT=370  # wall-clock caps of the two parts (s): at ~200k / ~190k tokens/s (H100) they end first
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
   BENCH=(--contexts=[16384] --batches=[32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
 fi
@@ -96,13 +96,13 @@ stage "3/7" "layer selection (GA-S2)"
 launch_n "$SELECT_NPROC" select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"
 # a stage-2 part's --time_limit_s: its own cap ($1, 0 = none), lowered so that DEADLINE_S is met with
-# RESERVE_S to spare, $2 more seconds kept back, and ~60 s for the part's load and final eval outside it
+# RESERVE_S to spare, $2 more seconds kept back, and ~45 s for the part's load and final eval outside it (34 measured)
 part_limit() {
   [ "$DEADLINE_S" -gt 0 ] || { echo "$1"; return; }
-  local left=$(( DEADLINE_S - ($(date +%s) - T0) - RESERVE_S - 60 - ${2:-0} ))
+  local left=$(( DEADLINE_S - ($(date +%s) - T0) - RESERVE_S - 45 - ${2:-0} ))
   if [ "$1" -gt 0 ] && [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
-L1=$(part_limit "$S2_LIMIT" $(( S2L_LIMIT > 0 ? S2L_LIMIT + 60 : 120 )))  # room for the 4096 part after it
+L1=$(part_limit "$S2_LIMIT" $(( S2L_LIMIT > 0 ? S2L_LIMIT + 45 : 120 )))  # room for the 4096 part after it
 [ "$L1" -ge 120 ] || L1=$(part_limit "$S2_LIMIT")  # too tight for both: the 2048 part takes what is left
 [ "$L1" -ge 60 ] || { echo "distill.sh: DEADLINE_S=$DEADLINE_S leaves ${L1}s for stage 2; running 60s of it" >&2; L1=60; }
 launch distill.py --stage=2 --teacher="$TEACHER" --data_dir="$DATA_DIR" --init="$RUN/stage1" \

@@ -3,6 +3,7 @@ optimizer step, and the token-batch arithmetic.
 
     opt = adamw([{"params": mixers, "lr": 1e-3}, {"params": rest, "lr": 1e-4}], 1e-3, 0.0, device)
     set_lr(opt, cosine_lr(step, max_steps, warmup_steps, 1.0, min_frac))  # every group: its peak x scale
+    sched = TimedCosine(max_steps, warmup_steps, min_frac, limit_s=450)     # a run with a wall-time limit
     norm = optimizer_step(opt, params, grad_clip)
 """
 
@@ -21,6 +22,38 @@ def cosine_lr(step: int, max_steps: int, warmup_steps: int, lr: float, min_lr: f
         return min_lr
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+class TimedCosine:
+    """cosine_lr over a run whose wall time is limited: after the first step (it compiles) and `probe`
+    more, the steps that fit in what is left of limit_s at the measured pace (times `margin`, for the
+    evals and jitter) become the schedule's length, so a run its limit stops ends annealed instead of
+    mid-decay. The caller hands observe() the elapsed seconds at the steps wants_time() names (after a
+    GPU sync, and the same on every rank). limit_s = 0: cosine_lr over max_steps, untouched."""
+
+    def __init__(self, max_steps: int, warmup: int, min_frac: float, limit_s: float = 0.0, start: int = 0,
+                 probe: int = 10, margin: float = 0.97):
+        self.total, self.max_steps, self.warmup, self.min_frac = max_steps, max_steps, warmup, min_frac
+        self.limit_s, self.margin, self.t_first = limit_s, margin, 0.0
+        self.marks = (start, start + probe) if limit_s > 0 and start + probe < max_steps - 1 else ()
+
+    def scale(self, step: int) -> float:
+        return cosine_lr(step, self.total, self.warmup, 1.0, self.min_frac)
+
+    def wants_time(self, step: int) -> bool:
+        return step in self.marks
+
+    def observe(self, step: int, elapsed: float) -> str:
+        """elapsed: seconds of the limit spent when `step` ended; -> a line for the log once it plans."""
+        if step == self.marks[0]:
+            self.t_first = elapsed
+            return ""
+        pace = (elapsed - self.t_first) / (self.marks[1] - self.marks[0])
+        fit = step + 1 + int(self.margin * (self.limit_s - elapsed) / max(pace, 1e-9))
+        self.total = max(step + 2, min(self.max_steps, fit))
+        return (f"time limit {self.limit_s:.0f} s at {pace:.3f} s/step (steps {self.marks[0] + 1}-{step}): "
+                + (f"all {self.max_steps} steps fit" if self.total == self.max_steps else
+                   f"the LR schedule ends at step {self.total} of {self.max_steps}, annealed before the limit"))
 
 
 def capped_warmup(warmup_steps: int, steps: int, frac: float = 0.1) -> int:

@@ -19,6 +19,7 @@ table of which teachers fit one GPU.
 """
 
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -269,3 +270,11 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()
     return value
+
+
+def synced_seconds(t_start: float, device: torch.device) -> float:
+    """Seconds since t_start once this rank's queued GPU work has run, averaged over ranks (every rank gets
+    the same number, so decisions taken on it agree)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return all_mean(torch.tensor(time.time() - t_start, dtype=torch.float64, device=device)).item()

@@ -306,6 +306,25 @@ def test_stage2_time_limit_ends_like_a_planned_end(tiny_setup, stage1_run, tmp_p
     assert "time_limit_s=1e-09 reached after step 1 of 15" in open(tmp_path / "log.txt").read()
 
 
+def test_stage2_time_limit_fits_the_lr_schedule(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    """A limit the run would overshoot at its measured pace shortens the LR schedule: it ends, annealed and
+    evaluated, at the planned step, before the limit (here a fake clock: 80 s per step, 1000 s allowed)."""
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=15,
+              EVAL_EVERY=100, TIME_LIMIT_S=1000)
+    asked = []
+    monkeypatch.setattr(distill, "synced_seconds", lambda t, device: asked.append(t) or (10.0, 810.0)[len(asked) - 1])
+    distill.main()
+    rows = metrics(tmp_path)
+    assert len(asked) == 2 and [m["step"] for m in rows if "loss" in m] == list(range(13))  # 11 + 0.97 * 190 / 80
+    lrs = [m["lr"] for m in rows if "loss" in m]
+    warmup = distill.capped_warmup(2, 15)  # 1 step
+    assert lrs[-1] == pytest.approx(1e-2 * distill.cosine_lr(12, 13, warmup, 1.0, 0.1)) and lrs[-1] < 0.2 * max(lrs)
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["stopped_at_step"] == 13 and summary["val_kl"] > 0
+    log = open(tmp_path / "log.txt").read()
+    assert "the LR schedule ends at step 13 of 15" in log and "planned: the LR schedule fitted to it ends after step 13" in log
+
+
 def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_run, tmp_path, monkeypatch):
     """distill.sh's long part: --init=<a stage-2 run> carries every weight over, not only the mixers, and reads on
     where that run's data stopped (--data_start=auto) instead of from the first token again."""

@@ -5,7 +5,7 @@ import contextlib
 import torch
 
 from hybrid.losses import chunked_distill_loss
-from hybrid.optim import adamw, cosine_lr, load_optimizer, optimizer_step, set_lr
+from hybrid.optim import TimedCosine, adamw, cosine_lr, load_optimizer, optimizer_step, set_lr
 from hybrid.shards import val_batches
 from hybrid.stage2 import held_out_kl, stage2_param_groups, teacher_hidden, teacher_targets
 from hybrid.surgery import build_student
@@ -50,3 +50,27 @@ def test_one_lr_convention_and_optimizer_step(tiny_setup):
     load_optimizer(fresh, state)
     set_lr(fresh, 1.0)
     assert [g["lr"] for g in fresh.param_groups] == [1e-3, 1e-4]
+
+
+def test_timed_cosine_fits_the_schedule_to_a_time_limit():
+    """A run with --time_limit_s: the pace of the 10 steps after the first (compiling) one sets the schedule's
+    length, so the steps the limit leaves room for end at the cosine's floor; without a limit, cosine_lr."""
+    plain = TimedCosine(100, 12, 0.1)
+    assert not any(plain.wants_time(s) for s in range(100))  # no limit: no timing, no GPU syncs
+    assert [plain.scale(s) for s in range(100)] == [cosine_lr(s, 100, 12, 1.0, 0.1) for s in range(100)]
+    timed = TimedCosine(100, 12, 0.1, limit_s=60)
+    assert [s for s in range(100) if timed.wants_time(s)] == [0, 10]
+    before = [timed.scale(s) for s in range(11)]
+    assert timed.observe(0, 10.0) == ""  # the first step compiled for 10 s
+    note = timed.observe(10, 20.0)  # then 1 s per step: 40 s left fit 38 more steps (x 0.97)
+    assert timed.total == 49 and "ends at step 49 of 100" in note and "1.000 s/step" in note
+    assert before == [timed.scale(s) for s in range(11)]  # inside the warm-up: the LR so far is unchanged
+    assert timed.scale(48) < 0.102 and timed.scale(30) > 0.5  # annealed by its last step, not before
+    roomy = TimedCosine(100, 12, 0.1, limit_s=1e4, start=40)  # a resumed run times its own steps
+    assert [s for s in range(100) if roomy.wants_time(s)] == [40, 50]
+    roomy.observe(40, 5.0)
+    assert "all 100 steps fit" in roomy.observe(50, 15.0) and roomy.total == 100
+    late = TimedCosine(100, 12, 0.1, limit_s=60)
+    late.observe(0, 10.0)
+    late.observe(10, 80.0)  # already past the limit: the schedule still ends after the next step
+    assert late.total == 12 and not TimedCosine(10, 2, 0.1, limit_s=60).marks  # too short a run to time
