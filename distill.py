@@ -23,7 +23,7 @@ log.txt, metrics.jsonl, summary.json, ckpt/step_*.pt, ckpt/final.pt} (a rotation
 k-th trained layer's parameters; README says what a run needs on disk). Re-running the same command
 continues the run (RESUME=auto); a run dir holding another run's checkpoints is refused, not mixed with.
 Log line: step 00120/02000 | layer 3/30 | loss 0.012345 | lr 1.0e-03 | dt 812ms | tok/s 1.23M | mem 41.2GB
-(stage 2's dt: the wall time per training step since the previous line, which waited for the GPU)
+(dt: wall time per step since the previous line, which waited for the GPU; evals and saves not counted)
 """
 
 import ast
@@ -37,7 +37,7 @@ import torch
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
 from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
                                module_state, resume_point, save_checkpoint, save_partial)
-from hybrid.common import (Progress, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens,
+from hybrid.common import (Pace, Progress, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens,
                            init_dist, interrupt_message, is_master, print0, rng_state, run_script, seed_all,
                            set_rng_state, val_label)
 from hybrid.config import check_choice, config_dict
@@ -219,9 +219,8 @@ def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ck
         params = layer_params(student, i)
         broadcast_parameters(params)
         opt = adamw([{"params": params}], LR, WEIGHT_DECAY, run.device)
-        t_layer = time.time()
+        t_layer, pace = time.time(), Pace()
         for step in range(STEPS_PER_LAYER):
-            t1 = time.time()
             scale = cosine_lr(step, STEPS_PER_LAYER, warmup, 1.0, MIN_LR_FRAC)
             set_lr(opt, scale)
             loss_sum = torch.zeros((), device=run.device)
@@ -237,7 +236,7 @@ def stage1_rotation(run: Run, teacher, student, spec: list[str], loader, val, ck
             optimizer_step(opt, params, GRAD_CLIP)
             if step % LOG_EVERY == 0 or step == STEPS_PER_LAYER - 1:
                 loss_v = all_mean(loss_sum).item()
-                run.log.log(log_line(step, STEPS_PER_LAYER, loss_v, LR * scale, time.time() - t1, step_tokens,
+                run.log.log(log_line(step, STEPS_PER_LAYER, loss_v, LR * scale, pace.lap(step + 1), step_tokens,
                                      f" | layer {i}/{len(spec)}") + " | " + prog.line(n * STEPS_PER_LAYER + step + 1),
                             {"stage": 1, "layer": i, "step": step, "loss": loss_v, "lr": LR * scale})
         with torch.no_grad(), run.autocast:
@@ -280,8 +279,8 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
         with run.autocast:
             return sum(layer_mse(call(student.model.layers[i], caps[i][0], pe, pos), caps[i][1]) for i in layers) / len(layers)
 
+    pace = Pace(start)
     for step in range(start, STAGE1_STEPS):
-        t1 = time.time()
         scale = cosine_lr(step, STAGE1_STEPS, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
         loss_sum = torch.zeros((), device=run.device)
@@ -293,11 +292,12 @@ def stage1_all(run: Run, teacher, student, spec: list[str], loader, val, ckpt) -
         optimizer_step(opt, params, GRAD_CLIP)
         if step % LOG_EVERY == 0 or step == STAGE1_STEPS - 1:
             loss_v = all_mean(loss_sum).item()
-            run.log.log(log_line(step, STAGE1_STEPS, loss_v, LR * scale, time.time() - t1, step_tokens, " | all layers")
+            run.log.log(log_line(step, STAGE1_STEPS, loss_v, LR * scale, pace.lap(step + 1), step_tokens, " | all layers")
                         + " | " + prog.line(step + 1),
                         {"stage": 1, "step": step, "loss": loss_v, "lr": LR * scale})
         if (step + 1) % SAVE_EVERY == 0 or step == STAGE1_STEPS - 1:
             save(run, student, opt, {"loader": loader.state_dict()}, step=step + 1)
+            pace.reset(step + 1)
     with torch.no_grad():
         vloss = all_mean(sum(mean_loss(x) for x, _ in val) / len(val)).item()
     run.log.log(f"stage 1 all layers | val mse {vloss:.6f} (mean over layers)", {"stage": 1, "val_mse": vloss})
@@ -318,8 +318,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
     step_tokens = MICRO_BATCH * SEQ_LEN * run.accum * run.world_size
     sched = TimedCosine(STAGE2_STEPS, capped_warmup(WARMUP_STEPS, STAGE2_STEPS), MIN_LR_FRAC, TIME_LIMIT_S, start)
     prog = Progress(STAGE2_STEPS, "stage 2", start=start)
-    prof, t_start = None, time.time()
-    t_log, s_log = t_start, start  # a log line's pace: wall time over the training steps since the last line
+    prof, t_start, pace = None, time.time(), Pace(start)
     for step in range(start, STAGE2_STEPS):
         if PROFILE and step == start + 3:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
@@ -329,7 +328,6 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
             prof.__exit__(None, None, None)
             write_profile(prof)
             prof = None
-        t1 = time.time()
         scale = sched.scale(step)
         set_lr(opt, scale)
         loss_sum = accumulate_kl(model, teacher, loader, run.accum, run.device, run.autocast)
@@ -339,14 +337,13 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         out_of_time = TIME_LIMIT_S > 0 and time_is_up(t_start, run)
         last = step == sched.total - 1 or out_of_time
         if step % LOG_EVERY == 0 or last:
-            loss_v = all_mean(loss_sum).item()  # (syncs: the pace below is of finished steps)
-            dt, t_log, s_log = (time.time() - t_log) / (step + 1 - s_log), time.time(), step + 1
+            loss_v, dt = all_mean(loss_sum).item(), pace.lap(step + 1)  # (.item() synced)
             run.log.log(log_line(step, STAGE2_STEPS, loss_v, LR_MIXER * scale, dt, step_tokens)
                         + " | " + prog.line(step + 1),
                         {"stage": 2, "step": step, "loss": loss_v, "lr": LR_MIXER * scale,
                          "train_tokens": (step + 1) * step_tokens, "tok_per_s": step_tokens / dt})
         if step == start and COMPILE and run.device.type == "cuda":  # why a first step is slow (results.md)
-            run.log.log(f"first step {time.time() - t1:.1f} s | " + compile_report())
+            run.log.log(f"first step {time.time() - t_start:.1f} s | " + compile_report())
         if last and (out_of_time or step + 1 < STAGE2_STEPS):
             metrics["stopped_at_step"] = step + 1
             why = "reached" if out_of_time else "planned: the LR schedule fitted to it ends"
@@ -363,7 +360,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         if (step + 1) % SAVE_EVERY == 0 or last:
             save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
         if (step + 1) % EVAL_EVERY == 0 or (step + 1) % SAVE_EVERY == 0:
-            t_log, s_log = time.time(), step + 1  # (both synced) the log's pace is of training steps only
+            pace.reset(step + 1)  # (both synced) the log's pace is of training steps only
         if last:
             break
     return metrics

@@ -170,6 +170,25 @@ def val_label(batches: list, world_size: int = 1) -> str:
     return f"val {n}x{B}x{T} = {format_tokens(n * B * T * world_size)} tok from the start of the val shards{ranks}"
 
 
+class Pace:
+    """Wall time per step over the steps since the last lap. Lap where the host has waited for the GPU (a
+    log line's .item()): then a log's tokens/s is of finished steps, not of one step that also waited for
+    the ones queued before it (184k vs 199k tokens/s of wall in a stage-2 run, 2026-12-06). reset() after
+    work that is not a step (an eval, a checkpoint)."""
+
+    def __init__(self, step: int = 0):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.t, self.step = time.time(), step
+
+    def lap(self, step: int) -> float:
+        """step: the steps done so far -> seconds per step since the last lap or reset."""
+        dt = (time.time() - self.t) / max(1, step - self.step)
+        self.reset(step)
+        return dt
+
+
 _current_progress: list = []  # the newest Progress: where an interrupted run says it stopped
 
 

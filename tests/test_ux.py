@@ -48,6 +48,13 @@ def test_format_duration_and_progress(monkeypatch):
     assert prog.line(80) == "40% | ETA 2m00s"  # 30 steps in 30 s, 120 left
     assert prog.where() == "stage 2 (80 of 200 steps done at the last log line)"
     assert common.Progress(10, "x").line(0) == "0% | ETA ?"
+    pace = common.Pace(50)  # a log line's dt: per step since the last line, an eval between not counted
+    now[0] += 20.0
+    assert pace.lap(60) == 2.0
+    now[0] += 9.0
+    pace.reset(60)  # an eval took 9 s
+    now[0] += 10.0
+    assert pace.lap(70) == 1.0 and pace.lap(70) == 0.0
 
 
 def test_interrupt_message_names_progress_and_newest_checkpoint(tmp_path):
