@@ -44,7 +44,7 @@ import time
 import torch
 
 from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
-from hybrid.common import (RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
+from hybrid.common import (Pace, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
 from hybrid.fastpath import compile_layers
@@ -128,19 +128,19 @@ def train_spec(ctx, spec: list[str], steps: int, schedule_steps: int, eval_at: l
     train_step, stats = candidate_calls(model, student, teacher, opt, GRAD_CLIP, device, ctx["autocast"], KL_CHUNK_TOKENS,
                                         enabled=on)
     warmup = min(WARMUP_STEPS, schedule_steps // 4)
-    evals, losses = [], []
+    evals, losses, pace = [], [], Pace()
     for step in range(steps):
-        t1 = time.time()
         scale = cosine_lr(step, schedule_steps, warmup, 1.0, MIN_LR_FRAC)
         set_lr(opt, scale)
         # every candidate trains on the same batches: the teacher's states come from the shared cache
         loss_sum = train_step(*[t for i in range(accum) for t in ctx["targets"][step * accum + i]])
         if step % LOG_EVERY == 0 or step == steps - 1:
             losses.append((step, loss_sum.item()))
-            print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, time.time() - t1,
+            print(log_line(label, step, steps, losses[-1][1], LR_MIXER * scale, pace.lap(step + 1),
                            TOTAL_BATCH_TOKENS), flush=True)
         if step + 1 in eval_at:
             evals.append({"step": step + 1, "train_tokens": (step + 1) * TOTAL_BATCH_TOKENS, **score(ctx, student, stats)})
+            pace.reset(step + 1)
     return {"spec": spec, "steps": steps, "schedule_steps": schedule_steps, "train_tokens": steps * TOTAL_BATCH_TOKENS,
             "eval_tokens": len(evals) * ctx["eval_tokens"], "losses": losses, "evals": evals}
 
