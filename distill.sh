@@ -21,6 +21,7 @@ DATA=${DATA:-debian}            # debian (offline documentation corpus) | finewe
 DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
+SOFTMAX=${SOFTMAX:-0.25}        # share of layers kept softmax, GA-S2 choosing which (0.4: 12 of 30, the lever study's best)
 DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
 RESERVE_S=${RESERVE_S:-270}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench (203 measured)
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
@@ -93,6 +94,7 @@ $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${P
 stage "2/7" "stage 1, attention alignment"
 launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
 stage "3/7" "layer selection (GA-S2)"
+[ "$SOFTMAX" = 0.25 ] || SEL+=(--fraction="$SOFTMAX")  # (select_layers.py's default; its CPU smoke keeps its own 2 of 4)
 launch_n "$SELECT_NPROC" select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"
 # a stage-2 part's --time_limit_s: its own cap ($1, 0 = none), lowered so that DEADLINE_S is met with

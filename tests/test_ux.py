@@ -223,6 +223,11 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
         return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
     assert tokens(s2) + tokens(s2_long) >= 150e6 and tokens(s2_long) >= 50e6  # issue 13; much of it at 4096, for recall
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
+    assert "--fraction" not in calls[2]  # select_layers.py's own 25%
+    log.unlink()
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SOFTMAX": "0.4"})
+    assert out.returncode == 0 and "--fraction=0.4" in log.read_text().splitlines()[2]  # 12 of 30 softmax
 
 
 def test_distill_sh_deadline_cuts_stage2_to_fit(tmp_path):
