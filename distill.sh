@@ -32,7 +32,9 @@ if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
   echo "  SELECT_NPROC=<NPROC>  processes of the layer selection (more than GPUs: they share them)"
   exit 0
 fi
-GPUS=$($PY -c "import torch; print(torch.cuda.device_count())")
+# GPUs, and the first one's memory in GiB (0 without one)
+read -r GPUS GPU_GIB <<< "$($PY -c "import torch; print(torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")"
+GPU_GIB=${GPU_GIB:-0}
 NPROC=${NPROC:-$(( GPUS > 0 ? GPUS : 1 ))}
 # one process runs the script itself; N go through torchrun, whose own traceback on Ctrl-C is caught
 # (the scripts print one line saying where they stopped)
@@ -81,9 +83,13 @@ else
   S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
   SEL=(--methods=ga_s2,zero_shot,early,uniform,mse --candidate_tokens=524288 --seq_len=512
        --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
-  S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps=700 --eval_every=350  # 92M tokens
+  # stage 2's micro-batch: 65,536 tokens (49 GB at T=2048 for the 25% hybrid), or 131,072 on a GPU of >= 120 GiB (an
+  # H200: 95-112 GB; +4% tokens/s for the 25% hybrid and +13% all-GDN at T=2048, bench_train.py); the same val tokens
+  MB=(--micro_batch=32 --eval_batches=8); MBL=(--micro_batch=16 --eval_batches=8)
+  [ "$GPU_GIB" -lt 120 ] || { MB=(--micro_batch=64 --eval_batches=4); MBL=(--micro_batch=32 --eval_batches=4); }
+  S2=(--seq_len=2048 "${MB[@]}" --total_batch_tokens=131072 --stage2_steps=700 --eval_every=350  # 92M tokens
       --lr_mixer=3e-3)  # the lever study (docs/results.md): KL -0.03 and lower answer NLLs vs 1e-3 at 10.5M tokens
-  S2L=(--seq_len=4096 --micro_batch=16 --total_batch_tokens=131072 --stage2_steps=470 --eval_every=235 --lr_mixer=3e-4
+  S2L=(--seq_len=4096 "${MBL[@]}" --total_batch_tokens=131072 --stage2_steps=470 --eval_every=235 --lr_mixer=3e-4
        --lr=3e-4)                                                      # 62M tokens at 4096 (recall at 4-8K), lower LR
   S2_LIMIT=490; S2L_LIMIT=370  # wall-clock caps of the two parts (s): at ~200k / ~190k tokens/s (H100) they end first
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
