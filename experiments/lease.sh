@@ -17,7 +17,10 @@
 #           then cuts stage 2 to end in time, skipping the 4096 part if it must)
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
 #   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz.part* in .device/cache/ here;
-#                a poll that sees the run ended packs them too)
+#                a poll that sees the run ended packs them too; when it says inductor's cache was left out, one more
+#                call, pack_cache inductor, and its parts go to .device/cache_inductor/ here: the next lease carries
+#                that folder in a cache call of its own, [.device/wheels, .device/cache_inductor], the two too large
+#                for one call's 64 MiB)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
@@ -40,27 +43,31 @@ pack() {  # small results only, into $OUT
   [ -d $P/runs ] || return 0
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.safetensors' --exclude='*.bin' -C $P runs run.out 2>/dev/null || true
 }
-restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), when this call carried them (once a machine:
-  # a warm machine keeps an earlier call's carried .device/cache, and unpacking it again would take a call's seconds)
-  [ -f /tmp/cache_restored ] && return 0
-  ls .device/cache/*.part* > /dev/null 2>&1 && touch /tmp/cache_restored
-  for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz; do
-    if ls $f.part* > /dev/null 2>&1; then cat $f.part* | tar xzf - -C / && echo "restored $f"; fi
+restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), those this call carried, each once a machine
+  # (a warm machine keeps an earlier call's carried files, and unpacking them again would take a call's seconds)
+  for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz .device/cache_inductor/inductor_cache.tgz; do
+    local mark=/tmp/restored_$(basename $f)
+    if [ ! -f $mark ] && ls $f.part* > /dev/null 2>&1; then cat $f.part* | tar xzf - -C / && touch $mark && echo "restored $f"; fi
   done
 }
 pack_cache() {  # Triton's kernels + autotune results and inductor's compiled graphs, for the next lease to carry
   # (a fresh machine spends ~4 min of a lease on them: 155 s in stage 1's first layer, ~35 s per process).
   # A call brings back at most 8 files of <= 16 MiB, 64 MiB in all: each archive in 15 MB parts, the
-  # inductor cache only when both fit beside the results
+  # inductor cache only when both fit beside the results ($1 = inductor: it alone)
   # Triton loads a cached kernel from its json + cubin (+ launcher .so); its IR files (llir, ttir, ttgir, ptx, source:
   # ~80% of either cache) stay behind: 51 -> 17 MB (Triton's) and 34 -> 20 MB (inductor's) on 2026-12-06
   local ir=(--exclude='*.llir' --exclude='*.ttir' --exclude='*.ttgir' --exclude='*.ptx' --exclude='*.source')
   tar czf /tmp/triton_cache.tgz "${ir[@]}" -C / root/.triton/cache 2>/dev/null || true
   tar czf /tmp/inductor_cache.tgz "${ir[@]}" -C / tmp/torchinductor_root 2>/dev/null || true
   local t=$(stat -c %s /tmp/triton_cache.tgz 2>/dev/null || echo 0) i=$(stat -c %s /tmp/inductor_cache.tgz 2>/dev/null || echo 0)
+  [ "${1:-both}" != inductor ] || t=0  # this call: inductor's alone
   if [ "$t" -gt 0 ] && [ "$t" -lt 60000000 ]; then split -b 15000000 -d -a 1 /tmp/triton_cache.tgz "$OUT/triton_cache.tgz.part"; else t=0; fi
   if [ "$i" -gt 0 ] && [ $(( t + i )) -lt 60000000 ] && [ $(( (t + 14999999) / 15000000 + (i + 14999999) / 15000000 )) -le 7 ]; then
     split -b 15000000 -d -a 1 /tmp/inductor_cache.tgz "$OUT/inductor_cache.tgz.part"
+  elif [ "$i" -gt 0 ] && [ "${1:-both}" = inductor ]; then
+    echo "inductor's cache ($(( i / 1000000 )) MB) left out: more than a call brings back"
+  elif [ "$i" -gt 0 ]; then  # (2026-12-06: Triton's 24 MB + inductor's more than 36)
+    echo "inductor's cache ($(( i / 1000000 )) MB) left out: bring it back in a call of its own, bash experiments/lease.sh pack_cache inductor"
   fi
   ls -la "$OUT"
 }
@@ -138,8 +145,8 @@ poll)  # once the run has ended, its compile caches come back too (pack_cache)
   wait_done "${2:-560}"; pack
   if [ -f $P/DONE ]; then pack_cache; fi
   ;;
-pack_cache)
-  pack_cache
+pack_cache)  # [inductor]: only inductor's cache (when it did not fit beside Triton's)
+  pack_cache "${2:-both}"
   ;;
 bench_compile)  # issue 12's levers: compile off/on, packed projections off/on; each run: fused GDN decode and mix()
   fla
