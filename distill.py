@@ -334,6 +334,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         optimizer_step(opt, student.parameters(), GRAD_CLIP)
         if sched.wants_time(step) and (note := sched.observe(step, synced_seconds(t_start, run.device))):
             run.log.log(note)
+            prog.total = sched.total  # (the ETA's)
         out_of_time = TIME_LIMIT_S > 0 and time_is_up(t_start, run)
         last = step == sched.total - 1 or out_of_time
         if step % LOG_EVERY == 0 or last:

@@ -1,11 +1,13 @@
 """The one held-out KL: its KL equals the training loss's KL; precomputed teacher states change nothing."""
 
 import contextlib
+import time
 
 import torch
 
 from hybrid.losses import chunked_distill_loss
 from hybrid.optim import TimedCosine, adamw, cosine_lr, load_optimizer, optimizer_step, set_lr
+from hybrid.parallel import synced_seconds
 from hybrid.shards import val_batches
 from hybrid.stage2 import held_out_kl, stage2_param_groups, teacher_hidden, teacher_targets
 from hybrid.surgery import build_student
@@ -74,3 +76,4 @@ def test_timed_cosine_fits_the_schedule_to_a_time_limit():
     late.observe(0, 10.0)
     late.observe(10, 80.0)  # already past the limit: the schedule still ends after the next step
     assert late.total == 12 and not TimedCosine(10, 2, 0.1, limit_s=60).marks  # too short a run to time
+    assert 5.0 <= synced_seconds(time.time() - 5.0, torch.device("cpu")) < 6.0  # what distill.py hands observe()
