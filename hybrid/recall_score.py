@@ -89,7 +89,8 @@ class Engines:
     """Greedy generation through the static engine (hybrid/model/engine.py: fixed-size caches, a CUDA
     graph per decode step on GPU) instead of model.generate(); one engine is kept and reused while the
     batch size matches and its slots fit the request without exceeding it by more than 2x (decode
-    attends over every slot)."""
+    attends over every slot). A new one gets a quarter more slots than its first request needs, so the
+    other tasks at that prompt length (longer prompts or answers by a few percent) reuse it."""
 
     def __init__(self):
         self.engine, self.failed = None, False
@@ -108,7 +109,7 @@ class Engines:
         e = self.engine
         if e is None or e.batch != ids.shape[0] or not need <= e.max_len <= 2 * need + 64:
             self.engine = None  # free the old buffers first
-            self.engine = e = StaticEngine(model, ids.shape[0], need)
+            self.engine = e = StaticEngine(model, ids.shape[0], need + need // 4)
         return e.generate(ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
 
 
@@ -163,7 +164,9 @@ def run_recall(model, tokenizer, tasks_jsonl, device="cpu", batch_size: int = 1,
     was_training = model.training
     model.eval()
     samples, engines = [], Engines() if engine else None
-    for (task, length), group in groups.items():
+    # every task at one length, then the next length: one engine per length instead of one per task and length
+    # (each new engine allocates its caches and captures its decode step again)
+    for (task, length), group in sorted(groups.items(), key=lambda item: item[0][1]):
         scores = []
         for i in range(0, len(group), batch_size):
             batch = group[i:i + batch_size]

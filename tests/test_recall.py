@@ -284,6 +284,30 @@ def test_recall_through_the_engine_equals_generate(tokenizer, suite, monkeypatch
         assert len({s["output"] for s in slow["samples"]}) > 1  # not one constant string
 
 
+def test_recall_builds_one_engine_per_length(tokenizer, haystack, monkeypatch):
+    """Every task at one prompt length decodes through one engine (the suite lists its tasks first, lengths
+    second: that order built one per task and length once lengths were more than 2x apart), with the outputs
+    of generate()."""
+    from hybrid.model import engine as engine_mod
+    from hybrid.model.modeling_hybrid import HybridConfig, HybridForCausalLM
+    built = []
+    real = engine_mod.StaticEngine
+    monkeypatch.setattr(engine_mod, "StaticEngine", lambda *a, **kw: built.append(a[1:3]) or real(*a, **kw))
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(HybridConfig.from_teacher(config, ["gdn", "softmax"], {})).double().eval()
+    suite = build_suite(tokenizer, haystack, lengths=(128, 768), n_samples=1, seed=1,
+                        tasks=("passkey", "niah_single", "niah_uuid"))
+    assert [r["length"] for r in suite] == [128, 768] * 3  # tasks first, lengths second
+    fast = run_recall(model, tokenizer, suite, batch_size=2, engine=True)
+    assert len(built) == 2 and built[0][1] < 300 < 800 < built[1][1]  # 128's, then 768's (6 in the suite's order)
+    slow = run_recall(model, tokenizer, suite, batch_size=2)
+    assert [s["output"] for s in fast["samples"]] == [s["output"] for s in slow["samples"]]
+    assert [s["length"] for s in fast["samples"]] == [128] * 3 + [768] * 3
+
+
 def test_lengths_keep_room_for_the_answer_inside_max_context(tokenizer, haystack):
     from hybrid.recall_tasks import room_needed
     room = room_needed(512, TASKS)
