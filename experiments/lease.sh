@@ -18,9 +18,9 @@
 #   calls 4..:   carry [.device/wheels]:           bash experiments/lease.sh poll 560
 #   at the end:  bash experiments/lease.sh pack_cache   (save its *_cache.tgz.part* in .device/cache/ here;
 #                a poll that sees the run ended packs them too; when it says inductor's cache was left out, one more
-#                call, pack_cache inductor, and its parts go to .device/cache_inductor/ here: the next lease carries
-#                that folder in a cache call of its own, [.device/wheels, .device/cache_inductor], the two too large
-#                for one call's 64 MiB)
+#                call, pack_cache inductor, and its parts go to .device/cache_inductor/ here (the older inductor parts
+#                in .device/cache/ deleted): the next lease carries that folder in a cache call of its own,
+#                [.device/wheels, .device/cache_inductor], the two too large for one call's 64 MiB)
 #   with minutes left: bash experiments/lease.sh gpu_tests | bench_compile
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
@@ -46,7 +46,7 @@ pack() {  # small results only, into $OUT
 restore_cache() {  # an earlier lease's compile caches (pack_cache's parts), those this call carried, each once a machine
   # (a warm machine keeps an earlier call's carried files, and unpacking them again would take a call's seconds)
   for f in .device/cache/triton_cache.tgz .device/cache/inductor_cache.tgz .device/cache_inductor/inductor_cache.tgz; do
-    local mark=/tmp/restored_$(basename $f)
+    local mark=/tmp/restored_$(echo $f | tr / _)
     if [ ! -f $mark ] && ls $f.part* > /dev/null 2>&1; then cat $f.part* | tar xzf - -C / && touch $mark && echo "restored $f"; fi
   done
 }
