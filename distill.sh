@@ -79,18 +79,22 @@ else
   # load and final eval; 199k tokens/s at 2048 and 189k at 4096 on the H100), export 0.4, eval 2.1, bench
   # 0.9. The caps bind on an H100 (~150M tokens); an H200 may finish the steps first. DEADLINE_S cuts
   # stage 2 if it runs late, and a part that its cap or the deadline cuts fits its LR schedule to it.
+  # Rows per micro-step from the GPU's memory: stage 2 peaks at 49 GB per 65,536-token micro-batch (the 25% hybrid,
+  # H100, T=2048 and 4096); twice that on a GPU of >= 120 GiB (an H200: 95-112 GB, +4% tokens/s for the 25% hybrid and
+  # +13% all-GDN at T=2048, bench_train.py); halved per halving of memory below 60 GiB (scaled from the 49 GB, not run:
+  # a 24 GB card gets 16,384 tokens). Accumulation keeps every step's tokens, --eval_batches the same val tokens.
+  R=32  # stage-2 rows of 2048 tokens per micro-step
+  if [ "$GPU_GIB" -ge 120 ]; then R=64; elif [ "$GPU_GIB" -eq 0 ]; then R=32  # (memory unknown)
+  elif [ "$GPU_GIB" -lt 30 ]; then R=8; elif [ "$GPU_GIB" -lt 60 ]; then R=16; fi
+  R512=$(( R >= 32 ? 64 : 2 * R ))  # stage 1's and the selection's rows of 512
   PREP=()
-  S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer=64)      # rotation: 4.2M tokens per layer
+  S1=(--seq_len=512 --micro_batch=$R512 --total_batch_tokens=65536 --steps_per_layer=64)  # rotation: 4.2M tokens per layer
   SEL=(--methods=ga_s2,zero_shot,early,uniform,mse --candidate_tokens=524288 --seq_len=512
-       --micro_batch=64)                                              # 30 candidates x 0.5M tokens (16 steps of 32k)
-  # stage 2's micro-batch: 65,536 tokens (49 GB at T=2048 for the 25% hybrid), or 131,072 on a GPU of >= 120 GiB (an
-  # H200: 95-112 GB; +4% tokens/s for the 25% hybrid and +13% all-GDN at T=2048, bench_train.py); the same val tokens
-  MB=(--micro_batch=32 --eval_batches=8); MBL=(--micro_batch=16 --eval_batches=8)
-  [ "$GPU_GIB" -lt 120 ] || { MB=(--micro_batch=64 --eval_batches=4); MBL=(--micro_batch=32 --eval_batches=4); }
-  S2=(--seq_len=2048 "${MB[@]}" --total_batch_tokens=131072 --stage2_steps=700 --eval_every=350  # 92M tokens
-      --lr_mixer=3e-3)  # the lever study (docs/results.md): KL -0.03 and lower answer NLLs vs 1e-3 at 10.5M tokens
-  S2L=(--seq_len=4096 "${MBL[@]}" --total_batch_tokens=131072 --stage2_steps=470 --eval_every=235 --lr_mixer=3e-4
-       --lr=3e-4)                                                      # 62M tokens at 4096 (recall at 4-8K), lower LR
+       --micro_batch=$R512)                                           # 30 candidates x 0.5M tokens (16 steps of 32k)
+  S2=(--seq_len=2048 --micro_batch=$R --eval_batches=$(( 256 / R )) --total_batch_tokens=131072 --stage2_steps=700
+      --eval_every=350 --lr_mixer=3e-3)  # 92M tokens; LR_MIXER: the lever study (docs/results.md), KL -0.03 vs 1e-3
+  S2L=(--seq_len=4096 --micro_batch=$(( R / 2 )) --eval_batches=$(( 256 / R )) --total_batch_tokens=131072
+       --stage2_steps=470 --eval_every=235 --lr_mixer=3e-4 --lr=3e-4)  # 62M tokens at 4096 (recall at 4-8K), lower LR
   S2_LIMIT=490; S2L_LIMIT=370  # wall-clock caps of the two parts (s): at ~200k / ~190k tokens/s (H100) they end first
   EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples=10 --recall_batch=16)
   BENCH=(--contexts=[16384] --batches=[32] --repeats=2 --eager=False)  # the full table: bench.py --random=True
