@@ -41,13 +41,13 @@ from hybrid.common import (Pace, Progress, RunLogger, autocast_dtype, barrier, c
                            init_dist, interrupt_message, is_master, print0, rng_state, run_script, seed_all,
                            set_rng_state, val_label)
 from hybrid.config import check_choice, config_dict
-from hybrid.fastpath import compile_layers, compile_report
+from hybrid.fastpath import compile_layers, compile_report, write_profile
 from hybrid.losses import layer_mse
 from hybrid.model.spec import check_options
 from hybrid.optim import (TimedCosine, adamw, capped_warmup, cosine_lr, grad_accum_steps, load_optimizer, optimizer_step,
                           set_lr)
 from hybrid.parallel import (all_mean, average_gradients, broadcast_parameters, describe, full_state, gathered,
-                             local_optimizer_state, shard_teacher, synced_seconds, wrap)
+                             local_optimizer_state, past_limit, shard_teacher, synced_seconds, wrap)
 from hybrid.plots import plot_run
 from hybrid.repeats import RepeatSpans
 from hybrid.shards import ShardLoader, check_tokenizer, val_batches
@@ -326,7 +326,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
             prof.__enter__()
         if prof is not None and step == start + 8:
             prof.__exit__(None, None, None)
-            write_profile(prof)
+            write_profile(prof, RUN_DIR)
             prof = None
         scale = sched.scale(step)
         set_lr(opt, scale)
@@ -335,7 +335,7 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         if sched.wants_time(step) and (note := sched.observe(step, synced_seconds(t_start, run.device))):
             run.log.log(note)
             prog.total = sched.total  # (the ETA's)
-        out_of_time = TIME_LIMIT_S > 0 and time_is_up(t_start, run)
+        out_of_time = TIME_LIMIT_S > 0 and past_limit(t_start, TIME_LIMIT_S, run.device)
         last = step == sched.total - 1 or out_of_time
         if step % LOG_EVERY == 0 or last:
             loss_v, dt = all_mean(loss_sum).item(), pace.lap(step + 1)  # (.item() synced)
@@ -365,24 +365,6 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
         if last:
             break
     return metrics
-
-
-def time_is_up(t_start: float, run: Run) -> bool:
-    """Whether TIME_LIMIT_S has passed on any rank (every rank gets the same answer, so all stop together)."""
-    up = float(time.time() - t_start > TIME_LIMIT_S)
-    if run.world_size > 1:
-        up = all_mean(torch.tensor(up, device=run.device)).item()
-    return up > 0
-
-
-def write_profile(prof) -> None:
-    """The top ops of the profiled steps, by device time (GPU) or CPU time, to stdout and RUN_DIR/profile.txt."""
-    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30)
-    print0(table)
-    if is_master():
-        with open(os.path.join(RUN_DIR, "profile.txt"), "w") as f:
-            f.write(table)
 
 
 def save(run: Run, student, opt, extra: dict, step: int) -> None:

@@ -9,12 +9,16 @@ or off) and reuses it for the others: seconds instead of the ~160 s of a whole-m
 which traces all 30 layers and breaks its graph at every fla kernel. Inside a layer, inductor
 fuses the elementwise work around the kernels (conv, SiLU, L2 norm, GQA expansion, fp32 gates,
 gated RMSNorm, residuals, the MLP's SiLU-mul); the fla kernels themselves run eagerly between
-the fused graphs (mixers.py marks them `torch.compiler.disable`).
+the fused graphs (mixers.py marks them `torch.compiler.disable`). write_profile: where a profiled
+step's time went (distill.py --profile=True).
 """
+
+import os
 
 import torch
 from torch import nn
 
+from .common import is_master, print0
 from .surgery import decoder_layers
 
 
@@ -45,3 +49,13 @@ def compile_report() -> str:
     return (f"compile: {n('stats', 'unique_graphs')} graphs | FX graph cache {n('inductor', 'fxgraph_cache_hit')} hit, "
             f"{n('inductor', 'fxgraph_cache_miss')} miss | AOT autograd cache {n('aot_autograd', 'autograd_cache_hit')} "
             f"hit, {n('aot_autograd', 'autograd_cache_miss')} miss")
+
+
+def write_profile(prof, run_dir: str) -> None:
+    """A torch.profiler run's top ops, by device time (GPU) or CPU time, to stdout and run_dir/profile.txt."""
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    print0(table)
+    if is_master():
+        with open(os.path.join(run_dir, "profile.txt"), "w") as f:
+            f.write(table)

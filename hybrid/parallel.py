@@ -278,3 +278,12 @@ def synced_seconds(t_start: float, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return all_mean(torch.tensor(time.time() - t_start, dtype=torch.float64, device=device)).item()
+
+
+def past_limit(t_start: float, limit_s: float, device: torch.device) -> bool:
+    """Whether limit_s seconds have passed since t_start on any rank (every rank gets the same answer, so all
+    stop together; with several ranks this syncs)."""
+    up = float(time.time() - t_start > limit_s)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        up = all_mean(torch.tensor(up, device=device)).item()
+    return up > 0

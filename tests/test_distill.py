@@ -325,6 +325,15 @@ def test_stage2_time_limit_fits_the_lr_schedule(tiny_setup, stage1_run, tmp_path
     assert "the LR schedule ends at step 13 of 15" in log and "planned: the LR schedule fitted to it ends after step 13" in log
 
 
+def test_stage2_profile_writes_its_table(tiny_setup, stage1_run, tmp_path, monkeypatch):
+    """--profile=True: steps 3-7 under torch.profiler, the top ops by time in RUN_DIR/profile.txt."""
+    configure(monkeypatch, tiny_setup, tmp_path, STAGE=2, INIT=stage1_run, SPEC="gdn;softmax=1", STAGE2_STEPS=10,
+              EVAL_EVERY=100, PROFILE=True)
+    distill.main()
+    table = open(tmp_path / "profile.txt").read()
+    assert "Self CPU" in table and "aten::" in table
+
+
 def test_stage2_continues_from_a_stage2_run_on_longer_rows(tiny_setup, stage1_run, tmp_path, monkeypatch):
     """distill.sh's long part: --init=<a stage-2 run> carries every weight over, not only the mixers, and reads on
     where that run's data stopped (--data_start=auto) instead of from the first token again."""
