@@ -358,10 +358,10 @@ def stage2(run: Run, teacher, student, loader, val, ckpt) -> dict:
             run.log.log(f"step {step:05d} | val kl {metrics['val_kl']:.4f} | ppl {metrics['val_ppl']:.2f} "
                         f"(teacher {metrics['teacher_ppl']:.2f}) | {val_label(val, run.world_size)}",
                         {"stage": 2, "step": step, "train_tokens": (step + 1) * step_tokens, **metrics})
+            pace.reset(step + 1)  # (synced) the log's pace is of training steps only
         if (step + 1) % SAVE_EVERY == 0 or last:
             save(run, student, opt, {"loader": loader.state_dict(), "val_metrics": metrics}, step=step + 1)
-        if (step + 1) % EVAL_EVERY == 0 or (step + 1) % SAVE_EVERY == 0:
-            pace.reset(step + 1)  # (both synced) the log's pace is of training steps only
+            pace.reset(step + 1)
         if last:
             break
     return metrics
