@@ -433,7 +433,9 @@ def main() -> dict:
         print0(f"seeded layers {seeded} from {INIT}")
     if STAGE == 2 and ckpt is None and (skip := data_start(source, source_art)):
         loader.seek(skip)
-        print0(f"data: stage 2 starts at train token {skip:,} of {loader.total * loader.B * loader.T:,} (--data_start)")
+        split = loader.total * loader.B * loader.T
+        print0(f"data: stage 2 starts at train token {skip:,} (--data_start): {skip / split:.2f} passes into the "
+               f"{split:,}-token train split")
     del source
     student.to(device).train()
     teacher.to(device=device, dtype=dtype)  # frozen, bf16 on GPU, replicated on every rank unless SHARD_TEACHER
