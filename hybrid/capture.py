@@ -11,17 +11,26 @@ import torch
 from torch import nn
 
 
+def causal_mask(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+    """None where the layer's attention is causal without a mask (HF's sdpa and flash attention); for HF's
+    eager attention, which applies only the mask it is given, an additive (1, 1, T, T) causal mask."""
+    if getattr(getattr(layer.self_attn, "config", None), "_attn_implementation", None) != "eager":
+        return None
+    T = hidden.shape[1]
+    return torch.full((T, T), float("-inf"), device=hidden.device, dtype=hidden.dtype).triu(1)[None, None]
+
+
 def layer_call(layer: nn.Module, hidden: torch.Tensor, position_embeddings, position_ids) -> torch.Tensor:
     """One HF decoder layer on (B, T, C) hidden states, causal, no cache; -> (B, T, C)."""
-    out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=position_embeddings,
-                use_cache=False)
+    out = layer(hidden, attention_mask=causal_mask(layer, hidden), position_ids=position_ids,
+                position_embeddings=position_embeddings, use_cache=False)
     return out[0] if isinstance(out, tuple) else out
 
 
 def attention_call(layer: nn.Module, hidden: torch.Tensor, position_embeddings, position_ids) -> torch.Tensor:
-    """The attention half of a decoder layer, input_layernorm then self_attn; -> (B, T, C)."""
-    out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=None, position_ids=position_ids,
-                          position_embeddings=position_embeddings)
+    """The attention half of a decoder layer, input_layernorm then self_attn, causal; -> (B, T, C)."""
+    out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), attention_mask=causal_mask(layer, hidden),
+                          position_ids=position_ids, position_embeddings=position_embeddings)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -68,7 +68,7 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def _projections(attn: nn.Module, x: torch.Tensor, pack: nn.Module | None,
+def attention_qkv(attn: nn.Module, x: torch.Tensor, pack: nn.Module | None,
                  qkv: tuple | None = None) -> tuple[torch.Tensor, ...]:
     """The teacher attention's q (B, T, H, D), k, v (B, T, Hkv, D): projections (one packed matmul if
     pack; given as qkv when norm_linear computed them), q/k norms."""
@@ -146,7 +146,7 @@ def _softmax_attention(attn: nn.Module, buf: dict, h: torch.Tensor, pe, pad: tor
     """The teacher's attention of one layer: a prompt (rows) writes its K/V into the buffers and attends
     over itself; a decode step writes at `slot` and attends over every slot (kernels: RoPE + KV write as
     one kernel, then split-KV attention that skips the slots after the current one)."""
-    q, k, v = _projections(attn, h, pack, proj)  # (B, T, heads, D)
+    q, k, v = attention_qkv(attn, h, pack, proj)  # (B, T, heads, D)
     if rows is None and kernels:
         q = rope_kv_step(*(t.flatten(1) for t in (q, k, v)), *(t.to(q.dtype) for t in pe), buf["k"], buf["v"], slot)
         o = attend_cache_split(q, buf["k"], buf["v"], attn.scaling, bias, slot)
