@@ -29,7 +29,7 @@ from hybrid.plots import plot_recall
 from hybrid.stage2 import held_out_kl
 from hybrid.recall_score import read_suite, retention, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
-from hybrid.shards import read_tokens, load_manifest, val_batches
+from hybrid.shards import split_tokens, val_batches
 from hybrid.student import is_export, load_student
 
 # -----------------------------------------------------------------------------
@@ -89,8 +89,7 @@ def recall_suite(tokenizer, max_context: int) -> str:
     if os.path.exists(path):
         print0(f"recall suite: reusing {path}")
         return path
-    val = [s["file"] for s in load_manifest(DATA_DIR)["shards"] if s["split"] == "val"]
-    hay = torch.cat([torch.from_numpy(read_tokens(os.path.join(DATA_DIR, f)).astype("int64")) for f in val]).numpy()
+    hay = split_tokens(DATA_DIR, "val")
     tasks = [t for t in RECALL_TASKS.split(",") if t]
     records = build_suite(tokenizer, hay, lengths=RECALL_LENGTHS, n_samples=RECALL_SAMPLES, tasks=tasks, seed=SEED,
                           max_context=max_context, chat=CHAT)

@@ -17,6 +17,9 @@ it on the same machinery:
   ablation   held-out KL with only layer l linear (everything else softmax): higher = keep l
   greedy     from all-softmax, repeatedly make linear the layer whose loss hurts held-out KL least
              (zero-shot, O(L^2) evaluations); the layers left last are kept
+  retrieval  the teacher's copy heads (hybrid/retrieval.py): a layer scores its best head's hit rate on
+             MQAR prompts from the val text (no training, one teacher forward)
+  ga_s2_retrieval  every layer whose best head copies >= RETRIEVAL_KEEP, then GA-S2's order (needs its runs)
 Every method reports tokens spent and the Jaccard of its top-K with GA-S2's, for each K in KS, and
 the zero-shot KL of the hybrid its top-K gives (`set_kl`).
 
@@ -53,7 +56,8 @@ from hybrid.model.spec import with_softmax
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
-from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, val_batches
+from hybrid.retrieval import head_copy_scores, keep_then_fill, layer_scores, mqar_prompts
+from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, split_tokens, val_batches
 from hybrid.stage2 import KLStudent, TeacherTargets, held_out_kl, stage2_param_groups, teacher_targets
 from hybrid.student import Artifact, rebuild_student
 from hybrid.surgery import SOFTMAX
@@ -66,7 +70,7 @@ TEACHER = ""                    # "" = the teacher named in the checkpoint's con
 DATA_DIR = "data/debian"        # shards from prepare.py (train: candidate runs, val: scores)
 RUN_DIR = "runs/select"
 # What to measure
-METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation"  # comma list, any subset
+METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval"  # any subset
 PRIMARY = "ga_s2"               # the method chosen_spec follows and the others are compared with
 CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer), "spread:N" or "0,4,8"
 KS = [4, 8]                     # numbers of softmax layers to report a choice (and Jaccard) for
@@ -75,6 +79,9 @@ CANDIDATE_TOKENS = 2**22        # stage-2 tokens per GA-S2 candidate
 EARLY_FRAC = 0.25               # early stopping: score after this fraction of CANDIDATE_TOKENS
 HALVING_FRAC = 0.33             # successive halving: total tokens <= this fraction of GA-S2's
 SET_TOKENS = 0                  # > 0: also train each method's top-K hybrid for this many tokens and score it
+RETRIEVAL_PROMPTS = 32          # retrieval: MQAR prompts (32 pairs each) the teacher's heads are scored on
+RETRIEVAL_LEN = 1024            # tokens per prompt (the pairs, then >= 700 tokens of val text, then the keys again)
+RETRIEVAL_KEEP = 0.5            # ga_s2_retrieval: keep the layers whose best head copies at least this share
 # Stage-2 optimisation of each candidate (as distill.py --stage=2, one process per candidate)
 SEQ_LEN = 512                   # tokens per row
 MICRO_BATCH = 16                # rows per micro-step
@@ -101,12 +108,13 @@ SMOKE = False                   # tiny budget on CPU
 # of the key stored with each result, and a result with another key is an error, not a silent reuse
 # (COMPILE: compiled layers change only float rounding, as in distill.py; GRAPHS replays the same kernels)
 _UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE",
-               "COMPILE", "GRAPHS")
+               "COMPILE", "GRAPHS", "RETRIEVAL_PROMPTS", "RETRIEVAL_LEN", "RETRIEVAL_KEEP")
 
 
 def smoke_settings(g: dict) -> None:
     g.update(SEQ_LEN=64, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=128, CANDIDATE_TOKENS=128 * 8, EVAL_BATCHES=2, LOG_EVERY=4,
-             CANDIDATES="spread:4", KS=[1, 2], FRACTION=0.07, WARMUP_STEPS=1)  # 30 layers: 2 chosen of 4
+             CANDIDATES="spread:4", KS=[1, 2], FRACTION=0.07, WARMUP_STEPS=1,  # 30 layers: 2 chosen of 4
+             RETRIEVAL_PROMPTS=2, RETRIEVAL_LEN=128)
 
 
 def log_line(label, step, total, loss, lr, dt, tokens):
@@ -280,12 +288,34 @@ def run_ablation_greedy(ctx, methods):
     return out
 
 
+def run_retrieval(ctx, methods):
+    """retrieval: layers by their best head's copy hit rate; ga_s2_retrieval: the layers at >= RETRIEVAL_KEEP,
+    then GA-S2's ranking (its candidates' runs, reused from disk when ga_s2 ran first)."""
+    t0 = time.time()
+    records = mqar_prompts(ctx["tokenizer"], ctx["haystack"], RETRIEVAL_PROMPTS, RETRIEVAL_LEN, SEED)
+    heads, n = head_copy_scores(ctx["teacher"], records, ctx["device"], MICRO_BATCH, ctx["autocast"])
+    scores = layer_scores(heads, ctx["candidates"])
+    job = {"train_tokens": 0, "eval_tokens": len(records) * RETRIEVAL_LEN, "seconds": time.time() - t0}
+    extra = {"head_hit_rate": [[round(float(x), 4) for x in row] for row in heads], "answer_positions": n,
+             "prompts": f"{len(records)} MQAR x {RETRIEVAL_LEN} tokens from the val split"}
+    out = {"retrieval": method_result(ctx, scores, None, True, [job], extra)} if "retrieval" in methods else {}
+    if "ga_s2_retrieval" in methods:
+        ga = run_ga_s2(ctx, ["ga_s2"])["ga_s2"]
+        order = keep_then_fill(scores, RETRIEVAL_KEEP, ga["ranking"])
+        ga_job = {"train_tokens": ga["train_tokens"], "eval_tokens": ga["eval_tokens"], "seconds": ga["job_seconds"]}
+        out["ga_s2_retrieval"] = method_result(
+            ctx, {l: float(len(order) - i) for i, l in enumerate(order)}, None, True, [job, ga_job],
+            {"kept": [l for l in order if scores[l] >= RETRIEVAL_KEEP], "keep_at": RETRIEVAL_KEEP,
+             "note": "score = places from the end of the order (kept layers first, then GA-S2's ranking)"})
+    return out
+
+
 # method name -> function(ctx, methods) -> {method: result}; one function may answer for several
 # methods from the same jobs (ga_s2 + early, ablation + greedy)
 METHOD_RUNNERS = {"ga_s2": run_ga_s2, "early": run_ga_s2, "zero_shot": run_zero_shot,
                   "halving": lambda ctx, methods: {"halving": run_halving(ctx)}, "uniform": run_uniform,
                   "mse": lambda ctx, methods: {"mse": run_mse(ctx)}, "ablation": run_ablation_greedy,
-                  "greedy": run_ablation_greedy}
+                  "greedy": run_ablation_greedy, "retrieval": run_retrieval, "ga_s2_retrieval": run_retrieval}
 
 
 def check_methods() -> list[str]:
@@ -334,7 +364,8 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
-                teacher=teacher, stage1_spec=stage1_spec,
+                teacher=teacher, stage1_spec=stage1_spec, tokenizer=tokenizer,
+                haystack=split_tokens(DATA_DIR, "val") if {"retrieval", "ga_s2_retrieval"} & set(check_methods()) else None,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
                 ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
                 already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],

@@ -5,7 +5,8 @@
 # Usage (repo root; on the device through `PLAN=compare bash experiments/lease.sh start`):
 #   TEACHER=<gguf|HF dir|embedded> ARMS="ga_s2 uniform all_gdn" bash experiments/compare.sh
 # An arm is a method of SELECTION (its top-K layers softmax, K = the selection's 25% of layers; method@K:
-# its top K, e.g. ga_s2@12) or all_gdn (no softmax layer), optionally followed by distill.py settings
+# its top K, e.g. ga_s2@12), all_gdn (no softmax layer) or softmax=<layers> (e.g. softmax=1,2,3,17,18,20,23,24:
+# a set no selection method made, such as one chosen by hand), optionally followed by distill.py settings
 # joined with "+", which makes the lever study of the same issue (one change per arm, same tokens):
 #   ARMS="ga_s2 ga_s2+--lr_mixer=3e-3 ga_s2+--ce_weight=0.5 ga_s2+--temperature=2 ga_s2+--untie_embeddings=True
 #         ga_s2+--seq_len=4096+--micro_batch=16 ga_s2@12" STEPS=80 SAMPLES=5 bash experiments/compare.sh
@@ -63,6 +64,7 @@ for arm in $ARMS; do
   name=$(echo "$arm" | tr -c 'A-Za-z0-9_.=\n-' '_' | sed 's/__*/_/g; s/=/-/g')  # a folder and eval name
   spec="$SELECTION:$method"
   [ "$method" = all_gdn ] && spec=gdn
+  [ "${method%%=*}" = softmax ] && spec="gdn;$method"  # softmax=1,2,17: those layers, whatever the selection says
   phase "stage 2, arm $arm (--spec=$spec ${extra[*]:-})"
   $PY distill.py --stage=2 --teacher="$TEACHER" --data_dir="$D" --init="$R/stage1" --spec="$spec" \
     --run_dir="$R/s2_$name" "${S2[@]}" ${extra[@]+"${extra[@]}"}

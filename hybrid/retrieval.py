@@ -78,7 +78,9 @@ def head_copy_scores(model: nn.Module, records: list[dict], device: torch.device
         ids = torch.tensor([r["input_ids"] for r in chunk], device=device)
         query = torch.tensor([[q for q, _ in ps] for ps in pairs], device=device)  # (B, P)
         source = torch.tensor([[s for _, s in ps] for ps in pairs], device=device)
-        with autocast if autocast is not None else torch.autocast(device.type, enabled=False):
+        # eager even where the layers are compiled: a new shape or call would compile them again for one forward
+        with autocast if autocast is not None else torch.autocast(device.type, enabled=False), \
+                torch.compiler.set_stance("force_eager"):
             best = attention_argmax(model, ids, query)
         hits = hits + (best == source[None, ..., None]).double().sum((1, 2)).cpu()  # (L, H)
         count += query.numel()

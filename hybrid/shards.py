@@ -84,6 +84,14 @@ def read_tokens(path: str) -> np.memmap:
     return np.memmap(path, dtype=h["dtype"], mode="r", offset=HEADER_INTS * 4, shape=(h["n_tokens"],))
 
 
+def split_tokens(data_dir: str, split: str = "val") -> np.ndarray:
+    """Every token of a split's shards, in manifest order, as one int64 array (e.g. a recall haystack)."""
+    files = [s["file"] for s in load_manifest(data_dir)["shards"] if s["split"] == split]
+    if not files:
+        raise ValueError(f"{data_dir}/manifest.json lists no {split!r} shards; re-run prepare.py")
+    return np.concatenate([np.asarray(read_tokens(os.path.join(data_dir, f)), dtype=np.int64) for f in files])
+
+
 def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

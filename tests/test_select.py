@@ -24,7 +24,8 @@ PLANTED = 2  # the teacher layer whose sharp, strong softmax attention no linear
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=64, CANDIDATE_TOKENS=64 * 8, EVAL_BATCHES=2, KS=[1, 2],
                 FRACTION=0.25, LR_MIXER=5e-4, LR=5e-4, WARMUP_STEPS=1, LOG_EVERY=4, KL_CHUNK_TOKENS=32, SEED=1337,
                 EARLY_FRAC=0.25, HALVING_FRAC=0.33, SET_TOKENS=0, TEMPERATURE=1.0, PRIMARY="ga_s2", SMOKE=False,
-                TEACHER="", METHODS="ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation")
+                TEACHER="", METHODS="ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval",
+                RETRIEVAL_PROMPTS=3, RETRIEVAL_LEN=64, RETRIEVAL_KEEP=0.2)
 # selection.json schema (docs/selection.md): top-level key -> type; per-method key -> type
 TOP_KEYS = {"schema_version": int, "init": str, "teacher": str, "n_layers": int, "stage1_spec": list,
             "candidates": list, "primary": str, "ks": list, "fraction": float, "k_fraction": int, "chosen": list,
@@ -111,8 +112,21 @@ def test_selection_json_schema_and_costs(selected):
     assert disk["methods"]["ga_s2"]["train_tokens"] == full and disk["methods"]["ga_s2"]["jaccard"] == {"1": 1.0, "2": 1.0}
     assert disk["methods"]["early"]["train_tokens"] == full // 4
     assert 0 < disk["methods"]["halving"]["train_tokens"] <= full / 3
-    for m in ("zero_shot", "uniform", "mse", "greedy", "ablation"):
+    for m in ("zero_shot", "uniform", "mse", "greedy", "ablation", "retrieval"):
         assert disk["methods"][m]["train_tokens"] == 0
+    # retrieval: every head's hit rate on the MQAR prompts; ga_s2_retrieval: the layers at >= RETRIEVAL_KEEP (0.2) first,
+    # then GA-S2's ranking, on GA-S2's runs (read back from disk, not trained again)
+    heads = disk["methods"]["retrieval"]["extra"]["head_hit_rate"]
+    assert len(heads) == 4 and all(len(h) == 4 and all(0 <= x <= 1 for x in h) for h in heads)
+    rs = {int(l): v for l, v in disk["methods"]["retrieval"]["scores"].items()}
+    assert rs == pytest.approx({l: max(h) for l, h in enumerate(heads)}, abs=1e-4)
+    assert disk["methods"]["retrieval"]["extra"]["answer_positions"] == 3 * 3  # 3 prompts of 3 pairs at 64 tokens
+    kept = sorted((l for l in rs if rs[l] >= 0.2), key=lambda l: -rs[l])
+    assert kept and disk["methods"]["ga_s2"]["ranking"][:len(kept)] != kept  # the keep rule changes the order here
+    gr = disk["methods"]["ga_s2_retrieval"]
+    assert gr["extra"]["kept"] == kept and gr["ranking"] == kept + [l for l in disk["methods"]["ga_s2"]["ranking"]
+                                                                    if l not in kept]
+    assert gr["train_tokens"] == full
     assert disk["methods"]["uniform"]["top"] == {"1": [2], "2": [1, 3]}
     assert len(disk["methods"]["greedy"]["extra"]["kl_after_removal"]) == 3
     with open(os.path.join(run, "selection.png"), "rb") as f:

@@ -223,12 +223,18 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
         return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
     assert tokens(s2) + tokens(s2_long) >= 150e6 and tokens(s2_long) >= 50e6  # issue 13; much of it at 4096, for recall
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
+    assert ",retrieval,ga_s2_retrieval " in calls[2]  # the teacher's copy heads beside GA-S2 (one teacher forward)
     assert "--fraction" not in calls[2]  # select_layers.py's own 25%
     assert "--micro_batch=32 --eval_batches=8" in s2 and "--micro_batch=16 --eval_batches=8" in s2_long  # 80 GB (or unknown)
     log.unlink()
     out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SOFTMAX": "0.4"})
     assert out.returncode == 0 and "--fraction=0.4" in log.read_text().splitlines()[2]  # 12 of 30 softmax
+    assert "--primary" not in log.read_text().splitlines()[2]
+    log.unlink()
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "ga_s2_retrieval"})
+    assert out.returncode == 0 and log.read_text().splitlines()[2].endswith("--primary=ga_s2_retrieval")
 
     def rows(gib):  # the micro-batches of stage 1, the selection and stage 2's parts on a GPU of that many GiB
         log.unlink()
@@ -315,6 +321,15 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "cut"), "ARMS": "ga_s2 all_gdn"}, timeout=60)
     assert out.returncode == 0 and "arm ga_s2 was cut by LIMIT=240s before STEPS=260" in out.stderr, out.stderr
     assert "all_gdn was cut" not in out.stderr
+    # an arm of named layers: its own spec, not the selection's
+    n = len(log.read_text().splitlines())
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "named"), "ARMS": "softmax=1,17,18"},
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    named = log.read_text().splitlines()[n:]
+    assert "--spec=gdn;softmax=1,17,18 " in named[1] and f"--run_dir={tmp_path / 'named' / 's2_softmax-1_17_18'}" in named[1]
+    assert f"softmax-1_17_18={tmp_path / 'named' / 'export_softmax-1_17_18'}" in named[-1]
     sel = os.path.join(REPO, "docs", "runs", "h200_lease_2026-12-02", "selection.json")
     from hybrid.surgery import read_spec
     assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
