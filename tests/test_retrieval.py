@@ -92,3 +92,24 @@ def test_captured_latents_are_causal_under_eager_and_sdpa_attention(teacher):
         for i in (0, 1):
             torch.testing.assert_close(got[i][0], ref[i], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got[i][1], ref[i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_ablate_heads_script(tiny_setup, monkeypatch):
+    """experiments/ablate_heads.py: the intact row is the teacher itself (KL 0), ablations cost KL, weights come back."""
+    import experiments.ablate_heads as ab
+    for name, value in dict(TEACHER=tiny_setup["model"], DATA_DIR=tiny_setup["data"], PROMPTS=2, LENGTH=64,
+                            EVAL_BATCHES=1, ABLATIONS="copy:1;layers:1;heads:0.1,0.2").items():
+        monkeypatch.setattr(ab, name, value)
+    before = {k: v.clone() for k, v in ab.load_teacher(tiny_setup["model"])[0].state_dict().items()}
+    rows = ab.main()
+    assert [r["ablation"] for r in rows] == ["none", "copy:1", "layers:1", "heads:0.1,0.2"]
+    assert rows[0]["val_kl"] == pytest.approx(0, abs=1e-6) and all(r["val_kl"] > 1e-6 for r in rows[1:])
+    assert rows[2]["heads"] == ["1.0", "1.1", "1.2", "1.3"] and rows[3]["heads"] == ["0.1", "0.2"]
+    assert all(0 <= r["mqar"] <= 1 for r in rows)
+    model = ab.load_teacher(tiny_setup["model"])[0]
+    saved = ab.zero_heads(model, [(0, 1)])
+    assert model.model.layers[0].self_attn.o_proj.weight[:, 16:32].abs().sum() == 0  # head 1 of 4, head_dim 16
+    ab.restore(saved)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="copy:N, layers:a,b"):
+        ab.parse("every:2", torch.zeros(2, 4), None)

@@ -1,0 +1,118 @@
+"""Which of the teacher's heads does in-context recall need, and does general text notice them? (issue 13)
+
+    python -m experiments.ablate_heads                         # SmolLM2-135M on CPU: ~5 min on 2 cores
+    python -m experiments.ablate_heads --ablations="copy:2;layers:5,21"
+
+First the teacher's copy heads are scored as select_layers.py's `retrieval` method scores them
+(hybrid/retrieval.py: MQAR prompts from the val text). Then, for each ablation, some heads' outputs are
+zeroed (their columns of o_proj) and two things are measured against the intact teacher:
+  MQAR accuracy  the teacher-forced value at each repeated key (as eval.py scores MQAR), on prompts of
+                 another seed than the ones the heads were scored on;
+  held-out KL    KL(teacher || ablated) on val text: what GA-S2 ranks layers by.
+An ablation is `copy:N` (the N best copy heads), `layers:a,b` (every head of those layers), `heads:l.h,l.h`
+or `random:N` (N heads drawn from layers whose best copy head scores < 0.1, seeded). A recall-aware
+selection matters when a few heads carry recall and cost general text little: then GA-S2's KL does not
+see them and a hybrid that makes their layers linear loses recall. Prints a markdown table; writes
+OUT (JSON) when set.
+"""
+
+import random
+
+import torch
+
+from hybrid.checkpoint import atomic_write_json
+from hybrid.common import run_script
+from hybrid.retrieval import head_copy_scores, mqar_prompts
+from hybrid.shards import split_tokens, val_batches
+from hybrid.stage2 import held_out_kl, teacher_targets
+from hybrid.teacher import load_teacher
+
+TEACHER = "models/SmolLM2-135M-Instruct.Q4_1"  # an HF folder (prepare.py puts the teacher here)
+DATA_DIR = "data/debian"        # val shards: the MQAR haystack and the KL's text
+PROMPTS = 16                    # MQAR prompts for the scores, and as many (another seed) for the accuracy
+LENGTH = 1024                   # tokens per MQAR prompt
+EVAL_BATCHES = 4                # val batches of 4 x LENGTH tokens for the KL
+ABLATIONS = "copy:1;copy:2;copy:3;random:3;layers:17,18;layers:17,18,23;layers:5,21;layers:1,2,3"
+SEED = 1337
+OUT = ""                        # a JSON path for the table, "" = print only
+
+
+def mqar_accuracy(model, records: list[dict], device) -> float:
+    """Share of repeated keys after which the model's argmax is the key's value (teacher-forced)."""
+    hits = total = 0
+    with torch.no_grad():
+        for r in records:
+            ids = torch.tensor([r["input_ids"]], device=device)
+            pos = torch.tensor(r["answer_positions"], device=device)
+            h = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, pos - 1]
+            hits += int((model.lm_head(h).argmax(-1) == ids[0, pos]).sum())
+            total += len(pos)
+    return hits / total
+
+
+def parse(ablation: str, scores: torch.Tensor, rng: random.Random) -> list[tuple[int, int]]:
+    """An ablation string -> its (layer, head) pairs."""
+    kind, _, arg = ablation.partition(":")
+    L, H = scores.shape
+    if kind == "copy" and arg.isdigit():
+        order = scores.flatten().argsort(descending=True)[:int(arg)].tolist()
+        return [(i // H, i % H) for i in order]
+    if kind == "layers" and arg:
+        return [(int(l), h) for l in arg.split(",") for h in range(H)]
+    if kind == "heads" and arg:
+        return [tuple(int(v) for v in lh.split(".")) for lh in arg.split(",")]
+    if kind == "random" and arg.isdigit():
+        pool = [(l, h) for l in range(L) if scores[l].max() < 0.1 for h in range(H)]
+        return rng.sample(pool, int(arg))
+    raise ValueError(f"--ablations: {ablation!r}; expected copy:N, layers:a,b, heads:l.h,l.h or random:N")
+
+
+def zero_heads(model, heads: list[tuple[int, int]]) -> list:
+    """Zero the o_proj columns of `heads`; -> what restore() puts back."""
+    saved = []
+    for l, h in heads:
+        attn = model.model.layers[l].self_attn
+        cols = slice(h * attn.head_dim, (h + 1) * attn.head_dim)
+        saved.append((attn.o_proj.weight, cols, attn.o_proj.weight[:, cols].clone()))
+        attn.o_proj.weight.data[:, cols] = 0
+    return saved
+
+
+def restore(saved: list) -> None:
+    for w, cols, old in saved:
+        w.data[:, cols] = old
+
+
+def main() -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_teacher(TEACHER, dtype=torch.float32, device=device)
+    model.eval()
+    hay = split_tokens(DATA_DIR, "val")
+    scores, n = head_copy_scores(model, mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED), device)
+    top = scores.flatten().argsort(descending=True)[:6].tolist()
+    H = scores.shape[1]
+    print(f"copy heads (layer.head hit rate, {n} repeated keys): "
+          + ", ".join(f"{i // H}.{i % H} {float(scores.flatten()[i]):.3f}" for i in top))
+    test = mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1)  # other prompts than the scored ones
+    val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
+    h_val = teacher_targets(model, val, device)
+    off = torch.autocast(device.type, enabled=False)
+    rows, rng = [], random.Random(SEED)
+    for ablation in ["none"] + [a for a in ABLATIONS.split(";") if a]:
+        heads = [] if ablation == "none" else parse(ablation, scores, rng)
+        saved = zero_heads(model, heads)
+        acc = mqar_accuracy(model, test, device)
+        kl = held_out_kl(model, model, val, device, off, h_teacher=h_val)["val_kl"]
+        restore(saved)
+        rows.append({"ablation": ablation, "heads": [f"{l}.{h}" for l, h in heads], "mqar": acc, "val_kl": kl})
+        shown = ", ".join(rows[-1]["heads"]) if len(heads) <= 4 else f"{len(heads)} heads"
+        print(f"| {ablation} | {shown} | {acc:.3f} | {kl:.4f} |", flush=True)
+    if OUT:
+        atomic_write_json(OUT, {"rows": rows, "head_hit_rate": scores.tolist(), "settings": {
+            "teacher": TEACHER, "prompts": PROMPTS, "length": LENGTH, "eval_batches": EVAL_BATCHES, "seed": SEED}})
+        print(f"wrote {OUT}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_script(globals(), main)
