@@ -1,6 +1,6 @@
 """Which of the teacher's heads does in-context recall need, and does general text notice them? (issue 13)
 
-    python -m experiments.ablate_heads                         # SmolLM2-135M on CPU: ~5 min on 2 cores
+    python -m experiments.ablate_heads                         # SmolLM2-135M on CPU: ~18 min on 2 cores
     python -m experiments.ablate_heads --ablations="copy:2;layers:5,21"
 
 First the teacher's copy heads are scored as select_layers.py's `retrieval` method scores them
@@ -8,7 +8,9 @@ First the teacher's copy heads are scored as select_layers.py's `retrieval` meth
 zeroed (their columns of o_proj) and two things are measured against the intact teacher:
   MQAR accuracy  the teacher-forced value at each repeated key (as eval.py scores MQAR), on prompts of
                  another seed than the ones the heads were scored on;
-  held-out KL    KL(teacher || ablated) on val text: what GA-S2 ranks layers by.
+  held-out KL    KL(teacher || ablated) on val text: what GA-S2 ranks layers by; and the same on those val
+                 rows with long-range repeats of their own spans (hybrid/repeats.py, as --repeat_rows trains
+                 on), where a teacher copies: what a GA-S2 scored on such rows would rank by.
 An ablation is `copy:N` (the N best copy heads), `layers:a,b` (every head of those layers), `heads:l.h,l.h`
 or `random:N` (N heads drawn from layers whose best copy head scores < 0.1, seeded). A recall-aware
 selection matters when a few heads carry recall and cost general text little: then GA-S2's KL does not
@@ -18,10 +20,12 @@ OUT (JSON) when set.
 
 import random
 
+import numpy as np
 import torch
 
 from hybrid.checkpoint import atomic_write_json
 from hybrid.common import run_script
+from hybrid.repeats import repeat_spans
 from hybrid.retrieval import head_copy_scores, mqar_prompts
 from hybrid.shards import split_tokens, val_batches
 from hybrid.stage2 import held_out_kl, teacher_targets
@@ -83,6 +87,17 @@ def restore(saved: list) -> None:
         w.data[:, cols] = old
 
 
+def with_repeats(batches: list, seed: int) -> list:
+    """The batches with every row given long-range repeats of its own spans (repeats.repeat_spans)."""
+    rng, out = np.random.default_rng(seed), []
+    for x, y in batches:
+        rows = torch.cat([x, y[:, -1:]], dim=1)  # each row's T + 1 tokens
+        for row in rows:
+            repeat_spans(row, rng)
+        out.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
+    return out
+
+
 def main() -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_teacher(TEACHER, dtype=torch.float32, device=device)
@@ -96,17 +111,22 @@ def main() -> list[dict]:
     test = mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1)  # other prompts than the scored ones
     val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
     h_val = teacher_targets(model, val, device)
+    rep = with_repeats(val, SEED)
+    h_rep = teacher_targets(model, rep, device)
     off = torch.autocast(device.type, enabled=False)
     rows, rng = [], random.Random(SEED)
+    print("| ablation | heads | MQAR accuracy | held-out KL | KL on rows with repeats |\n| --- | --- | --- | --- | --- |")
     for ablation in ["none"] + [a for a in ABLATIONS.split(";") if a]:
         heads = [] if ablation == "none" else parse(ablation, scores, rng)
         saved = zero_heads(model, heads)
         acc = mqar_accuracy(model, test, device)
         kl = held_out_kl(model, model, val, device, off, h_teacher=h_val)["val_kl"]
+        kl_rep = held_out_kl(model, model, rep, device, off, h_teacher=h_rep)["val_kl"]
         restore(saved)
-        rows.append({"ablation": ablation, "heads": [f"{l}.{h}" for l, h in heads], "mqar": acc, "val_kl": kl})
+        rows.append({"ablation": ablation, "heads": [f"{l}.{h}" for l, h in heads], "mqar": acc, "val_kl": kl,
+                     "repeats_kl": kl_rep})
         shown = ", ".join(rows[-1]["heads"]) if len(heads) <= 4 else f"{len(heads)} heads"
-        print(f"| {ablation} | {shown} | {acc:.3f} | {kl:.4f} |", flush=True)
+        print(f"| {ablation} | {shown} | {acc:.3f} | {kl:.4f} | {kl_rep:.4f} |", flush=True)
     if OUT:
         atomic_write_json(OUT, {"rows": rows, "head_hit_rate": scores.tolist(), "settings": {
             "teacher": TEACHER, "prompts": PROMPTS, "length": LENGTH, "eval_batches": EVAL_BATCHES, "seed": SEED}})

@@ -103,7 +103,11 @@ def test_ablate_heads_script(tiny_setup, monkeypatch):
     before = {k: v.clone() for k, v in ab.load_teacher(tiny_setup["model"])[0].state_dict().items()}
     rows = ab.main()
     assert [r["ablation"] for r in rows] == ["none", "copy:1", "layers:1", "heads:0.1,0.2"]
-    assert rows[0]["val_kl"] == pytest.approx(0, abs=1e-6) and all(r["val_kl"] > 1e-6 for r in rows[1:])
+    for kl in ("val_kl", "repeats_kl"):
+        assert rows[0][kl] == pytest.approx(0, abs=1e-6) and all(r[kl] > 1e-6 for r in rows[1:])
+    x, y = ab.val_batches(tiny_setup["data"], 4, 64, 1)[0]
+    (xr, yr), = ab.with_repeats([(x, y)], 0)
+    assert torch.equal(xr[:, 1:], yr[:, :-1]) and not torch.equal(xr, x)  # rows edited, still shifted by one
     assert rows[2]["heads"] == ["1.0", "1.1", "1.2", "1.3"] and rows[3]["heads"] == ["0.1", "0.2"]
     assert all(0 <= r["mqar"] <= 1 for r in rows)
     model = ab.load_teacher(tiny_setup["model"])[0]
