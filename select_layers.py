@@ -413,11 +413,11 @@ def score_sets(ctx, results: dict) -> None:
 
 
 def print_table(ctx, results: dict, chosen: list[int]) -> None:
-    k_frac = ctx["k_frac"]
-    print0(f"{'method':<10} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
+    k_frac, w = ctx["k_frac"], max(10, *map(len, results))
+    print0(f"{'method':<{w}} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
            " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
     for m, r in results.items():
-        print0(f"{m:<10} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "
+        print0(f"{m:<{w}} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "
                f"{r['wall_seconds']:>8.1f} " +
                " ".join(f"{r['jaccard'][k]:>6.2f} {r['set_kl'][k]:>8.4f}" for k in map(str, ctx["ks"])) +
                f"  {r['top'][str(k_frac)]}")
