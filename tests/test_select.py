@@ -127,6 +127,7 @@ def test_selection_json_schema_and_costs(selected):
     assert gr["extra"]["kept"] == kept and gr["ranking"] == kept + [l for l in disk["methods"]["ga_s2"]["ranking"]
                                                                     if l not in kept]
     assert gr["train_tokens"] == full
+    assert gr["wall_seconds"] < disk["methods"]["ga_s2"]["wall_seconds"] / 2  # GA-S2's runs read back, not trained again
     assert disk["methods"]["uniform"]["top"] == {"1": [2], "2": [1, 3]}
     assert len(disk["methods"]["greedy"]["extra"]["kl_after_removal"]) == 3
     with open(os.path.join(run, "selection.png"), "rb") as f:
