@@ -292,7 +292,7 @@ def run_retrieval(ctx, methods):
     """retrieval: layers by their best head's copy hit rate; ga_s2_retrieval: the layers at >= RETRIEVAL_KEEP,
     then GA-S2's ranking (its candidates' runs, reused from disk when ga_s2 ran first)."""
     t0 = time.time()
-    records = mqar_prompts(ctx["tokenizer"], ctx["haystack"], RETRIEVAL_PROMPTS, RETRIEVAL_LEN, SEED)
+    records = mqar_prompts(ctx["tokenizer"], split_tokens(DATA_DIR, "val"), RETRIEVAL_PROMPTS, RETRIEVAL_LEN, SEED)
     heads, n = head_copy_scores(ctx["teacher"], records, ctx["device"], MICRO_BATCH, ctx["autocast"])
     scores = layer_scores(heads, ctx["candidates"])
     job = {"train_tokens": 0, "eval_tokens": len(records) * RETRIEVAL_LEN, "seconds": time.time() - t0}
@@ -365,7 +365,6 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
     val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
                 teacher=teacher, stage1_spec=stage1_spec, tokenizer=tokenizer,
-                haystack=split_tokens(DATA_DIR, "val") if {"retrieval", "ga_s2_retrieval"} & set(check_methods()) else None,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
                 ks=ks + ([k_frac] if k_frac not in ks else []), k_frac=k_frac,
                 already_softmax=[i for i, m in enumerate(stage1_spec) if m == SOFTMAX],
