@@ -25,7 +25,7 @@ import torch
 
 from hybrid.checkpoint import atomic_write_json
 from hybrid.common import run_script
-from hybrid.repeats import repeat_spans
+from hybrid.repeats import with_repeats
 from hybrid.retrieval import head_copy_scores, mqar_prompts
 from hybrid.shards import split_tokens, val_batches
 from hybrid.stage2 import held_out_kl, teacher_targets
@@ -87,17 +87,6 @@ def restore(saved: list) -> None:
         w.data[:, cols] = old
 
 
-def with_repeats(batches: list, seed: int) -> list:
-    """The batches with every row given long-range repeats of its own spans (repeats.repeat_spans)."""
-    rng, out = np.random.default_rng(seed), []
-    for x, y in batches:
-        rows = torch.cat([x, y[:, -1:]], dim=1)  # each row's T + 1 tokens
-        for row in rows:
-            repeat_spans(row, rng)
-        out.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
-    return out
-
-
 def main() -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_teacher(TEACHER, dtype=torch.float32, device=device)
@@ -111,7 +100,8 @@ def main() -> list[dict]:
     test = mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1)  # other prompts than the scored ones
     val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
     h_val = teacher_targets(model, val, device)
-    rep = with_repeats(val, SEED)
+    rng_rep = np.random.default_rng(SEED)  # every row of every val batch given repeats (hybrid/repeats.py)
+    rep = [with_repeats(x, y, range(x.shape[0]), rng_rep) for x, y in val]
     h_rep = teacher_targets(model, rep, device)
     off = torch.autocast(device.type, enabled=False)
     rows, rng = [], random.Random(SEED)

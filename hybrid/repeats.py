@@ -36,14 +36,19 @@ class RepeatSpans:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.loader.rank, self.loader.step])
         x, y = self.loader.next_batch()
-        rows = np.flatnonzero(rng.random(x.shape[0]) < self.fraction)
-        if len(rows):
-            x, y = x.clone(), y.clone()  # views of one window: rows share boundary tokens
-        for i in rows:
-            row = torch.cat([x[i], y[i, -1:]])  # the row's T + 1 tokens
-            repeat_spans(row, rng)
-            x[i], y[i] = row[:-1], row[1:]
-        return x, y
+        return with_repeats(x, y, np.flatnonzero(rng.random(x.shape[0]) < self.fraction), rng)
+
+
+def with_repeats(x: torch.Tensor, y: torch.Tensor, rows, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a batch with `rows` given long-range repeats of their own spans (repeat_spans, in row order);
+    copies when any row changes (x and y may be views of one window: rows share boundary tokens)."""
+    if len(rows):
+        x, y = x.clone(), y.clone()
+    for i in rows:
+        row = torch.cat([x[i], y[i, -1:]])  # the row's T + 1 tokens
+        repeat_spans(row, rng)
+        x[i], y[i] = row[:-1], row[1:]
+    return x, y
 
 
 def repeat_spans(row: torch.Tensor, rng: np.random.Generator) -> list[tuple[int, int, int]]:
