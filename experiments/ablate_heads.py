@@ -25,6 +25,7 @@ import torch
 
 from hybrid.checkpoint import atomic_write_json
 from hybrid.common import run_script
+from hybrid.recall_score import run_recall
 from hybrid.repeats import with_repeats
 from hybrid.retrieval import head_copy_scores, mqar_prompts
 from hybrid.shards import split_tokens, val_batches
@@ -39,19 +40,6 @@ EVAL_BATCHES = 4                # val batches of 4 x LENGTH tokens for the KL
 ABLATIONS = "copy:1;copy:2;copy:3;random:3;layers:17,18;layers:17,18,23;layers:5,21;layers:1,2,3"
 SEED = 1337
 OUT = ""                        # a JSON path for the table, "" = print only
-
-
-def mqar_accuracy(model, records: list[dict], device) -> float:
-    """Share of repeated keys after which the model's argmax is the key's value (teacher-forced)."""
-    hits = total = 0
-    with torch.no_grad():
-        for r in records:
-            ids = torch.tensor([r["input_ids"]], device=device)
-            pos = torch.tensor(r["answer_positions"], device=device)
-            h = model.model(input_ids=ids, use_cache=False).last_hidden_state[0, pos - 1]
-            hits += int((model.lm_head(h).argmax(-1) == ids[0, pos]).sum())
-            total += len(pos)
-    return hits / total
 
 
 def parse(ablation: str, scores: torch.Tensor, rng: random.Random) -> list[tuple[int, int]]:
@@ -97,7 +85,7 @@ def main() -> list[dict]:
     H = scores.shape[1]
     print(f"copy heads (layer.head hit rate, {n} repeated keys): "
           + ", ".join(f"{i // H}.{i % H} {float(scores.flatten()[i]):.3f}" for i in top))
-    test = mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1)  # other prompts than the scored ones
+    test = [{**r, "index": i} for i, r in enumerate(mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1))]  # unscored
     val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
     h_val = teacher_targets(model, val, device)
     rng_rep = np.random.default_rng(SEED)  # every row of every val batch given repeats (hybrid/repeats.py)
@@ -109,7 +97,7 @@ def main() -> list[dict]:
     for ablation in ["none"] + [a for a in ABLATIONS.split(";") if a]:
         heads = [] if ablation == "none" else parse(ablation, scores, rng)
         saved = zero_heads(model, heads)
-        acc = mqar_accuracy(model, test, device)
+        acc = run_recall(model, tokenizer, test, device, batch_size=4)["overall"]  # as eval.py scores MQAR
         kl = held_out_kl(model, model, val, device, off, h_teacher=h_val)["val_kl"]
         kl_rep = held_out_kl(model, model, rep, device, off, h_teacher=h_rep)["val_kl"]
         restore(saved)
