@@ -71,7 +71,7 @@ DATA_DIR = "data/debian"        # shards from prepare.py (train: candidate runs,
 RUN_DIR = "runs/select"
 # What to measure
 METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval"  # any subset
-PRIMARY = "ga_s2"               # the method chosen_spec follows and the others are compared with
+PRIMARY = "ga_s2"               # the method chosen_spec follows (the others are compared with GA-S2)
 CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer), "spread:N" or "0,4,8"
 KS = [4, 8]                     # numbers of softmax layers to report a choice (and Jaccard) for
 FRACTION = 0.25                 # softmax fraction of all layers for chosen_spec (30 layers -> 8)
@@ -444,10 +444,11 @@ def main() -> dict:
     results, wall = run_methods(ctx, methods, log)
     score_sets(ctx, results)
     primary = results[PRIMARY]
+    ref = results.get("ga_s2", primary)  # what the others are compared with: GA-S2, the method they approximate
     for m, r in results.items():
-        r["jaccard"] = {k: jaccard(r["top"][k], primary["top"][k]) for k in r["top"]}
+        r["jaccard"] = {k: jaccard(r["top"][k], ref["top"][k]) for k in r["top"]}
         r["wall_seconds"] = wall[m]
-        r["token_ratio"] = r["train_tokens"] / max(1, primary["train_tokens"])
+        r["token_ratio"] = r["train_tokens"] / max(1, ref["train_tokens"])
     chosen, k_frac = primary["top"][str(ctx["k_frac"])], ctx["k_frac"]
     selection = {"schema_version": 1, "init": INIT, "teacher": ctx["teacher_dir"], "n_layers": ctx["n_layers"],
                  "stage1_spec": ctx["stage1_spec"], "candidates": ctx["candidates"], "primary": PRIMARY,

@@ -25,7 +25,7 @@
 # Each call within 30 s of the last (the machine is given back when idle). If a call's reply is lost,
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
 # ARGS="--name=value ..." go to distill.sh (every distill.py run), e.g. a shorter run; SELECT_NPROC=2: two
-# selection processes on the GPU; SOFTMAX=0.4: the share of softmax layers; SELECT=ga_s2_retrieval: the method whose
+# selection processes on the GPU; SOFTMAX=0.4: the share of softmax layers; SELECT=ga_s2: the method whose
 # set stage 2 trains (all three distill.sh's).
 # PLAN=compare runs experiments/compare.sh instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k
 # tokens + one eval; ~22 min for 3 arms; SELECT_TOKENS=4194304 ARMS="": stage 1 + a selection at 4M tokens
@@ -134,7 +134,7 @@ DEADLINE_S=\$(( ${DEADLINE_S:-0} > 0 ? ${DEADLINE_S:-0} - (\$(date +%s) - T0) : 
 $(case "${PLAN:-pipeline}" in
   compare) echo "TEACHER=$GGUF ARMS='${ARMS-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} SELECT_TOKENS=${SELECT_TOKENS:-0} S1_STEPS=${S1_STEPS:-64} S1_ARGS='${S1_ARGS:-}' bash experiments/compare.sh" ;;
   speed) echo "DEADLINE_S=\$DEADLINE_S bash experiments/speed.sh" ;;
-  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S SELECT_NPROC=${SELECT_NPROC:-1} SOFTMAX=${SOFTMAX:-0.25} SELECT=${SELECT:-ga_s2} bash distill.sh ${ARGS:-}" ;;
+  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S SELECT_NPROC=${SELECT_NPROC:-1} SOFTMAX=${SOFTMAX:-0.25} ${SELECT:+SELECT=$SELECT }bash distill.sh ${ARGS:-}" ;;
 esac)
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF

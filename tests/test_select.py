@@ -137,6 +137,22 @@ def test_selection_json_schema_and_costs(selected):
     assert not any(f.endswith(".tmp") for f in files)
 
 
+def test_primary_ga_s2_retrieval_is_compared_with_ga_s2(selected, planted, tmp_path, monkeypatch):
+    """distill.sh's default primary: chosen follows it, while every Jaccard and token ratio stays GA-S2's
+    (the method the cheap selectors stand in for); the candidates are read back, not trained again."""
+    run, sel = selected
+    shutil.copytree(run, tmp_path / "run")
+    configure(monkeypatch, planted, tmp_path / "run", PRIMARY="ga_s2_retrieval")
+    again = select_layers.main()
+    m, k = again["methods"], str(again["k_fraction"])
+    assert again["primary"] == "ga_s2_retrieval" and again["chosen"] == m["ga_s2_retrieval"]["top"][k]
+    assert m["ga_s2_retrieval"]["top"] != m["ga_s2"]["top"]  # (the keep rule changes the order on the planted teacher)
+    for name, r in m.items():
+        assert r["jaccard"] == {kk: jaccard(r["top"][kk], m["ga_s2"]["top"][kk]) for kk in r["top"]}, name
+    assert m["ga_s2"]["jaccard"] == {"1": 1.0, "2": 1.0} and m["ga_s2_retrieval"]["jaccard"] != m["ga_s2"]["jaccard"]
+    assert {n: r["top"] for n, r in m.items()} == {n: r["top"] for n, r in sel["methods"].items()}
+
+
 def test_distill_reads_the_chosen_spec(selected):
     run, sel = selected
     assert read_spec(os.path.join(run, "selection.json"), 4) == sel["chosen_spec"]

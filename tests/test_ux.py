@@ -230,11 +230,11 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SOFTMAX": "0.4"})
     assert out.returncode == 0 and "--fraction=0.4" in log.read_text().splitlines()[2]  # 12 of 30 softmax
-    assert "--primary" not in log.read_text().splitlines()[2]
+    assert log.read_text().splitlines()[2].endswith("--primary=ga_s2_retrieval")  # the default: copy-head layers first
     log.unlink()
     out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "ga_s2_retrieval"})
-    assert out.returncode == 0 and log.read_text().splitlines()[2].endswith("--primary=ga_s2_retrieval")
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "ga_s2"})
+    assert out.returncode == 0 and "--primary" not in log.read_text().splitlines()[2]  # select_layers.py's own
 
     def rows(gib):  # the micro-batches of stage 1, the selection and stage 2's parts on a GPU of that many GiB
         log.unlink()
