@@ -21,7 +21,9 @@ it on the same machinery:
              MQAR prompts from the val text (no training, one teacher forward)
   ga_s2_retrieval  every layer whose best head copies >= RETRIEVAL_KEEP, then GA-S2's order (needs its runs)
 Every method reports tokens spent and the Jaccard of its top-K with GA-S2's, for each K in KS, and
-the zero-shot KL of the hybrid its top-K gives (`set_kl`).
+the zero-shot KL of the hybrid its top-K gives (`set_kl`). Every KL is scored on the same val rows;
+with VAL_REPEATS > 0 a share of them repeat spans of their own text far apart, where the teacher copies
+(plain text barely asks for copying, so a plain KL ranks the layers of the copy heads low).
 
 Candidates go round-robin over the ranks of one torchrun job (each rank trains whole candidates, no
 DDP); each finished job is saved to RUN_DIR/candidates/<job>.json and skipped when rerun.
@@ -56,6 +58,7 @@ from hybrid.model.spec import with_softmax
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, set_lr
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
+from hybrid.repeats import repeated_batches
 from hybrid.retrieval import head_copy_scores, keep_then_fill, layer_scores, mqar_prompts
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, split_tokens, val_batches
 from hybrid.stage2 import KLStudent, TeacherTargets, held_out_kl, stage2_param_groups, teacher_targets
@@ -96,6 +99,8 @@ TEMPERATURE = 1.0               # training KL temperature (scores are always at 
 KL_CHUNK_TOKENS = 4096          # tokens per chunk of the logit KL
 # Evaluation and logging
 EVAL_BATCHES = 8                # held-out val batches of MICRO_BATCH x SEQ_LEN for every score
+VAL_REPEATS = 0.0               # share of those rows given long-range repeats of their own spans (hybrid/repeats.py),
+                                # so that every KL also weighs copying, which plain text barely asks for (1.0: all)
 LOG_EVERY = 20                  # optimizer steps between log lines of a candidate run
 SEED = 1337
 COMPILE = True                  # torch.compile each decoder layer of teacher and candidates (GPU only)
@@ -362,7 +367,8 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
         compile_layers(teacher)
     base = rebuild_student(art, teacher_ref)
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
-    val = val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES)  # every rank scores on the same val set
+    val = repeated_batches(val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES), VAL_REPEATS, SEED)  # every
+    # rank scores on the same val set
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
                 teacher=teacher, stage1_spec=stage1_spec, tokenizer=tokenizer,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
@@ -436,7 +442,8 @@ def main() -> dict:
     print0(f"config and environment: {os.path.join(RUN_DIR, 'config.json')}")
     print0(f"{len(ctx['candidates'])} candidates of {ctx['n_layers']} layers over {world_size} rank(s) | GA-S2 "
            f"{ctx['steps_full']} steps x {TOTAL_BATCH_TOKENS} tokens ({format_tokens(CANDIDATE_TOKENS)}/candidate, "
-           f"accum {ctx['accum']}) | val {len(ctx['val'])} x {MICRO_BATCH}x{SEQ_LEN} | K {ctx['ks']} "
+           f"accum {ctx['accum']}) | val {len(ctx['val'])} x {MICRO_BATCH}x{SEQ_LEN}"
+           f"{f' ({VAL_REPEATS:g} of rows with repeats)' if VAL_REPEATS else ''} | K {ctx['ks']} "
            f"(fraction {FRACTION} -> {ctx['k_frac']})")
     if is_master():
         atomic_write_json(os.path.join(RUN_DIR, "config.json"), {**cfg, "env": info, "stage1_spec": ctx["stage1_spec"]})

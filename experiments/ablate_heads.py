@@ -20,13 +20,12 @@ OUT (JSON) when set.
 
 import random
 
-import numpy as np
 import torch
 
 from hybrid.checkpoint import atomic_write_json
 from hybrid.common import run_script
 from hybrid.recall_score import run_recall
-from hybrid.repeats import with_repeats
+from hybrid.repeats import repeated_batches
 from hybrid.retrieval import head_copy_scores, mqar_prompts
 from hybrid.shards import split_tokens, val_batches
 from hybrid.stage2 import held_out_kl, teacher_targets
@@ -88,8 +87,7 @@ def main() -> list[dict]:
     test = [{**r, "index": i} for i, r in enumerate(mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1))]  # unscored
     val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
     h_val = teacher_targets(model, val, device)
-    rng_rep = np.random.default_rng(SEED)  # every row of every val batch given repeats (hybrid/repeats.py)
-    rep = [with_repeats(x, y, range(x.shape[0]), rng_rep) for x, y in val]
+    rep = repeated_batches(val, 1.0, SEED)  # every row of every val batch given repeats (hybrid/repeats.py)
     h_rep = teacher_targets(model, rep, device)
     off = torch.autocast(device.type, enabled=False)
     rows, rng = [], random.Random(SEED)

@@ -11,7 +11,8 @@ the same row, at distances up to the row's length, until about COVER of the row 
 teacher's targets come from the edited rows as usual, so the student is taught where the teacher
 copies. The spans are the row's own text, and no prompt template is involved: the recall suite's
 tasks (passkey, needles, variable tracking, MQAR with their own wording, on held-out text) do not
-appear in training. Held-out KL is measured on plain validation rows.
+appear in training. Held-out KL is measured on plain validation rows; repeated_batches edits held-out
+rows the same way for a score that weighs copying (select_layers.py's VAL_REPEATS).
 
 The edits depend only on (seed, rank, the wrapped loader's batch index), so a resumed run sees the same
 batches: state_dict() and load_state_dict() are the wrapped loader's (a ShardLoader's).
@@ -49,6 +50,16 @@ def with_repeats(x: torch.Tensor, y: torch.Tensor, rows, rng: np.random.Generato
         repeat_spans(row, rng)
         x[i], y[i] = row[:-1], row[1:]
     return x, y
+
+
+def repeated_batches(batches, fraction: float, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Held-out (x, y) batches with `fraction` of their rows given repeats: scoring on text where a teacher
+    copies. The same (batches, fraction, seed) give the same rows and spans (rows and spans are drawn from
+    two streams: at fraction 1 the spans are those of with_repeats(x, y, every row, default_rng(seed)))."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"repeated_batches: fraction {fraction} of rows; expected a number in [0, 1]")
+    pick, spans = np.random.default_rng([seed, 1]), np.random.default_rng(seed)
+    return [with_repeats(x, y, np.flatnonzero(pick.random(x.shape[0]) < fraction), spans) for x, y in batches]
 
 
 def repeat_spans(row: torch.Tensor, rng: np.random.Generator) -> list[tuple[int, int, int]]:

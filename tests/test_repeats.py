@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hybrid import repeats
-from hybrid.repeats import RepeatSpans, repeat_spans
+from hybrid.repeats import RepeatSpans, repeat_spans, repeated_batches, with_repeats
 from hybrid.shards import ShardLoader
 from tests.test_shards import make_dataset
 
@@ -66,3 +66,25 @@ def test_resume_sees_the_same_batches(data):
     assert a.manifest is a.loader.manifest and a.T == 256  # the rest is the wrapped loader's
     with pytest.raises(ValueError, match="fraction 1.5 of rows"):
         RepeatSpans(a.loader, 1.5, seed=0)
+
+
+def test_repeated_val_batches(data):
+    """repeated_batches: held-out batches with a share of rows edited, the same every call; share 1 edits every
+    row with the spans of one stream (as experiments/ablate_heads.py scored them)."""
+    loader = ShardLoader(data, "train", 4, 256)
+    val = [loader.next_batch() for _ in range(4)]
+    for (x, y), (x0, y0) in zip(val, repeated_batches(val, 0.0, seed=3)):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    every = repeated_batches(val, 1.0, seed=3)
+    rng = np.random.default_rng(3)
+    for (x, y), (xe, ye) in zip(val, every):
+        xr, yr = with_repeats(x, y, range(4), rng)
+        assert torch.equal(xe, xr) and torch.equal(ye, yr) and (xe != x).any(1).all()
+        assert torch.equal(xe[:, 1:], ye[:, :-1])
+    half, again = repeated_batches(val, 0.5, seed=3), repeated_batches(val, 0.5, seed=3)
+    changed = [(xh != x).any(1) for (x, _), (xh, _) in zip(val, half)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(half, again))  # deterministic
+    assert 2 <= int(sum(c.sum() for c in changed)) <= 14  # 16 rows at a share of 0.5
+    assert all(torch.equal(xh[~c], x[~c]) for (x, _), (xh, _), c in zip(val, half, changed))
+    with pytest.raises(ValueError, match="fraction -0.1 of rows"):
+        repeated_batches(val, -0.1, seed=0)

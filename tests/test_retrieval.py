@@ -106,7 +106,7 @@ def test_ablate_heads_script(tiny_setup, monkeypatch):
     for kl in ("val_kl", "repeats_kl"):
         assert rows[0][kl] == pytest.approx(0, abs=1e-6) and all(r[kl] > 1e-6 for r in rows[1:])
     x, y = ab.val_batches(tiny_setup["data"], 4, 64, 1)[0]
-    xr, yr = ab.with_repeats(x, y, range(x.shape[0]), np.random.default_rng(0))
+    (xr, yr), = ab.repeated_batches([(x, y)], 1.0, 0)
     assert torch.equal(xr[:, 1:], yr[:, :-1]) and not torch.equal(xr, x)  # rows edited, still shifted by one
     assert rows[2]["heads"] == ["1.0", "1.1", "1.2", "1.3"] and rows[3]["heads"] == ["0.1", "0.2"]
     assert all(0 <= r["mqar"] <= 1 for r in rows)

@@ -11,6 +11,7 @@ import torch
 import select_layers
 from hybrid.checkpoint import atomic_torch_save
 from hybrid.model.spec import with_softmax
+from hybrid.repeats import repeated_batches
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, rank_layers,
                               uniform_layers)
 from hybrid.shards import val_batches
@@ -212,6 +213,32 @@ def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatc
     monkeypatch.setattr(select_layers, "LR_MIXER", SETTINGS["LR_MIXER"])
     monkeypatch.setattr(select_layers, "KL_CHUNK_TOKENS", 16)
     with pytest.raises(ValueError, match=r"other settings \(\['KL_CHUNK_TOKENS'\]\)"):
+        select_layers.main()
+
+
+def test_val_repeats_scores_on_rows_with_repeats(planted, tmp_path, monkeypatch):
+    """VAL_REPEATS: every KL is scored on the val rows repeated_batches gives (checked against a direct score),
+    and the setting keys the stored results (rows of >= 64 tokens: shorter ones get no repeats)."""
+    quick = dict(METHODS="zero_shot", PRIMARY="zero_shot", SEQ_LEN=128, TOTAL_BATCH_TOKENS=256, CANDIDATE_TOKENS=256)
+    configure(monkeypatch, planted, tmp_path / "rep", **quick, VAL_REPEATS=1.0)
+    rep = select_layers.main()["methods"]["zero_shot"]["scores"]
+    configure(monkeypatch, planted, tmp_path / "plain", **quick, VAL_REPEATS=0.0)
+    plain = select_layers.main()["methods"]["zero_shot"]["scores"]
+    teacher, _ = load_teacher(planted["teacher"])
+    ckpt = torch.load(os.path.join(planted["init"], "ckpt", "final.pt"), weights_only=False)
+    base = build_student(teacher, ["gdn"] * 4)
+    base.load_state_dict(ckpt["model"])
+    switcher, cpu = SpecSwitcher(base, teacher, ["gdn"] * 4), torch.device("cpu")
+    for val, scores in ((val_batches(planted["data"], 2, 128, 2), plain),
+                        (repeated_batches(val_batches(planted["data"], 2, 128, 2), 1.0, SETTINGS["SEED"]), rep)):
+        h = teacher_targets(teacher, val, cpu)
+        for layer in range(4):
+            r = held_out_kl(switcher.set(with_softmax(["gdn"] * 4, [layer])), teacher, val, cpu,
+                            contextlib.nullcontext(), h_teacher=h)
+            assert scores[str(layer)] == pytest.approx(r["val_kl"], rel=1e-5)
+    assert all(abs(rep[k] - plain[k]) > 1e-4 * plain[k] for k in plain)
+    configure(monkeypatch, planted, tmp_path / "rep", **quick, VAL_REPEATS=0.5)
+    with pytest.raises(ValueError, match=r"other settings \(\['VAL_REPEATS'\]\)"):
         select_layers.main()
 
 
