@@ -16,6 +16,8 @@
 # of GA-S2 candidates + ~42M of successive halving, in 65k-token steps (at 32k the lease measured ~117k
 # tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): the selection ~19 min, ~22 with stage 1,
 # estimated, not yet measured.
+# SEL_ARGS="--val_repeats=0.5": more select_layers.py settings for that selection (there: GA-S2 scored on val rows
+# with long-range repeats, where the teacher copies; ARMS="ga_s2" then trains its top K).
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
 # with a lease's at the default (same data, val tokens and recall prompts). S1_ARGS="--target=attn": more
 # distill.py settings for that stage 1 (e.g. RADLADS' attention-output target, or --train_mlp=True).
@@ -36,7 +38,7 @@ S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="
     --time_limit_s="$LIMIT")
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
 SELECT_TOKENS=${SELECT_TOKENS:-0}  # > 0: a selection of this run (tokens per GA-S2 candidate), used by the arms
-SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse --candidate_tokens="$SELECT_TOKENS" --seq_len=512
+SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse,retrieval,ga_s2_retrieval --candidate_tokens="$SELECT_TOKENS" --seq_len=512
      --micro_batch=128 --total_batch_tokens=65536)
 EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples="$SAMPLES" --recall_batch=16)
 if [ -n "${SMOKE:-}" ]; then
@@ -53,7 +55,8 @@ $PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_d
   ${S1_EXTRA[@]+"${S1_EXTRA[@]}"}
 if [ "$SELECT_TOKENS" -gt 0 ]; then
   phase "layer selection, $SELECT_TOKENS tokens per GA-S2 candidate"
-  $PY select_layers.py --init="$R/stage1" --data_dir="$D" --run_dir="$R/select" "${SEL[@]}"
+  read -r -a SEL_EXTRA <<< "${SEL_ARGS:-}"
+  $PY select_layers.py --init="$R/stage1" --data_dir="$D" --run_dir="$R/select" "${SEL[@]}" ${SEL_EXTRA[@]+"${SEL_EXTRA[@]}"}
   SELECTION="$R/select/selection.json"
 fi
 MODELS="teacher"

@@ -310,9 +310,10 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     assert "--steps_per_layer=256" in sel_calls[0] and sel_calls[0].endswith("--target=attn --train_mlp=True")
     out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
                          env={**os.environ, "PY": fake, "R": str(tmp_path / "sa"), "SELECT_TOKENS": "1048576",
-                              "ARMS": "ga_s2"}, timeout=60)
+                              "ARMS": "ga_s2", "SEL_ARGS": "--val_repeats=0.5 --eval_batches=4"}, timeout=60)
     assert out.returncode == 0, out.stderr
     arm = log.read_text().splitlines()[len(calls) + len(lever) + 2:]
+    assert arm[1].startswith("select_layers.py") and arm[1].endswith("--val_repeats=0.5 --eval_batches=4")
     assert f"--spec={tmp_path / 'sa' / 'select' / 'selection.json'}:ga_s2" in arm[2] and arm[-1].startswith("eval.py")
     # an arm cut by LIMIT before STEPS is named: its token count is not the others'
     os.makedirs(tmp_path / "cut" / "s2_ga_s2")
