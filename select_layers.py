@@ -307,10 +307,15 @@ def run_retrieval(ctx, methods):
     if "ga_s2_retrieval" in methods:
         ga = run_ga_s2(ctx, ["ga_s2"])["ga_s2"]
         order = keep_then_fill(scores, RETRIEVAL_KEEP, ga["ranking"])
+        kept = [l for l in order if scores[l] >= RETRIEVAL_KEEP]
+        if len(kept) >= ctx["k_frac"]:
+            print0(f"ga_s2_retrieval: {len(kept)} layers have a head copying at >= RETRIEVAL_KEEP={RETRIEVAL_KEEP}, "
+                   f"so its top {ctx['k_frac']} holds no layer of GA-S2's; raise --retrieval_keep to leave room for them "
+                   f"(docs/selection.md)")
         ga_job = {"train_tokens": ga["train_tokens"], "eval_tokens": ga["eval_tokens"], "seconds": ga["job_seconds"]}
         out["ga_s2_retrieval"] = method_result(
             ctx, {l: float(len(order) - i) for i, l in enumerate(order)}, None, True, [job, ga_job],
-            {"kept": [l for l in order if scores[l] >= RETRIEVAL_KEEP], "keep_at": RETRIEVAL_KEEP,
+            {"kept": kept, "keep_at": RETRIEVAL_KEEP,
              "note": "score = places from the end of the order (kept layers first, then GA-S2's ranking)"})
     return out
 

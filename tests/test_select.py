@@ -138,7 +138,7 @@ def test_selection_json_schema_and_costs(selected):
     assert not any(f.endswith(".tmp") for f in files)
 
 
-def test_primary_ga_s2_retrieval_is_compared_with_ga_s2(selected, planted, tmp_path, monkeypatch):
+def test_primary_ga_s2_retrieval_is_compared_with_ga_s2(selected, planted, tmp_path, monkeypatch, capsys):
     """distill.sh's default primary: chosen follows it, while every Jaccard and token ratio stays GA-S2's
     (the method the cheap selectors stand in for); the candidates are read back, not trained again."""
     run, sel = selected
@@ -152,6 +152,8 @@ def test_primary_ga_s2_retrieval_is_compared_with_ga_s2(selected, planted, tmp_p
         assert r["jaccard"] == {kk: jaccard(r["top"][kk], m["ga_s2"]["top"][kk]) for kk in r["top"]}, name
     assert m["ga_s2"]["jaccard"] == {"1": 1.0, "2": 1.0} and m["ga_s2_retrieval"]["jaccard"] != m["ga_s2"]["jaccard"]
     assert {n: r["top"] for n, r in m.items()} == {n: r["top"] for n, r in sel["methods"].items()}
+    kept = m["ga_s2_retrieval"]["extra"]["kept"]  # more copy layers than K = 1: said, with the way out
+    assert len(kept) >= 1 and "so its top 1 holds no layer of GA-S2's; raise --retrieval_keep" in capsys.readouterr().out
 
 
 def test_distill_reads_the_chosen_spec(selected):
