@@ -25,6 +25,7 @@ RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
 SOFTMAX=${SOFTMAX:-0.25}        # share of layers kept softmax, SELECT choosing which (0.4: 12 of 30, the lever study's best)
 SELECT=${SELECT:-ga_s2_retrieval}  # whose layers stage 2 trains: the teacher's copy-head layers, then GA-S2's (ga_s2: its own)
+SELECT_ARGS=${SELECT_ARGS:-}    # more select_layers.py settings, e.g. "--val_repeats=0.5" (python select_layers.py --help)
 DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
 RESERVE_S=${RESERVE_S:-270}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench (203 measured)
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]]; then
@@ -110,6 +111,7 @@ launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="
 stage "3/7" "layer selection (GA-S2)"
 [ "$SOFTMAX" = 0.25 ] || SEL+=(--fraction="$SOFTMAX")  # (select_layers.py's default; its CPU smoke keeps its own 2 of 4)
 [ "$SELECT" = ga_s2 ] || SEL+=(--primary="$SELECT")  # selection.json's chosen set, which stage 2 reads
+read -r -a SEL_EXTRA <<< "$SELECT_ARGS"; SEL+=(${SEL_EXTRA[@]+"${SEL_EXTRA[@]}"})
 launch_n "$SELECT_NPROC" select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"
 # a stage-2 part's --time_limit_s: its own cap ($1, 0 = none), lowered so that DEADLINE_S is met with

@@ -26,7 +26,7 @@
 # ask `status` before polling: a poll that lands on a fresh machine finds no run and costs a start.
 # ARGS="--name=value ..." go to distill.sh (every distill.py run), e.g. a shorter run; SELECT_NPROC=2: two
 # selection processes on the GPU; SOFTMAX=0.4: the share of softmax layers; SELECT=ga_s2: the method whose
-# set stage 2 trains (all three distill.sh's).
+# set stage 2 trains; SELECT_ARGS="--val_repeats=0.5": more settings of its selection (all distill.sh's).
 # PLAN=compare runs experiments/compare.sh instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k
 # tokens + one eval; ~22 min for 3 arms; SELECT_TOKENS=4194304 ARMS="": stage 1 + a selection at 4M tokens
 # per GA-S2 candidate with the cheap selectors beside it, ~22 min estimated; SEL_ARGS: more settings of that
@@ -135,7 +135,7 @@ DEADLINE_S=\$(( ${DEADLINE_S:-0} > 0 ? ${DEADLINE_S:-0} - (\$(date +%s) - T0) : 
 $(case "${PLAN:-pipeline}" in
   compare) echo "TEACHER=$GGUF ARMS='${ARMS-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} SELECT_TOKENS=${SELECT_TOKENS:-0} S1_STEPS=${S1_STEPS:-64} S1_ARGS='${S1_ARGS:-}' SEL_ARGS='${SEL_ARGS:-}' bash experiments/compare.sh" ;;
   speed) echo "DEADLINE_S=\$DEADLINE_S bash experiments/speed.sh" ;;
-  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S SELECT_NPROC=${SELECT_NPROC:-1} SOFTMAX=${SOFTMAX:-0.25} ${SELECT:+SELECT=$SELECT }bash distill.sh ${ARGS:-}" ;;
+  *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S SELECT_NPROC=${SELECT_NPROC:-1} SOFTMAX=${SOFTMAX:-0.25} ${SELECT:+SELECT=$SELECT }${SELECT_ARGS:+SELECT_ARGS='$SELECT_ARGS' }bash distill.sh ${ARGS:-}" ;;
 esac)
 echo "rc=\$? at \$(date +%T)" > DONE
 EOF

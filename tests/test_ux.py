@@ -233,8 +233,10 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
     assert log.read_text().splitlines()[2].endswith("--primary=ga_s2_retrieval")  # the default: copy-head layers first
     log.unlink()
     out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "ga_s2"})
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "ga_s2",
+                              "SELECT_ARGS": "--val_repeats=0.5 --retrieval_keep=0.7"})
     assert out.returncode == 0 and "--primary" not in log.read_text().splitlines()[2]  # select_layers.py's own
+    assert log.read_text().splitlines()[2].endswith("--val_repeats=0.5 --retrieval_keep=0.7")  # SELECT_ARGS, last
 
     def rows(gib):  # the micro-batches of stage 1, the selection and stage 2's parts on a GPU of that many GiB
         log.unlink()
