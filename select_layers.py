@@ -56,9 +56,9 @@ from hybrid.fastpath import compile_layers
 from hybrid.graphs import candidate_calls
 from hybrid.model.spec import with_softmax
 from hybrid.optim import adamw, cosine_lr, grad_accum_steps, set_lr
+from hybrid.repeats import repeated_batches
 from hybrid.selection import (SpecSwitcher, halving_ranking, halving_schedule, jaccard, parse_candidates, plot_selection,
                               rank_layers, run_jobs, spec_id, stage1_mse, top_k, uniform_layers)
-from hybrid.repeats import repeated_batches
 from hybrid.retrieval import head_copy_scores, keep_then_fill, layer_scores, mqar_prompts
 from hybrid.shards import ShardLoader, check_tokenizer, load_manifest, split_tokens, val_batches
 from hybrid.stage2 import KLStudent, TeacherTargets, held_out_kl, stage2_param_groups, teacher_targets
@@ -372,8 +372,8 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
         compile_layers(teacher)
     base = rebuild_student(art, teacher_ref)
     load_state_strict(base, ckpt["model"], f"stage-1 student ({INIT})")
-    val = repeated_batches(val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES), VAL_REPEATS, SEED)  # every
-    # rank scores on the same val set
+    # every rank scores on the same val set (VAL_REPEATS of its rows with repeats)
+    val = repeated_batches(val_batches(DATA_DIR, MICRO_BATCH, SEQ_LEN, EVAL_BATCHES), VAL_REPEATS, SEED)
     return dict(device=device, autocast=torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
                 teacher=teacher, stage1_spec=stage1_spec, tokenizer=tokenizer,
                 teacher_dir=teacher_dir, n_layers=n_layers, candidates=candidates,
