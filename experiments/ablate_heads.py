@@ -4,7 +4,8 @@
     python -m experiments.ablate_heads --ablations="copy:2;layers:5,21"
 
 First the teacher's copy heads are scored as select_layers.py's `retrieval` method scores them
-(hybrid/retrieval.py: MQAR prompts from the val text). Then, for each ablation, some heads' outputs are
+(hybrid/retrieval.py: MQAR prompts from the val text), and its previous-token heads (the copy heads' partners:
+attention argmax on the token just before) are printed. Then, for each ablation, some heads' outputs are
 zeroed (their columns of o_proj) and two things are measured against the intact teacher:
   MQAR accuracy  the teacher-forced value at each repeated key (as eval.py scores MQAR), on prompts of
                  another seed than the ones the heads were scored on;
@@ -26,7 +27,7 @@ from hybrid.checkpoint import atomic_write_json
 from hybrid.common import run_script
 from hybrid.recall_score import run_recall
 from hybrid.repeats import repeated_batches
-from hybrid.retrieval import head_copy_scores, mqar_prompts
+from hybrid.retrieval import head_copy_scores, mqar_prompts, previous_token_rates
 from hybrid.shards import split_tokens, val_batches
 from hybrid.stage2 import held_out_kl, teacher_targets
 from hybrid.teacher import load_teacher
@@ -86,6 +87,9 @@ def main() -> list[dict]:
           + ", ".join(f"{i // H}.{i % H} {float(scores.flatten()[i]):.3f}" for i in top))
     test = [{**r, "index": i} for i, r in enumerate(mqar_prompts(tokenizer, hay, PROMPTS, LENGTH, SEED + 1))]  # unscored
     val = val_batches(DATA_DIR, 4, LENGTH, EVAL_BATCHES)
+    prev = previous_token_rates(model, val[0][0].to(device)).flatten()  # the copy heads' partners, on plain text
+    print("previous-token heads (layer.head rate): "
+          + ", ".join(f"{i // H}.{i % H} {float(prev[i]):.2f}" for i in prev.argsort(descending=True)[:6].tolist()))
     h_val = teacher_targets(model, val, device)
     rep = repeated_batches(val, 1.0, SEED)  # every row of every val batch given repeats (hybrid/repeats.py)
     h_rep = teacher_targets(model, rep, device)

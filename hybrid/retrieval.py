@@ -89,6 +89,16 @@ def head_copy_scores(model: nn.Module, records: list[dict], device: torch.device
     return (hits / count).float(), count
 
 
+def previous_token_rates(model: nn.Module, ids: torch.Tensor, stride: int = 4) -> torch.Tensor:
+    """-> (L, H): the share of query positions (every `stride`-th from 32) at which the head's attention argmax
+    is the position just before: the previous-token heads an induction (copy) head reads its key's
+    predecessor from, usually in a layer below it."""
+    query = torch.arange(32, ids.shape[1], stride, device=ids.device).repeat(ids.shape[0], 1)  # (B, P)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        best = attention_argmax(model, ids, query)  # (L, B, P, H)
+    return (best == (query - 1)[None, ..., None]).float().mean((1, 2)).cpu()
+
+
 def layer_scores(head_scores: torch.Tensor, layers: list[int]) -> dict[int, float]:
     """{layer: its best head's hit rate} for the candidate layers."""
     return {l: float(head_scores[l].max()) for l in layers}

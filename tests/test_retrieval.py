@@ -6,7 +6,8 @@ import torch
 from conftest import make_teacher_dir, tiny_tokenizer
 from transformers import LlamaForCausalLM
 
-from hybrid.retrieval import attention_argmax, copy_pairs, head_copy_scores, keep_then_fill, layer_scores, mqar_prompts
+from hybrid.retrieval import (attention_argmax, copy_pairs, head_copy_scores, keep_then_fill, layer_scores, mqar_prompts,
+                              previous_token_rates)
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,16 @@ def test_attention_argmax_matches_hf_eager_attention(teacher, records):
     assert torch.equal(ours, ref)
     assert (ours <= query[None, ..., None]).all()  # causal
     assert len(set(ours.flatten().tolist())) > 10  # the heads look at many places: not a degenerate case
+
+
+def test_previous_token_rates_from_hf_eager_attention(teacher, records):
+    ids = torch.tensor([r["input_ids"] for r in records])
+    rates = previous_token_rates(teacher, ids, stride=2)
+    with torch.no_grad():
+        att = teacher(ids, output_attentions=True).attentions  # L x (B, H, T, T)
+    q = torch.arange(32, ids.shape[1], 2)
+    ref = torch.stack([(a[:, :, q].argmax(-1) == q - 1).float().mean((0, 2)) for a in att])  # (L, H)
+    assert rates.shape == (3, 4) and torch.equal(rates, ref) and 0 < rates.sum() < rates.numel()
 
 
 def test_head_copy_scores_count_hits_at_the_values(teacher, records, monkeypatch):
