@@ -94,7 +94,7 @@ def previous_token_rates(model: nn.Module, ids: torch.Tensor, stride: int = 4) -
     is the position just before: the previous-token heads an induction (copy) head reads its key's
     predecessor from, usually in a layer below it."""
     query = torch.arange(32, ids.shape[1], stride, device=ids.device).repeat(ids.shape[0], 1)  # (B, P)
-    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    with torch.compiler.set_stance("force_eager"):  # (attention_argmax runs without grad)
         best = attention_argmax(model, ids, query)  # (L, B, P, H)
     return (best == (query - 1)[None, ..., None]).float().mean((1, 2)).cpu()
 

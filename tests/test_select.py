@@ -218,6 +218,15 @@ def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatc
         select_layers.main()
 
 
+def stage1_switcher(planted):
+    """The planted teacher, its stage-1 checkpoint and a SpecSwitcher over the checkpoint's all-gdn student."""
+    teacher, _ = load_teacher(planted["teacher"])
+    ckpt = torch.load(os.path.join(planted["init"], "ckpt", "final.pt"), weights_only=False)
+    base = build_student(teacher, ckpt["config"]["hybrid_spec"])
+    base.load_state_dict(ckpt["model"])
+    return teacher, ckpt, SpecSwitcher(base, teacher, ["gdn"] * 4)
+
+
 def test_val_repeats_scores_on_rows_with_repeats(planted, tmp_path, monkeypatch):
     """VAL_REPEATS: every KL is scored on the val rows repeated_batches gives (checked against a direct score),
     and the setting keys the stored results (rows of >= 64 tokens: shorter ones get no repeats)."""
@@ -226,11 +235,8 @@ def test_val_repeats_scores_on_rows_with_repeats(planted, tmp_path, monkeypatch)
     rep = select_layers.main()["methods"]["zero_shot"]["scores"]
     configure(monkeypatch, planted, tmp_path / "plain", **quick, VAL_REPEATS=0.0)
     plain = select_layers.main()["methods"]["zero_shot"]["scores"]
-    teacher, _ = load_teacher(planted["teacher"])
-    ckpt = torch.load(os.path.join(planted["init"], "ckpt", "final.pt"), weights_only=False)
-    base = build_student(teacher, ["gdn"] * 4)
-    base.load_state_dict(ckpt["model"])
-    switcher, cpu = SpecSwitcher(base, teacher, ["gdn"] * 4), torch.device("cpu")
+    teacher, _, switcher = stage1_switcher(planted)
+    cpu = torch.device("cpu")
     for val, scores in ((val_batches(planted["data"], 2, 128, 2), plain),
                         (repeated_batches(val_batches(planted["data"], 2, 128, 2), 1.0, SETTINGS["SEED"]), rep)):
         h = teacher_targets(teacher, val, cpu)
@@ -245,11 +251,7 @@ def test_val_repeats_scores_on_rows_with_repeats(planted, tmp_path, monkeypatch)
 
 
 def test_switcher_scores_match_a_seeded_student(planted):
-    teacher, _ = load_teacher(planted["teacher"])
-    ckpt = torch.load(os.path.join(planted["init"], "ckpt", "final.pt"), weights_only=False)
-    base = build_student(teacher, ckpt["config"]["hybrid_spec"])
-    base.load_state_dict(ckpt["model"])
-    switcher = SpecSwitcher(base, teacher, ["gdn"] * 4)
+    teacher, ckpt, switcher = stage1_switcher(planted)
     val = val_batches(planted["data"], 2, 32, 2)
     h = teacher_targets(teacher, val, torch.device("cpu"))
     for spec in (with_softmax(["gdn"] * 4, [1]), with_softmax(["gdn"] * 4, [0, 3]), ["gdn"] * 4):
