@@ -21,6 +21,9 @@
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
 # with a lease's at the default (same data, val tokens and recall prompts). S1_ARGS="--target=attn": more
 # distill.py settings for that stage 1 (e.g. RADLADS' attention-output target, or --train_mlp=True).
+# DEADLINE_S=<s> (a lease): an arm starts only if it can end, at its LIMIT plus ~60 s of load, final eval and
+# export, with ~25 s per model left for the eval; the arms that cannot are skipped (never cut: the arms keep
+# equal tokens) and the eval still runs on those that were trained.
 # SMOKE=1: CPU-sized budgets (a dry run of this script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +39,7 @@ S1_STEPS=${S1_STEPS:-64}  # stage-1 rotation steps per layer of 65,536 tokens (6
 S1=(--seq_len=512 --micro_batch=64 --total_batch_tokens=65536 --steps_per_layer="$S1_STEPS")
 S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="$STEPS" --eval_every="$STEPS"
     --time_limit_s="$LIMIT")
+DEADLINE_S=${DEADLINE_S:-0}  # > 0: skip the arms that would not end within this many seconds of the start
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
 SELECT_TOKENS=${SELECT_TOKENS:-0}  # > 0: a selection of this run (tokens per GA-S2 candidate), used by the arms
 SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse,retrieval,ga_s2_retrieval --candidate_tokens="$SELECT_TOKENS" --seq_len=512
@@ -60,7 +64,16 @@ if [ "$SELECT_TOKENS" -gt 0 ]; then
   SELECTION="$R/select/selection.json"
 fi
 MODELS="teacher"
+n_models=1
 for arm in $ARMS; do
+  if [ "$DEADLINE_S" -gt 0 ]; then  # this arm (LIMIT + ~60 s) and then the eval (~25 s per model, itself too)
+    need=$(( LIMIT + 60 + 25 * (n_models + 2) )) left=$(( DEADLINE_S - ($(date +%s) - T0) ))
+    if [ "$need" -gt "$left" ]; then
+      echo "compare.sh: DEADLINE_S=$DEADLINE_S leaves ${left}s; arm $arm needs ~${need}s with the eval: skipping it" \
+        "and the arms after it" >&2
+      break
+    fi
+  fi
   method=${arm%%+*}
   extra=()
   [ "$arm" != "$method" ] && IFS=+ read -r -a extra <<< "${arm#*+}"
@@ -76,8 +89,9 @@ for arm in $ARMS; do
   fi
   $PY export.py --checkpoint="$R/s2_$name" --out_dir="$R/export_$name"
   MODELS="$MODELS,$name=$R/export_$name"
+  n_models=$(( n_models + 1 ))
 done
-[ -n "$ARMS" ] || { phase "done (no arms)"; exit 0; }
+[ "$n_models" -gt 1 ] || { phase "done (no arms)"; exit 0; }
 phase "eval ($MODELS)"
 $PY eval.py --teacher="$TEACHER" --models="$MODELS" --data_dir="$D" --out_dir="$R/eval" "${EVAL[@]}"
 phase "done"

@@ -338,6 +338,29 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     assert read_spec(sel + ":uniform", 30).count("softmax") == 8  # the committed selection has the arms
 
 
+def test_compare_sh_deadline_skips_the_arms_that_cannot_end(tmp_path):
+    """DEADLINE_S: an arm starts only with room for its LIMIT, its overheads and the eval after it; the arms after
+    the first that cannot are skipped whole (not cut: equal tokens), and the eval runs on those trained."""
+    fake, log = _fake_python(tmp_path)
+
+    def run(deadline, arms="ga_s2 uniform all_gdn"):
+        n = len(log.read_text().splitlines()) if log.exists() else 0
+        out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PY": fake, "R": str(tmp_path / str(deadline)),
+                                                         "ARMS": arms, "LIMIT": "300", "DEADLINE_S": str(deadline)})
+        assert out.returncode == 0, out.stderr
+        return [c.split()[0] for c in log.read_text().splitlines()[n:]], out
+
+    # arm 1 needs 300 + 60 + 25 x 3 = 435 s, arm 2 460 s, arm 3 485 s (the fake runs take ~0 s)
+    assert run(5000)[0] == ["distill.py"] + ["distill.py", "export.py"] * 3 + ["eval.py"]
+    calls, out = run(470)
+    assert calls == ["distill.py", "distill.py", "export.py", "distill.py", "export.py", "eval.py"]
+    assert "arm all_gdn needs ~485s with the eval: skipping it" in out.stderr
+    calls, out = run(400)  # not even the first: stage 1 only, no eval
+    assert calls == ["distill.py"] and "skipping it and the arms after it" in out.stderr
+    assert run(0)[0].count("export.py") == 3  # no deadline: every arm
+
+
 def test_warmup_capped_to_the_budget(capsys):
     from hybrid.optim import capped_warmup, cosine_lr
     assert capped_warmup(20, 2000) == 20 and "warm-up" not in capsys.readouterr().out  # a long run: as asked
