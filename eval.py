@@ -5,7 +5,8 @@ Every model sees identical samples: the recall suite is generated once from the 
 tokenizer with fixed seeds, the haystack taken from the val shards (the embedded corpus by
 default), and frozen to OUT_DIR/recall_suite.jsonl (reused when it exists; pass SUITE to share
 one between runs). Scores are RULER's (fraction of expected strings found in the greedy output;
-MQAR: next-token accuracy at the value positions); retention = student / teacher.
+MQAR: next-token accuracy at the value positions); retention at a length = the student's mean score over
+tasks / the teacher's.
 
 Launch:
   python eval.py --models=teacher,runs/hybrid/export                 # 1 GPU (or CPU, slowly)
@@ -27,7 +28,7 @@ from hybrid.common import Progress, print0, run_script, seed_all, val_label
 from hybrid.config import check_choice
 from hybrid.plots import plot_recall
 from hybrid.stage2 import held_out_kl
-from hybrid.recall_score import read_suite, retention, run_recall
+from hybrid.recall_score import length_retention, read_suite, run_recall
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 from hybrid.shards import split_tokens, val_batches
 from hybrid.student import is_export, load_student
@@ -115,16 +116,17 @@ def markdown(results: dict) -> str:
     if any("recall" in results[n] for n in names):
         teacher = results.get("teacher", {}).get("recall")
         lengths = sorted({int(L) for n in names for t in results[n].get("recall", {}).get("scores", {}).values() for L in t})
-        lines += ["", "Recall by length (mean over tasks; retention vs the teacher in brackets):", "",
+        lines += ["", "Recall by length (mean over tasks; in brackets retention, that mean / the teacher's):",
+                  "",
                   "| model | " + " | ".join(str(L) for L in lengths) + " |", "| --- |" + " --- |" * len(lengths)]
         for n in names:
             rec = results[n].get("recall")
             if not rec:
                 continue
-            ret = retention(rec, teacher) if teacher and n != "teacher" else {}
+            ret = length_retention(rec, teacher) if teacher and n != "teacher" else {}
             cells = []
             for L in lengths:
-                m, r = mean_at(rec["scores"], L), mean_at(ret, L)
+                m, r = mean_at(rec["scores"], L), ret.get(str(L))
                 cells.append(("-" if m is None else f"{m:.3f}") + ("" if r is None else f" ({r:.2f})"))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "Recall by task (mean over lengths):", "", "| model | " + " | ".join(TASKS) + " |",

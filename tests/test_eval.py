@@ -66,3 +66,14 @@ def test_paired_comparison_counts_and_sign_test():
     assert evaluate.sign_test(10, 0) == pytest.approx(2 / 1024)
     assert evaluate.paired({"teacher": results["teacher"], "a": results["a"]}) == []  # one model: no pairs
     assert "| a vs b |" in evaluate.markdown(results)
+
+
+def test_markdown_retention_is_the_ratio_of_the_task_means():
+    """eval.md's bracket at a length: the hybrid's mean over tasks / the teacher's (0.2 / 0.4), not the mean of
+    per-task ratios (which would read (0.47 + 3.0) / 2 = 1.73 here: the teacher all but fails the second task)."""
+    def model(a, b):
+        scores = {"passkey": {"1024": a}, "mqar": {"1024": b}}
+        return {"val_kl": 0.0, "val_ppl": 1.0, "top1_agreement": 1.0,
+                "recall": {"scores": scores, "task_mean": {"passkey": a, "mqar": b}, "overall": (a + b) / 2, "nll": {}}}
+    table = evaluate.markdown({"teacher": model(0.79, 0.01), "hybrid": model(0.37, 0.03)})
+    assert "| hybrid | 0.200 (0.50) |" in table and "| teacher | 0.400 |" in table

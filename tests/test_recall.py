@@ -9,8 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from hybrid.recall_score import (answer_nll, logits_at, read_suite, retention, run_recall, score_generation,
-                                 summarize)
+from hybrid.recall_score import (answer_nll, length_retention, logits_at, read_suite, retention, run_recall,
+                                 score_generation, summarize)
 from hybrid.recall_tasks import TASKS, build_suite, write_suite
 
 LENGTHS = (256, 512)
@@ -176,7 +176,25 @@ def test_run_recall_oracle_and_null(tokenizer, suite):
     assert len(nll) > 0 and all(s["nll"] < nll[(s["task"], s["length"], s["index"])]
                                 for s in res["samples"] if "nll" in s)
     assert retention(null, res) == {t: {str(L): 0.0 for L in LENGTHS} for t in TASKS}
+    assert length_retention(null, res) == {str(L): 0.0 for L in LENGTHS}
+    assert length_retention(res, res) == {str(L): 1.0 for L in LENGTHS}
     assert "niah_single" in null["task_mean"]
+
+
+def test_length_retention_is_a_ratio_of_means_not_inflated_by_a_task_the_teacher_fails():
+    """The 2026-12-06 pipeline's scores at 8K: the teacher all but fails MQAR (0.003), the hybrid got 0.009. The
+    mean of per-task ratios counted that as 300% kept and read 94%; the ratio of the means reads 61%."""
+    teacher = {"passkey": {"8000": 0.4}, "niah_single": {"8000": 0.5}, "niah_uuid": {"8000": 0.1},
+               "niah_multikey": {"8000": 0.5}, "niah_multivalue": {"8000": 0.15}, "vt": {"8000": 0.0},
+               "mqar": {"8000": 0.003}}
+    hybrid = {"passkey": {"8000": 0.3}, "niah_single": {"8000": 0.4}, "niah_uuid": {"8000": 0.0},
+              "niah_multikey": {"8000": 0.2}, "niah_multivalue": {"8000": 0.1}, "vt": {"8000": 0.0},
+              "mqar": {"8000": 0.009}}
+    per_task = [r["8000"] for r in retention(hybrid, teacher).values() if r["8000"] is not None]
+    assert sum(per_task) / len(per_task) == pytest.approx(0.936, abs=1e-3)  # what eval.md printed before
+    assert length_retention({"scores": hybrid}, {"scores": teacher}) == {"8000": pytest.approx(1.009 / 1.653)}
+    assert length_retention({"passkey": {"1024": 0.5}}, {"passkey": {"1024": 0.0}}) == {"1024": None}
+    assert length_retention({}, teacher) == {}  # a student without those tasks: nothing to compare
 
 
 def test_run_recall_tiny_llama(tokenizer, suite, tmp_path):
