@@ -226,18 +226,21 @@ def summarize(samples: list[dict]) -> dict:
             "n": {t: {L: len(v) for L, v in by_len.items()} for t, by_len in groups.items()}, "samples": samples}
 
 
-def retention(student_scores: dict, teacher_scores: dict) -> dict:
-    """Student / teacher score per task and length (results dicts or their "scores"); None where the teacher scored 0.
-    A cell's ratio is noise where the teacher's score is near 0 (MQAR at 8K: 0.009 / 0.003 = 3.0): to sum up a
-    length, use length_retention."""
+def score_pairs(student_scores: dict, teacher_scores: dict):
+    """(task, length, student score, teacher score) for every cell both have (results dicts or their "scores")."""
     s = student_scores.get("scores", student_scores)
-    t = teacher_scores.get("scores", teacher_scores)
-    out = {}
-    for task, by_len in t.items():
+    for task, by_len in teacher_scores.get("scores", teacher_scores).items():
         for L, ts in by_len.items():
-            ss = s.get(task, {}).get(L)
-            if ss is not None:
-                out.setdefault(task, {})[L] = ss / ts if ts > 0 and not math.isnan(ts) else None
+            if s.get(task, {}).get(L) is not None:
+                yield task, L, s[task][L], ts
+
+
+def retention(student_scores: dict, teacher_scores: dict) -> dict:
+    """Student / teacher score per task and length; None where the teacher scored 0. A cell's ratio is noise where
+    the teacher's score is near 0 (MQAR at 8K: 0.009 / 0.003 = 3.0): to sum up a length, use length_retention."""
+    out = {}
+    for task, L, ss, ts in score_pairs(student_scores, teacher_scores):
+        out.setdefault(task, {})[L] = ss / ts if ts > 0 and not math.isnan(ts) else None
     return out
 
 
@@ -245,13 +248,9 @@ def length_retention(student_scores: dict, teacher_scores: dict) -> dict:
     """{length: the student's mean score over tasks / the teacher's over the same tasks}, None where the teacher's is 0:
     the share of the teacher's recall kept at each length. A mean of per-task ratios would let a task that the teacher
     all but fails count as 300% kept (one right key in 100 against a third of one)."""
-    s = student_scores.get("scores", student_scores)
-    t = teacher_scores.get("scores", teacher_scores)
-    pairs = {}
-    for task, by_len in t.items():
-        for L, ts in by_len.items():
-            ss = s.get(task, {}).get(L)
-            if ss is not None and not math.isnan(ts):
-                pairs.setdefault(L, []).append((ss, ts))
-    return {L: sum(a for a, _ in v) / sum(b for _, b in v) if sum(b for _, b in v) > 0 else None
-            for L, v in pairs.items()}
+    sums = {}
+    for _, L, ss, ts in score_pairs(student_scores, teacher_scores):
+        if not math.isnan(ts):
+            a, b = sums.get(L, (0.0, 0.0))
+            sums[L] = (a + ss, b + ts)
+    return {L: a / b if b > 0 else None for L, (a, b) in sums.items()}
