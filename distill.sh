@@ -24,7 +24,7 @@ DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
 SOFTMAX=${SOFTMAX:-0.25}        # share of layers kept softmax, SELECT choosing which (0.4: 12 of 30, the lever study's best)
-SELECT=${SELECT:-ga_s2_retrieval}  # whose layers stage 2 trains: the teacher's copy-head layers, then GA-S2's (ga_s2: its own)
+SELECT=${SELECT:-ga_s2_retrieval}  # whose layers stage 2 trains: the teacher's copy-head layers, then GA-S2's (ga_s2: its own; zero_shot_retrieval: then zero-shot's, GA-S2 not run)
 SELECT_ARGS=${SELECT_ARGS:-}    # more select_layers.py settings, e.g. "--val_repeats=0.5" (python select_layers.py --help)
 DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
 RESERVE_S=${RESERVE_S:-270}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench (203 measured)
@@ -94,7 +94,7 @@ else
   R512=$(( R >= 32 ? 64 : 2 * R ))  # stage 1's and the selection's rows of 512
   PREP=()
   S1=(--seq_len=512 --micro_batch=$R512 --total_batch_tokens=65536 --steps_per_layer=64)  # rotation: 4.2M tokens per layer
-  SEL=(--methods=ga_s2,zero_shot,early,uniform,mse,retrieval,ga_s2_retrieval --candidate_tokens=524288 --seq_len=512
+  SEL=(--methods=ga_s2,zero_shot,early,uniform,mse,retrieval,ga_s2_retrieval,zero_shot_retrieval --candidate_tokens=524288 --seq_len=512
        --micro_batch=$R512)                                           # 30 candidates x 0.5M tokens (16 steps of 32k)
   S2=(--seq_len=2048 --micro_batch=$R --eval_batches=$(( 256 / R )) --total_batch_tokens=131072 --stage2_steps=700
       --eval_every=350 --lr_mixer=3e-3)  # 92M tokens; LR_MIXER: the lever study (docs/results.md), KL -0.03 vs 1e-3
@@ -111,6 +111,8 @@ launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="
 stage "3/7" "layer selection (GA-S2)"
 [ "$SOFTMAX" = 0.25 ] || SEL+=(--fraction="$SOFTMAX")  # (select_layers.py's default; its CPU smoke keeps its own 2 of 4)
 [ "$SELECT" = ga_s2 ] || SEL+=(--primary="$SELECT")  # selection.json's chosen set, which stage 2 reads
+case "$SELECT" in zero_shot|zero_shot_retrieval|uniform|mse|retrieval)  # a set that needs no trained candidate: GA-S2
+  SEL+=(--methods=zero_shot,uniform,mse,retrieval,zero_shot_retrieval);; esac  # and early stopping left out (~2-4 min)
 read -r -a SEL_EXTRA <<< "$SELECT_ARGS"; SEL+=(${SEL_EXTRA[@]+"${SEL_EXTRA[@]}"})
 launch_n "$SELECT_NPROC" select_layers.py --init="$RUN/stage1" --data_dir="$DATA_DIR" --run_dir="$RUN/select" "${SEL[@]}"
 stage "4/7" "stage 2, logit distillation"

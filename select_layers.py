@@ -20,6 +20,8 @@ it on the same machinery:
   retrieval  the teacher's copy heads (hybrid/retrieval.py): a layer scores its best head's hit rate on
              MQAR prompts from the val text (no training, one teacher forward)
   ga_s2_retrieval  every layer whose best head copies >= RETRIEVAL_KEEP, then GA-S2's order (needs its runs)
+  zero_shot_retrieval  the same layers, then zero-shot's order: no candidate training (zero-shot tied GA-S2 on
+             KL and recall at equal stage-2 budgets, docs/results.md)
 Every method reports tokens spent and the Jaccard of its top-K with GA-S2's, for each K in KS, and
 the zero-shot KL of the hybrid its top-K gives (`set_kl`). Every KL is scored on the same val rows;
 with VAL_REPEATS > 0 a share of them repeat spans of their own text far apart, where the teacher copies
@@ -73,7 +75,8 @@ TEACHER = ""                    # "" = the teacher named in the checkpoint's con
 DATA_DIR = "data/debian"        # shards from prepare.py (train: candidate runs, val: scores)
 RUN_DIR = "runs/select"
 # What to measure
-METHODS = "ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval"  # any subset
+METHODS = ("ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval,"
+           "zero_shot_retrieval")  # any subset
 PRIMARY = "ga_s2"               # the method chosen_spec follows (the others are compared with GA-S2)
 CANDIDATES = "all"              # layers that may become softmax: "all" (every linear layer), "spread:N" or "0,4,8"
 KS = [4, 8]                     # numbers of softmax layers to report a choice (and Jaccard) for
@@ -84,7 +87,7 @@ HALVING_FRAC = 0.33             # successive halving: total tokens <= this fract
 SET_TOKENS = 0                  # > 0: also train each method's top-K hybrid for this many tokens and score it
 RETRIEVAL_PROMPTS = 32          # retrieval: MQAR prompts (32 pairs each) the teacher's heads are scored on
 RETRIEVAL_LEN = 1024            # tokens per prompt (the pairs, then >= 700 tokens of val text, then the keys again)
-RETRIEVAL_KEEP = 0.5            # ga_s2_retrieval: keep the layers whose best head copies at least this share
+RETRIEVAL_KEEP = 0.5            # *_retrieval: keep the layers whose best head copies at least this share
 # Stage-2 optimisation of each candidate (as distill.py --stage=2, one process per candidate)
 SEQ_LEN = 512                   # tokens per row
 MICRO_BATCH = 16                # rows per micro-step
@@ -294,8 +297,8 @@ def run_ablation_greedy(ctx, methods):
 
 
 def run_retrieval(ctx, methods):
-    """retrieval: layers by their best head's copy hit rate; ga_s2_retrieval: the layers at >= RETRIEVAL_KEEP,
-    then GA-S2's ranking (its candidates' runs, reused from disk when ga_s2 ran first)."""
+    """retrieval: layers by their best head's copy hit rate; <fill>_retrieval: the layers at >= RETRIEVAL_KEEP,
+    then <fill>'s ranking (GA-S2's or zero-shot's, whose jobs are read back from disk when that method ran first)."""
     t0 = time.time()
     records = mqar_prompts(ctx["tokenizer"], split_tokens(DATA_DIR, "val"), RETRIEVAL_PROMPTS, RETRIEVAL_LEN, SEED)
     heads, n = head_copy_scores(ctx["teacher"], records, ctx["device"], MICRO_BATCH, ctx["autocast"])
@@ -304,19 +307,23 @@ def run_retrieval(ctx, methods):
     extra = {"head_hit_rate": [[round(float(x), 4) for x in row] for row in heads], "answer_positions": n,
              "prompts": f"{len(records)} MQAR x {RETRIEVAL_LEN} tokens from the val split"}
     out = {"retrieval": method_result(ctx, scores, None, True, [job], extra)} if "retrieval" in methods else {}
-    if "ga_s2_retrieval" in methods:
-        ga = run_ga_s2(ctx, ["ga_s2"])["ga_s2"]
-        order = keep_then_fill(scores, RETRIEVAL_KEEP, ga["ranking"])
+    for fill, label in (("ga_s2", "GA-S2"), ("zero_shot", "zero-shot")):
+        name = f"{fill}_retrieval"
+        if name not in methods:
+            continue
+        base = METHOD_RUNNERS[fill](ctx, [fill])[fill]
+        order = keep_then_fill(scores, RETRIEVAL_KEEP, base["ranking"])
         kept = [l for l in order if scores[l] >= RETRIEVAL_KEEP]
         if len(kept) >= ctx["k_frac"]:
-            print0(f"ga_s2_retrieval: {len(kept)} layers have a head copying at >= RETRIEVAL_KEEP={RETRIEVAL_KEEP}, "
-                   f"so its top {ctx['k_frac']} holds no layer of GA-S2's; raise --retrieval_keep to leave room for them "
+            print0(f"{name}: {len(kept)} layers have a head copying at >= RETRIEVAL_KEEP={RETRIEVAL_KEEP}, so its "
+                   f"top {ctx['k_frac']} holds no layer of {label}'s; raise --retrieval_keep to leave room for them "
                    f"(docs/selection.md)")
-        ga_job = {"train_tokens": ga["train_tokens"], "eval_tokens": ga["eval_tokens"], "seconds": ga["job_seconds"]}
-        out["ga_s2_retrieval"] = method_result(
-            ctx, {l: float(len(order) - i) for i, l in enumerate(order)}, None, True, [job, ga_job],
+        fill_job = {"train_tokens": base["train_tokens"], "eval_tokens": base["eval_tokens"],
+                    "seconds": base["job_seconds"]}
+        out[name] = method_result(
+            ctx, {l: float(len(order) - i) for i, l in enumerate(order)}, None, True, [job, fill_job],
             {"kept": kept, "keep_at": RETRIEVAL_KEEP,
-             "note": "score = places from the end of the order (kept layers first, then GA-S2's ranking)"})
+             "note": f"score = places from the end of the order (kept layers first, then {label}'s ranking)"})
     return out
 
 
@@ -325,7 +332,8 @@ def run_retrieval(ctx, methods):
 METHOD_RUNNERS = {"ga_s2": run_ga_s2, "early": run_ga_s2, "zero_shot": run_zero_shot,
                   "halving": lambda ctx, methods: {"halving": run_halving(ctx)}, "uniform": run_uniform,
                   "mse": lambda ctx, methods: {"mse": run_mse(ctx)}, "ablation": run_ablation_greedy,
-                  "greedy": run_ablation_greedy, "retrieval": run_retrieval, "ga_s2_retrieval": run_retrieval}
+                  "greedy": run_ablation_greedy, "retrieval": run_retrieval, "ga_s2_retrieval": run_retrieval,
+                  "zero_shot_retrieval": run_retrieval}
 
 
 def check_methods() -> list[str]:

@@ -42,7 +42,7 @@ S2=(--seq_len=2048 --micro_batch=32 --total_batch_tokens=131072 --stage2_steps="
 DEADLINE_S=${DEADLINE_S:-0}  # > 0: skip the arms that would not end within this many seconds of the start
 SAMPLES=${SAMPLES:-10}  # recall samples per task and length in the eval (5 for a many-arm lever study)
 SELECT_TOKENS=${SELECT_TOKENS:-0}  # > 0: a selection of this run (tokens per GA-S2 candidate), used by the arms
-SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse,retrieval,ga_s2_retrieval --candidate_tokens="$SELECT_TOKENS" --seq_len=512
+SEL=(--methods=ga_s2,zero_shot,early,halving,uniform,mse,retrieval,ga_s2_retrieval,zero_shot_retrieval --candidate_tokens="$SELECT_TOKENS" --seq_len=512
      --micro_batch=128 --total_batch_tokens=65536)
 EVAL=(--seq_len=2048 --micro_batch=8 --eval_batches=8 --recall_samples="$SAMPLES" --recall_batch=16)
 if [ -n "${SMOKE:-}" ]; then

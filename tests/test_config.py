@@ -29,6 +29,9 @@ def test_overrides_parse_and_check_types():
     assert g3["KS"] == [32, "max"]
     apply_overrides(g3, ["--ks=(64, gdn;softmax=0)"], verbose=False)
     assert g3["KS"] == [64, "gdn;softmax=0"]
+    g4 = _cfg()  # a setting given twice: the last wins (distill.sh appends overrides after its own)
+    apply_overrides(g4, ["--layers=0,4", "--steps=3", "--layers=1"], verbose=False)
+    assert g4["LAYERS"] == "1" and g4["STEPS"] == 3
 
 
 def test_unknown_setting_suggests():

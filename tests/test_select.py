@@ -25,7 +25,8 @@ PLANTED = 2  # the teacher layer whose sharp, strong softmax attention no linear
 SETTINGS = dict(SEQ_LEN=32, MICRO_BATCH=2, TOTAL_BATCH_TOKENS=64, CANDIDATE_TOKENS=64 * 8, EVAL_BATCHES=2, KS=[1, 2],
                 FRACTION=0.25, LR_MIXER=5e-4, LR=5e-4, WARMUP_STEPS=1, LOG_EVERY=4, KL_CHUNK_TOKENS=32, SEED=1337,
                 EARLY_FRAC=0.25, HALVING_FRAC=0.33, SET_TOKENS=0, TEMPERATURE=1.0, PRIMARY="ga_s2", SMOKE=False,
-                TEACHER="", METHODS="ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval",
+                TEACHER="", METHODS=("ga_s2,zero_shot,halving,early,uniform,mse,greedy,ablation,retrieval,ga_s2_retrieval,"
+                                            "zero_shot_retrieval"),
                 RETRIEVAL_PROMPTS=3, RETRIEVAL_LEN=64, RETRIEVAL_KEEP=0.2)
 # selection.json schema (docs/selection.md): top-level key -> type; per-method key -> type
 TOP_KEYS = {"schema_version": int, "init": str, "teacher": str, "n_layers": int, "stage1_spec": list,
@@ -128,6 +129,10 @@ def test_selection_json_schema_and_costs(selected):
     assert gr["extra"]["kept"] == kept and gr["ranking"] == kept + [l for l in disk["methods"]["ga_s2"]["ranking"]
                                                                     if l not in kept]
     assert gr["train_tokens"] == full
+    zr = disk["methods"]["zero_shot_retrieval"]  # the same kept layers, then zero-shot's ranking: nothing trained
+    assert zr["extra"]["kept"] == kept and zr["ranking"] == kept + [l for l in disk["methods"]["zero_shot"]["ranking"]
+                                                                    if l not in kept]
+    assert zr["train_tokens"] == 0 and zr["eval_tokens"] > disk["methods"]["retrieval"]["eval_tokens"]
     assert gr["wall_seconds"] < disk["methods"]["ga_s2"]["wall_seconds"] / 2  # GA-S2's runs read back, not trained again
     assert disk["methods"]["uniform"]["top"] == {"1": [2], "2": [1, 3]}
     assert len(disk["methods"]["greedy"]["extra"]["kl_after_removal"]) == 3
@@ -154,6 +159,26 @@ def test_primary_ga_s2_retrieval_is_compared_with_ga_s2(selected, planted, tmp_p
     assert {n: r["top"] for n, r in m.items()} == {n: r["top"] for n, r in sel["methods"].items()}
     kept = m["ga_s2_retrieval"]["extra"]["kept"]  # more copy layers than K = 1: said, with the way out
     assert len(kept) >= 1 and "so its top 1 holds no layer of GA-S2's; raise --retrieval_keep" in capsys.readouterr().out
+
+
+def test_zero_shot_retrieval_alone_trains_no_candidate(planted, tmp_path, monkeypatch, capsys):
+    """The cheap selection (`SELECT=zero_shot_retrieval ./distill.sh`): without ga_s2 in METHODS no candidate is
+    trained, the order is the copy layers then zero-shot's, and the Jaccards are taken against the primary."""
+    run = tmp_path / "run"
+    configure(monkeypatch, planted, run, METHODS="zero_shot,retrieval,zero_shot_retrieval",
+              PRIMARY="zero_shot_retrieval")
+    sel = select_layers.main()
+    m, k = sel["methods"], str(sel["k_fraction"])
+    assert set(m) == {"zero_shot", "retrieval", "zero_shot_retrieval"} and sel["primary"] == "zero_shot_retrieval"
+    assert all(r["train_tokens"] == 0 for r in m.values())
+    assert not any(f.startswith(("ga_s2_", "early_")) for f in os.listdir(run / "candidates"))
+    zr, rs = m["zero_shot_retrieval"], {int(l): v for l, v in m["retrieval"]["scores"].items()}
+    kept = sorted((l for l in rs if rs[l] >= SETTINGS["RETRIEVAL_KEEP"]), key=lambda l: -rs[l])
+    assert zr["extra"]["kept"] == kept and zr["ranking"] == kept + [l for l in m["zero_shot"]["ranking"] if l not in kept]
+    assert sel["chosen"] == zr["top"][k] and zr["jaccard"] == {kk: 1.0 for kk in zr["top"]}
+    assert m["zero_shot"]["jaccard"] == {kk: jaccard(m["zero_shot"]["top"][kk], zr["top"][kk]) for kk in zr["top"]}
+    assert len(kept) >= sel["k_fraction"] == 1  # more copy layers than K: the way out is said, naming the fill
+    assert "so its top 1 holds no layer of zero-shot's; raise --retrieval_keep" in capsys.readouterr().out
 
 
 def test_distill_reads_the_chosen_spec(selected):

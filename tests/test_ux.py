@@ -223,7 +223,7 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
         return int(call.split("--total_batch_tokens=")[1].split()[0]) * int(call.split("--stage2_steps=")[1].split()[0])
     assert tokens(s2) + tokens(s2_long) >= 150e6 and tokens(s2_long) >= 50e6  # issue 13; much of it at 4096, for recall
     assert "halving" not in calls[2]  # 157 s in the measured lease: run it alone (select_layers.py --methods=...)
-    assert ",retrieval,ga_s2_retrieval " in calls[2]  # the teacher's copy heads beside GA-S2 (one teacher forward)
+    assert ",retrieval,ga_s2_retrieval,zero_shot_retrieval " in calls[2]  # the teacher's copy heads beside GA-S2
     assert "--fraction" not in calls[2]  # select_layers.py's own 25%
     assert "--micro_batch=32 --eval_batches=8" in s2 and "--micro_batch=16 --eval_batches=8" in s2_long  # 80 GB (or unknown)
     log.unlink()
@@ -237,6 +237,11 @@ def test_distill_sh_gpu_budget_fits_a_lease(tmp_path):
                               "SELECT_ARGS": "--val_repeats=0.5 --retrieval_keep=0.7"})
     assert out.returncode == 0 and "--primary" not in log.read_text().splitlines()[2]  # select_layers.py's own
     assert log.read_text().splitlines()[2].endswith("--val_repeats=0.5 --retrieval_keep=0.7")  # SELECT_ARGS, last
+    log.unlink()  # a set that needs no trained candidate: GA-S2 and early stopping are not run (the last --methods wins)
+    out = subprocess.run(["bash", os.path.join(REPO, "distill.sh")], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PY": fake, "RUN": str(tmp_path / "run"), "SELECT": "zero_shot_retrieval"})
+    assert out.returncode == 0 and log.read_text().splitlines()[2].endswith(
+        "--primary=zero_shot_retrieval --methods=zero_shot,uniform,mse,retrieval,zero_shot_retrieval")
 
     def rows(gib):  # the micro-batches of stage 1, the selection and stage 2's parts on a GPU of that many GiB
         log.unlink()
