@@ -14,9 +14,12 @@ Launch:
   python eval.py --models=<export> --smoke=True                      # CPU smoke: short lengths, few samples
 MODELS: comma list of `teacher`, export folders (export.py) or distill checkpoints (.pt / run dir),
 each optionally `name=path`. Writes OUT_DIR/{eval.json, eval.md, recall.png, recall_suite.jsonl}.
+Runs on other days or machines pair up when they scored the same inputs (same data, val tokens, suite):
+  python eval.py --join=runs/a/eval/eval.json,runs/b/eval/eval.json --out_dir=runs/ab   # no model is run
 Line: ga_s2          | kl 0.1234 | ppl 12.34 (teacher 11.90) | top1 0.812 | recall 0.654
 """
 
+import json
 import math
 import os
 import time
@@ -57,6 +60,8 @@ CHAT = False                    # wrap prompts in the chat template (plain text 
 DTYPE = "bfloat16"              # model dtype on GPU (CPU always float32)
 SEED = 1337
 SMOKE = False                   # CPU smoke: 256/512-token recall, 2 samples, 2 val batches of 256
+JOIN = ""                       # comma list of eval.json files: one table of all their models with every paired test,
+                                # to OUT_DIR (a name in several files becomes name@<its folder>); no model is run
 # -----------------------------------------------------------------------------
 
 
@@ -183,7 +188,65 @@ def paired(results: dict) -> list[str]:
             "| A vs B | KL | recall | answer NLL |", "| --- | --- | --- | --- |"] + lines
 
 
+def join_results(paths: list[str]) -> tuple[dict, dict, list[str]]:
+    """eval.json files of separate runs -> (meta, results, notes): the first teacher, then every other model. They
+    must have scored the same inputs; the notes say how many recall prompts each teacher answered alike (the same
+    greedy output), which is what pairing prompts across runs rests on."""
+    runs = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--join: {path} is not a file; pass the eval.json files that eval.py wrote")
+        with open(path) as f:
+            run = json.load(f)
+        if not isinstance(run, dict) or not {"meta", "results"} <= set(run):
+            raise ValueError(f"--join: {path} is not an eval.json of eval.py (no meta and results)")
+        runs.append((path, run))
+    if len(runs) < 2:
+        raise ValueError(f"--join={','.join(paths)}: name two or more eval.json files")
+    (first, run0), same = runs[0], ("data_dir", "val_tokens", "recall_lengths", "recall_samples")
+    for path, run in runs[1:]:
+        diff = [f"{k} {run['meta'].get(k)!r} vs {run0['meta'].get(k)!r}" for k in same
+                if run["meta"].get(k) != run0["meta"].get(k)]
+        if diff:
+            raise ValueError(f"--join: {path} scored other inputs than {first} ({'; '.join(diff)}): only runs on the "
+                             f"same val tokens and recall suite pair up")
+    names = [n for _, run in runs for n in run["results"] if n != "teacher"]
+    results, notes = {}, []
+    teachers = [(p, run["results"]["teacher"]) for p, run in runs if "teacher" in run["results"]]
+    if teachers:
+        results["teacher"] = teachers[0][1]
+    for path, run in runs:
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        for n, r in run["results"].items():
+            name = n if n == "teacher" or names.count(n) == 1 else f"{n}@{folder}"
+            if n != "teacher" and name in results:
+                raise ValueError(f"--join: two models named {name}; give the files folders of their own")
+            results.setdefault(name, r)
+    def alike(a: dict, b: dict, field: str) -> int:  # recall prompts on which two results have the same `field`
+        x, y = per_prompt(a, field), per_prompt(b, field)
+        return sum(x[k] == y[k] for k in x.keys() & y.keys())
+    for path, teacher in teachers[1:]:
+        (ref_path, ref), n = teachers[0], len(per_prompt(teachers[0][1], "score"))
+        notes.append(f"teacher of {path} against {ref_path}'s (the reference): the same score on "
+                     f"{alike(teacher, ref, 'score')} of {n} recall prompts, the same greedy output on "
+                     f"{alike(teacher, ref, 'output')}; perplexity {teacher['val_ppl']:.4f} vs {ref['val_ppl']:.4f}")
+    return {**run0["meta"], "joined": paths}, results, notes
+
+
+def join():
+    meta, results, notes = join_results([p for p in JOIN.split(",") if p])
+    os.makedirs(OUT_DIR, exist_ok=True)
+    atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
+    table = "\n".join(notes + [""]) + markdown(results)
+    atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
+    if any("recall" in r for r in results.values()):
+        plot_recall(os.path.join(OUT_DIR, "recall.png"), results)
+    print0(table + f"-> {OUT_DIR}/eval.md")
+
+
 def main():
+    if JOIN:
+        return join()
     global SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES
     if SMOKE:
         SEQ_LEN, MICRO_BATCH, EVAL_BATCHES, RECALL_LENGTHS, RECALL_SAMPLES = 256, 1, 2, [256, 512], 2

@@ -153,10 +153,20 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
+def tie_offsets(curves: dict, step: float) -> dict:
+    """{name: vertical offset} for curves {name: (lengths, means)}: 0 for a curve that no other shares; curves with the
+    same points (to 3 decimals, e.g. models at 0 everywhere) spread around them `step` apart, so every line stays
+    visible and none is drawn off its values for the sake of the others."""
+    groups = {}
+    for name, (lengths, means) in curves.items():
+        groups.setdefault((tuple(lengths), tuple(round(m, 3) for m in means)), []).append(name)
+    return {name: step * (i - (len(g) - 1) / 2) for g in groups.values() for i, name in enumerate(g)}
+
+
 def plot_recall(path: str, results: dict) -> str | None:
     """Mean recall over tasks against prompt length, one line per model (results[name]["recall"]
     ["scores"] = {task: {length: score}}). Models that tie (all at 0 or 1) are offset a little so
-    every line stays visible; the lengths are labelled as written (256, 512, 1K, ...)."""
+    every line stays visible (tie_offsets); the lengths are labelled as written (256, 512, 1K, ...)."""
     curves = {}
     for name, r in results.items():
         scores = r.get("recall", {}).get("scores")
@@ -170,11 +180,9 @@ def plot_recall(path: str, results: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     markers, step = "osD^v<>p", 0.015
     all_lengths = sorted({L for lengths, _ in curves.values() for L in lengths})
-    for n, (name, (lengths, means)) in enumerate(curves.items()):
-        # ties (two models at 0, or at 1) would draw on top of each other and on the axes: shift each
-        # model by a small step and draw hollow markers of decreasing size, so every one shows
-        offset = step * (n - (len(curves) - 1) / 2)
-        ax.plot(lengths, [m + offset for m in means], marker=markers[n % len(markers)], ms=max(4, 10 - 2 * n),
+    offsets = tie_offsets(curves, step)
+    for n, (name, (lengths, means)) in enumerate(curves.items()):  # hollow markers of decreasing size: ties show
+        ax.plot(lengths, [m + offsets[name] for m in means], marker=markers[n % len(markers)], ms=max(4, 10 - 2 * n),
                 mfc="none", mew=1.5, lw=1.5, label=f"{name} (mean {sum(means) / len(means):.2f})", zorder=3)
     ax.set_xscale("log", base=2)
     ax.set_xticks(all_lengths)
@@ -185,8 +193,8 @@ def plot_recall(path: str, results: dict) -> str | None:
     ax.axhline(0, color="0.6", lw=0.8, zorder=1)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("recall score, mean over tasks (0-1)")
-    ax.set_title("in-context recall against prompt length" + (f" (ties offset by {step})" if len(curves) > 1 else ""),
-                 fontsize=10)
+    ax.set_title("in-context recall against prompt length" + (f" (ties offset by {step})" if any(offsets.values())
+                                                                else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

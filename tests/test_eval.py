@@ -77,3 +77,47 @@ def test_markdown_retention_is_the_ratio_of_the_task_means():
                 "recall": {"scores": scores, "task_mean": {"passkey": a, "mqar": b}, "overall": (a + b) / 2, "nll": {}}}
     table = evaluate.markdown({"teacher": model(0.79, 0.01), "hybrid": model(0.37, 0.03)})
     assert "| hybrid | 0.200 (0.50) |" in table and "| teacher | 0.400 |" in table
+
+
+def test_join_pairs_runs_of_separate_leases(tmp_path, monkeypatch):
+    """eval.py --join: the models of two eval.json files in one table, a name in both files as name@<folder>, the
+    first teacher as the reference and how far the second one agrees with it; other inputs are refused."""
+    def model(kls, scores, outputs):
+        samples = [{"task": "passkey", "length": 1024, "index": i, "score": s, "nll": 1.0 - s / 2, "output": o}
+                   for i, (s, o) in enumerate(zip(scores, outputs))]
+        mean = sum(scores) / len(scores)
+        return {"val_kl": sum(kls) / len(kls), "val_ppl": 14.0 + sum(kls), "top1_agreement": 0.9,
+                "val_kl_per_batch": kls,
+                "recall": {"samples": samples, "scores": {"passkey": {"1024": mean}}, "task_mean": {"passkey": mean},
+                           "overall": mean, "nll": {"passkey": {"1024": 0.5}}}}
+    meta = {"data_dir": "data/debian", "val_tokens": 128, "recall_lengths": [1024], "recall_samples": 4}
+    runs = {"a": {"teacher": model([0, 0], [1, 1, 0, 1], "78x9"), "ga_s2": model([0.3, 0.4], [0, 1, 0, 0], "0000")},
+            "b": {"teacher": model([0, 0], [1, 1, 1, 1], "7859"), "ga_s2": model([0.2, 0.5], [1, 1, 0, 0], "0000"),
+                  "mse": model([0.5, 0.6], [0, 0, 0, 0], "0000")}}  # (outputs: one character per prompt)
+    paths = []
+    for folder, results in runs.items():
+        (tmp_path / folder).mkdir()
+        paths.append(str(tmp_path / folder / "eval.json"))
+        (tmp_path / folder / "eval.json").write_text(json.dumps({"meta": meta, "results": results}))
+    joined_meta, results, notes = evaluate.join_results(paths)
+    assert list(results) == ["teacher", "ga_s2@a", "ga_s2@b", "mse"] and results["teacher"] is not None
+    assert results["teacher"]["recall"]["overall"] == 0.75 and joined_meta["joined"] == paths  # the first teacher
+    assert notes == [f"teacher of {paths[1]} against {paths[0]}'s (the reference): the same score on 3 of 4 recall "
+                     f"prompts, the same greedy output on 3; perplexity 14.0000 vs 14.0000"]
+    table = evaluate.markdown(results)
+    assert "| ga_s2@a vs ga_s2@b | 1 / 1 of 2 (p 1.00) | 0 / 1 of 4 (p 1.00) | 0 / 1 of 4 (p 1.00) |" in table
+    assert "| ga_s2@b vs mse | 2 / 0 of 2 (p 0.50) | 2 / 0 of 4 (p 0.50) |" in table
+    out = tmp_path / "joined"
+    monkeypatch.setattr(evaluate, "JOIN", ",".join(paths))
+    monkeypatch.setattr(evaluate, "OUT_DIR", str(out))
+    evaluate.main()  # no model is loaded: the files are all it reads
+    assert json.loads((out / "eval.json").read_text())["results"].keys() == results.keys()
+    assert (out / "eval.md").read_text().startswith(notes[0]) and (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "b" / "eval.json").write_text(json.dumps({"meta": {**meta, "val_tokens": 256}, "results": runs["b"]}))
+    with pytest.raises(ValueError, match=r"scored other inputs than .*val_tokens 256 vs 128"):
+        evaluate.join_results(paths)
+    (tmp_path / "b" / "eval.json").write_text(json.dumps({"results": runs["b"]}))
+    with pytest.raises(ValueError, match="not an eval.json of eval.py"):
+        evaluate.join_results(paths)
+    with pytest.raises(ValueError, match="two or more"):
+        evaluate.join_results(paths[:1])

@@ -140,6 +140,15 @@ def test_plots_written_beside_metrics(tmp_path):
     assert plot_run(str(tmp_path)) is None  # no metrics.jsonl: nothing to plot, no error
 
 
+def test_recall_plot_offsets_only_the_lines_that_tie():
+    """Two models at 0 everywhere are drawn 0.015 apart around 0; a model of its own is drawn at its values (an offset
+    for every model, growing with their number, once drew the teacher 0.06 below its 0.577)."""
+    from hybrid.plots import tie_offsets
+    curves = {"teacher": ([1024, 2048], [0.577, 0.479]), "a": ([1024, 2048], [0.0, 0.0]),
+              "hybrid": ([1024, 2048], [0.4581, 0.36]), "b": ([1024, 2048], [0.0, 0.0004])}
+    assert tie_offsets(curves, 0.015) == pytest.approx({"teacher": 0.0, "a": -0.0075, "hybrid": 0.0, "b": 0.0075})
+
+
 def _fake_python(tmp_path):
     """A stand-in for $PY that logs its arguments: 0 GPUs for the probe, success for every stage."""
     log = tmp_path / "calls.txt"
