@@ -13,6 +13,8 @@
 # up to 92M tokens at 2048 then 62M at 4096, each stage-2 part capped in wall time; see docs/results.md).
 # The softmax layers: those of the teacher's copy heads, then GA-S2's best (SELECT): at equal stage-2 tokens
 # that set recalled 0.27 where GA-S2's own recalled 0.05, at a lower KL (0.30 vs 0.35; docs/results.md).
+# SELECT=zero_shot_retrieval fills the rest from the zero-shot ranking and trains no GA-S2 candidate (zero-shot's
+# own set tied GA-S2's at equal stage-2 tokens).
 # Each script's own settings: python <script>.py --help
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,7 +26,7 @@ DATA_DIR=data/$DATA
 RUN=${RUN:-runs/hybrid}         # everything this run writes goes under here
 MIXER=${MIXER:-gdn}             # the linear mixer of every non-softmax layer: gdn | gla | rwkv7 | swa
 SOFTMAX=${SOFTMAX:-0.25}        # share of layers kept softmax, SELECT choosing which (0.4: 12 of 30, the lever study's best)
-SELECT=${SELECT:-ga_s2_retrieval}  # whose layers stage 2 trains: the teacher's copy-head layers, then GA-S2's (ga_s2: its own; zero_shot_retrieval: then zero-shot's, GA-S2 not run)
+SELECT=${SELECT:-ga_s2_retrieval}  # the layers stage 2 trains: copy-head layers, then GA-S2's (ga_s2: its own; zero_shot_retrieval)
 SELECT_ARGS=${SELECT_ARGS:-}    # more select_layers.py settings, e.g. "--val_repeats=0.5" (python select_layers.py --help)
 DEADLINE_S=${DEADLINE_S:-0}     # >0: end within this many seconds (a leased machine): stage 2 is cut to fit
 RESERVE_S=${RESERVE_S:-270}     # with DEADLINE_S: seconds kept after stage 2 for export, eval and bench (203 measured)
@@ -94,8 +96,8 @@ else
   R512=$(( R >= 32 ? 64 : 2 * R ))  # stage 1's and the selection's rows of 512
   PREP=()
   S1=(--seq_len=512 --micro_batch=$R512 --total_batch_tokens=65536 --steps_per_layer=64)  # rotation: 4.2M tokens per layer
-  SEL=(--methods=ga_s2,zero_shot,early,uniform,mse,retrieval,ga_s2_retrieval,zero_shot_retrieval --candidate_tokens=524288 --seq_len=512
-       --micro_batch=$R512)                                           # 30 candidates x 0.5M tokens (16 steps of 32k)
+  SEL=(--methods=ga_s2,zero_shot,early,uniform,mse,retrieval,ga_s2_retrieval,zero_shot_retrieval
+       --candidate_tokens=524288 --seq_len=512 --micro_batch=$R512)  # 30 candidates x 0.5M tokens (16 steps of 32k)
   S2=(--seq_len=2048 --micro_batch=$R --eval_batches=$(( 256 / R )) --total_batch_tokens=131072 --stage2_steps=700
       --eval_every=350 --lr_mixer=3e-3)  # 92M tokens; LR_MIXER: the lever study (docs/results.md), KL -0.03 vs 1e-3
   S2L=(--seq_len=4096 --micro_batch=$(( R / 2 )) --eval_batches=$(( 256 / R )) --total_batch_tokens=131072

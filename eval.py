@@ -188,6 +188,12 @@ def paired(results: dict) -> list[str]:
             "| A vs B | KL | recall | answer NLL |", "| --- | --- | --- | --- |"] + lines
 
 
+def alike(a: dict, b: dict, field: str) -> int:
+    """The recall prompts on which two models' results have the same `field` (score, output)."""
+    x, y = per_prompt(a, field), per_prompt(b, field)
+    return sum(x[k] == y[k] for k in x.keys() & y.keys())
+
+
 def join_results(paths: list[str]) -> tuple[dict, dict, list[str]]:
     """eval.json files of separate runs -> (meta, results, notes): the first teacher, then every other model. They
     must have scored the same inputs; the notes say how many recall prompts each teacher answered alike (the same
@@ -222,9 +228,6 @@ def join_results(paths: list[str]) -> tuple[dict, dict, list[str]]:
             if n != "teacher" and name in results:
                 raise ValueError(f"--join: two models named {name}; give the files folders of their own")
             results.setdefault(name, r)
-    def alike(a: dict, b: dict, field: str) -> int:  # recall prompts on which two results have the same `field`
-        x, y = per_prompt(a, field), per_prompt(b, field)
-        return sum(x[k] == y[k] for k in x.keys() & y.keys())
     for path, teacher in teachers[1:]:
         (ref_path, ref), n = teachers[0], len(per_prompt(teachers[0][1], "score"))
         notes.append(f"teacher of {path} against {ref_path}'s (the reference): the same score on "
