@@ -110,7 +110,7 @@ stage "1/7" "prepare data and teacher"
 $PY prepare.py --teacher="$TEACHER" --dataset="$DATA" --out_dir="$DATA_DIR" "${PREP[@]}"
 stage "2/7" "stage 1, attention alignment"
 launch distill.py --stage=1 --teacher="$TEACHER" --data_dir="$DATA_DIR" --spec="$MIXER" --run_dir="$RUN/stage1" "${S1[@]}" "$@"
-stage "3/7" "layer selection (GA-S2)"
+stage "3/7" "layer selection ($SELECT)"
 [ "$SOFTMAX" = 0.25 ] || SEL+=(--fraction="$SOFTMAX")  # (select_layers.py's default; its CPU smoke keeps its own 2 of 4)
 [ "$SELECT" = ga_s2 ] || SEL+=(--primary="$SELECT")  # selection.json's chosen set, which stage 2 reads
 case "$SELECT" in zero_shot|zero_shot_retrieval|uniform|mse|retrieval)  # a set that needs no trained candidate: GA-S2
