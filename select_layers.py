@@ -432,7 +432,9 @@ def score_sets(ctx, results: dict) -> None:
 
 def print_table(ctx, results: dict, chosen: list[int]) -> None:
     k_frac, w = ctx["k_frac"], max(10, *map(len, results))
-    print0(f"{'method':<{w}} {'train tok':>10} {'x GA-S2':>8} {'job s':>8} {'wall s':>8} " +
+    ref = "ga_s2" if "ga_s2" in results else PRIMARY  # what tokens (x ref) and Jaccards (J@K) are measured against
+    print0(f"tokens and Jaccards against {ref}" + ("" if ref == "ga_s2" else " (the primary; GA-S2 did not run)"))
+    print0(f"{'method':<{w}} {'train tok':>10} {'x ref':>8} {'job s':>8} {'wall s':>8} " +
            " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
     for m, r in results.items():
         print0(f"{m:<{w}} {format_tokens(r['train_tokens']):>10} {r['token_ratio']:>8.3f} {r['job_seconds']:>8.1f} "

@@ -178,7 +178,9 @@ def test_zero_shot_retrieval_alone_trains_no_candidate(planted, tmp_path, monkey
     assert sel["chosen"] == zr["top"][k] and zr["jaccard"] == {kk: 1.0 for kk in zr["top"]}
     assert m["zero_shot"]["jaccard"] == {kk: jaccard(m["zero_shot"]["top"][kk], zr["top"][kk]) for kk in zr["top"]}
     assert len(kept) >= sel["k_fraction"] == 1  # more copy layers than K: the way out is said, naming the fill
-    assert "so its top 1 holds no layer of zero-shot's; raise --retrieval_keep" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "so its top 1 holds no layer of zero-shot's; raise --retrieval_keep" in out
+    assert "tokens and Jaccards against zero_shot_retrieval (the primary; GA-S2 did not run)" in out  # the table says
 
 
 def test_distill_reads_the_chosen_spec(selected):
