@@ -229,22 +229,28 @@ def join_results(paths: list[str]) -> tuple[dict, dict, list[str]]:
                 raise ValueError(f"--join: two models named {name}; give the files folders of their own")
             results.setdefault(name, r)
     for path, teacher in teachers[1:]:
-        (ref_path, ref), n = teachers[0], len(per_prompt(teachers[0][1], "score"))
+        ref_path, ref = teachers[0]
         notes.append(f"teacher of {path} against {ref_path}'s (the reference): the same score on "
-                     f"{alike(teacher, ref, 'score')} of {n} recall prompts, the same greedy output on "
-                     f"{alike(teacher, ref, 'output')}; perplexity {teacher['val_ppl']:.4f} vs {ref['val_ppl']:.4f}")
+                     f"{alike(teacher, ref, 'score')} of {len(per_prompt(ref, 'score'))} recall prompts, the same "
+                     f"greedy output on {alike(teacher, ref, 'output')}; perplexity {teacher['val_ppl']:.4f} vs "
+                     f"{ref['val_ppl']:.4f}")
     return {**run0["meta"], "joined": paths}, results, notes
+
+
+def write_results(meta: dict, results: dict, head: list[str] = ()) -> str:
+    """OUT_DIR/eval.json, eval.md (the `head` lines, then the tables) and recall.png -> eval.md's text."""
+    os.makedirs(OUT_DIR, exist_ok=True)
+    atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
+    table = "".join(f"{line}\n" for line in head) + markdown(results)
+    atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
+    if any("recall" in r for r in results.values()):
+        plot_recall(os.path.join(OUT_DIR, "recall.png"), results)
+    return table
 
 
 def join():
     meta, results, notes = join_results([p for p in JOIN.split(",") if p])
-    os.makedirs(OUT_DIR, exist_ok=True)
-    atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
-    table = "\n".join(notes + [""]) + markdown(results)
-    atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
-    if any("recall" in r for r in results.values()):
-        plot_recall(os.path.join(OUT_DIR, "recall.png"), results)
-    print0(table + f"-> {OUT_DIR}/eval.md")
+    print0(write_results(meta, results, notes) + f"-> {OUT_DIR}/eval.md")
 
 
 def main():
@@ -284,16 +290,10 @@ def main():
                f"{r['seconds']:.0f}s")
         if model is not teacher:
             del model
-    os.makedirs(OUT_DIR, exist_ok=True)
     meta = {"teacher": TEACHER, "data_dir": DATA_DIR, "val_tokens": len(val) * MICRO_BATCH * SEQ_LEN, "suite": suite,
             "recall_lengths": RECALL_LENGTHS, "recall_samples": RECALL_SAMPLES, "dtype": str(dtype),
             "recall_decoding": "engine" if use_engine else "generate"}
-    atomic_write_json(os.path.join(OUT_DIR, "eval.json"), {"meta": meta, "results": results})
-    table = markdown(results)
-    atomic_write_bytes(os.path.join(OUT_DIR, "eval.md"), table.encode())
-    if suite:
-        plot_recall(os.path.join(OUT_DIR, "recall.png"), results)
-    print0(f"{val_label(val)}\n" + table)
+    print0(f"{val_label(val)}\n" + write_results(meta, results))
 
 
 if __name__ == "__main__":

@@ -430,9 +430,9 @@ def score_sets(ctx, results: dict) -> None:
             results[m].setdefault("set_trained_kl", {})[k] = res[name]["evals"][-1]["kl"]
 
 
-def print_table(ctx, results: dict, chosen: list[int]) -> None:
+def print_table(ctx, results: dict, chosen: list[int], ref: str) -> None:
+    """The methods side by side; `ref`: the method their tokens (x ref) and Jaccards (J@K) are measured against."""
     k_frac, w = ctx["k_frac"], max(10, *map(len, results))
-    ref = "ga_s2" if "ga_s2" in results else PRIMARY  # what tokens (x ref) and Jaccards (J@K) are measured against
     print0(f"tokens and Jaccards against {ref}" + ("" if ref == "ga_s2" else " (the primary; GA-S2 did not run)"))
     print0(f"{'method':<{w}} {'train tok':>10} {'x ref':>8} {'job s':>8} {'wall s':>8} " +
            " ".join(f"{'J@' + k:>6} {'KL@' + k:>8}" for k in map(str, ctx["ks"])) + "  top-" + str(k_frac))
@@ -466,7 +466,8 @@ def main() -> dict:
     results, wall = run_methods(ctx, methods, log)
     score_sets(ctx, results)
     primary = results[PRIMARY]
-    ref = results.get("ga_s2", primary)  # what the others are compared with: GA-S2, the method they approximate
+    ref_name = "ga_s2" if "ga_s2" in results else PRIMARY  # what the others are compared with: GA-S2, the method
+    ref = results[ref_name]                                 # they approximate (the primary when it did not run)
     for m, r in results.items():
         r["jaccard"] = {k: jaccard(r["top"][k], ref["top"][k]) for k in r["top"]}
         r["wall_seconds"] = wall[m]
@@ -481,7 +482,7 @@ def main() -> dict:
         atomic_write_json(os.path.join(RUN_DIR, "selection.json"), selection)
         plot_selection(os.path.join(RUN_DIR, "selection.png"), results, ctx["n_layers"],
                        {m: r["top"][str(k_frac)] for m, r in results.items()})
-        print_table(ctx, results, chosen)
+        print_table(ctx, results, chosen, ref_name)
     barrier()
     cleanup_dist()
     return selection
