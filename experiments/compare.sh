@@ -16,6 +16,9 @@
 # of GA-S2 candidates + ~42M of successive halving, in 65k-token steps (at 32k the lease measured ~117k
 # tokens/s, launch-bound; 65k-token steps ran ~200k in stage 2): the selection ~19 min, ~22 with stage 1,
 # estimated, not yet measured.
+# SEL_REUSE=docs/runs/<lease>/candidates: an earlier, cut lease's finished selection jobs (select/candidates/*.json,
+# committed), reused instead of trained again, so a selection longer than one lease spans two (their stage 1s are
+# separate runs of the same seed and data: GPU rounding apart, the same start).
 # SEL_ARGS="--val_repeats=0.5": more select_layers.py settings for that selection (there: GA-S2 scored on val rows
 # with long-range repeats, where the teacher copies; ARMS="ga_s2" then trains its top K).
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
@@ -60,6 +63,10 @@ $PY distill.py --stage=1 --teacher="$TEACHER" --data_dir="$D" --spec=gdn --run_d
 if [ "$SELECT_TOKENS" -gt 0 ]; then
   phase "layer selection, $SELECT_TOKENS tokens per GA-S2 candidate"
   read -r -a SEL_EXTRA <<< "${SEL_ARGS:-}"
+  if [ -n "${SEL_REUSE:-}" ]; then
+    mkdir -p "$R/select/candidates" && cp "$SEL_REUSE"/*.json "$R/select/candidates/"
+    echo "reusing $(ls "$SEL_REUSE"/*.json | wc -l) finished selection jobs from $SEL_REUSE"
+  fi
   $PY select_layers.py --init="$R/stage1" --data_dir="$D" --run_dir="$R/select" "${SEL[@]}" ${SEL_EXTRA[@]+"${SEL_EXTRA[@]}"}
   SELECTION="$R/select/selection.json"
 fi

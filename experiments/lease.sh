@@ -133,7 +133,7 @@ if [ -f /root/fla640.txt ]; then  # teacher1's fla #640 check: wait for it; if i
 fi
 DEADLINE_S=\$(( ${DEADLINE_S:-0} > 0 ? ${DEADLINE_S:-0} - (\$(date +%s) - T0) : 0 ))  # less the wait
 $(case "${PLAN:-pipeline}" in
-  compare) echo "TEACHER=$GGUF DEADLINE_S=\$DEADLINE_S ARMS='${ARMS-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} SELECT_TOKENS=${SELECT_TOKENS:-0} S1_STEPS=${S1_STEPS:-64} S1_ARGS='${S1_ARGS:-}' SEL_ARGS='${SEL_ARGS:-}' bash experiments/compare.sh" ;;
+  compare) echo "TEACHER=$GGUF DEADLINE_S=\$DEADLINE_S ARMS='${ARMS-ga_s2 uniform all_gdn}' STEPS=${STEPS:-260} LIMIT=${LIMIT:-240} SAMPLES=${SAMPLES:-10} SELECT_TOKENS=${SELECT_TOKENS:-0} S1_STEPS=${S1_STEPS:-64} S1_ARGS='${S1_ARGS:-}' SEL_ARGS='${SEL_ARGS:-}' SEL_REUSE='${SEL_REUSE:-}' bash experiments/compare.sh" ;;
   speed) echo "DEADLINE_S=\$DEADLINE_S bash experiments/speed.sh" ;;
   *) echo "TEACHER=$GGUF DATA=debian PY=python3 RUN=runs/hybrid DEADLINE_S=\$DEADLINE_S SELECT_NPROC=${SELECT_NPROC:-1} SOFTMAX=${SOFTMAX:-0.25} ${SELECT:+SELECT=$SELECT }${SELECT_ARGS:+SELECT_ARGS='$SELECT_ARGS' }bash distill.sh ${ARGS:-}" ;;
 esac)
