@@ -331,6 +331,14 @@ def test_compare_sh_runs_every_arm_on_one_stage1(tmp_path):
     arm = log.read_text().splitlines()[len(calls) + len(lever) + 2:]
     assert arm[1].startswith("select_layers.py") and arm[1].endswith("--val_repeats=0.5 --eval_batches=4")
     assert f"--spec={tmp_path / 'sa' / 'select' / 'selection.json'}:ga_s2" in arm[2] and arm[-1].startswith("eval.py")
+    # SEL_REUSE: an earlier lease's finished jobs are in the selection's candidates folder before it starts
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "ga_s2_layer_03.json").write_text('{"key": {}}')
+    out = subprocess.run(["bash", os.path.join(REPO, "experiments", "compare.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PY": fake, "R": str(tmp_path / "re"), "SELECT_TOKENS": "4194304",
+                              "ARMS": "", "SEL_REUSE": str(tmp_path / "old")}, timeout=60)
+    assert out.returncode == 0 and "reusing 1 finished selection jobs" in out.stdout, out.stderr
+    assert (tmp_path / "re" / "select" / "candidates" / "ga_s2_layer_03.json").read_text() == '{"key": {}}'
     # an arm cut by LIMIT before STEPS is named: its token count is not the others'
     os.makedirs(tmp_path / "cut" / "s2_ga_s2")
     (tmp_path / "cut" / "s2_ga_s2" / "summary.json").write_text('{"stopped_at_step": 399, "val_kl": 0.4}')
