@@ -29,7 +29,7 @@
 # set stage 2 trains; SELECT_ARGS="--val_repeats=0.5": more settings of its selection (all distill.sh's).
 # PLAN=compare runs experiments/compare.sh instead (stage 1 + stage 2 of each of ARMS at STEPS x 131k
 # tokens + one eval; ~22 min for 3 arms; SELECT_TOKENS=4194304 ARMS="": stage 1 + a selection at 4M tokens
-# per GA-S2 candidate with the cheap selectors beside it, ~22 min estimated; SEL_ARGS: more settings of that
+# per GA-S2 candidate with the cheap selectors beside it, ~18 min; SEL_ARGS: more settings of that
 # selection, e.g. "--val_repeats=0.5"; SEL_REUSE=docs/runs/<lease>/candidates: a cut selection's finished jobs,
 # committed, reused so that it ends in this lease; DEADLINE_S: the arms that would not end in time are skipped, the
 # eval runs).
