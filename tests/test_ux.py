@@ -406,3 +406,23 @@ def test_experiment_scripts_parse_and_lease_sh_shows_its_usage():
             assert r.returncode == 0, (name, r.stderr)
     r = subprocess.run(["bash", os.path.join(REPO, "experiments", "lease.sh")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "call 3, carry" in r.stdout and "pack_cache" in r.stdout
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_ci_local_runs_ci_in_a_clone_and_removes_it(tmp_path, code):
+    # A repo whose .ci/run records where it ran and exits `code`: .ci/local passes the code on and leaves no clone
+    repo, scratch = tmp_path / "repo", tmp_path / "scratch"
+    (repo / ".ci").mkdir(parents=True)
+    scratch.mkdir()
+    with open(os.path.join(REPO, ".ci", "local")) as f:
+        (repo / ".ci" / "local").write_text(f.read())
+    (repo / ".ci" / "run").write_text(f"pwd > {tmp_path}/ran_in; echo CI=$CI; exit {code}\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", ".ci"], ["commit", "-q", "-m", "ci"]):
+        subprocess.run(git + args, check=True)
+    env = dict(os.environ, TMPDIR=str(scratch))
+    r = subprocess.run(["bash", str(repo / ".ci" / "local")], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == code, r.stdout + r.stderr
+    assert f".ci/run exited {code}" in r.stdout and "CI=true" in (repo / ".ci" / "local.log").read_text()
+    assert (tmp_path / "ran_in").read_text().strip().startswith(str(scratch))  # ran in the clone, not the checkout
+    assert os.listdir(scratch) == []  # the clone is gone
