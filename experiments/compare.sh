@@ -13,11 +13,12 @@
 # SELECT_TOKENS=4194304: select layers here first (select_layers.py: GA-S2 at that many tokens per candidate,
 # the cheap selectors and baselines beside it; their Jaccards with GA-S2 are in its selection.json) and
 # train the arms from that selection; with ARMS="" only stage 1 and the selection run. At 4M: 126M tokens
-# of GA-S2 candidates + ~41M of successive halving, in 65k-token steps: on an H100 (2026-12-06) stage 1 took 82 s
-# and GA-S2's 30 candidates 614 s (243k tokens/s); with halving (~5 min, estimated) ~18 min after the start call.
+# of GA-S2 candidates + 41M of successive halving, in 65k-token steps: on an H100 (2026-12-06) stage 1 took 82 s,
+# GA-S2's 30 candidates 614 s (243k tokens/s) and halving's 59 jobs 291 s: ~17 min after the start call.
 # SEL_REUSE=docs/runs/<lease>/candidates: an earlier, cut lease's finished selection jobs (select/candidates/*.json,
 # committed), reused instead of trained again, so a selection longer than one lease spans two (their stage 1s are
-# separate runs of the same seed and data: on 2026-12-06 two leases' stage 1s were bit-identical).
+# separate runs of the same seed and data: bit-identical between two 2026-12-06 leases with the compile caches
+# carried, within 0.21% per layer in a lease without them; docs/results.md, "GA-S2 at 4M tokens per candidate").
 # SEL_ARGS="--val_repeats=0.5": more select_layers.py settings for that selection (there: GA-S2 scored on val rows
 # with long-range repeats, where the teacher copies; ARMS="ga_s2" then trains its top K).
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms
