@@ -35,8 +35,8 @@ from typing import NamedTuple
 import torch
 
 from hybrid.capture import LatentCache, attention_call, capture_all_layers, layer_call, rope_for
-from hybrid.checkpoint import (atomic_torch_save, atomic_write_json, final_path, load_checkpoint, load_state_strict,
-                               module_state, resume_point, save_checkpoint, save_partial)
+from hybrid.checkpoint import (DISTILL_UNCHANGING, atomic_torch_save, atomic_write_json, final_path, load_checkpoint,
+                               load_state_strict, module_state, resume_point, save_checkpoint, save_partial)
 from hybrid.common import (Pace, Progress, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens,
                            init_dist, interrupt_message, is_master, print0, rng_state, run_script, seed_all,
                            set_rng_state, val_label)
@@ -114,10 +114,9 @@ PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-u
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
 # settings that cannot change what a run computes: a checkpoint written with any other setting
-# different is refused on resume (hybrid.checkpoint.resume_point)
-# (fsdp and ddp write the same checkpoints: switching modes resumes; a time limit only says where a run ends)
-_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE", "COMPILE",
-              "PARALLEL", "SHARD_TEACHER", "TIME_LIMIT_S")
+# different is refused on resume; the list is hybrid.checkpoint.DISTILL_UNCHANGING (select_layers.py keys its results
+# by the rest of its --init's settings)
+_UNCHANGING = DISTILL_UNCHANGING
 
 
 def smoke_settings(g: dict) -> None:

@@ -50,7 +50,7 @@ import time
 
 import torch
 
-from hybrid.checkpoint import atomic_write_json, load_checkpoint, load_state_strict, result_settings
+from hybrid.checkpoint import atomic_write_json, init_key, load_checkpoint, load_state_strict, result_settings
 from hybrid.common import (Pace, RunLogger, autocast_dtype, barrier, cleanup_dist, env_info, format_tokens, init_dist,
                            interrupt_message, is_master, print0, run_script, seed_all)
 from hybrid.config import config_dict
@@ -112,8 +112,9 @@ GRAPHS = True                   # each candidate's optimizer step and held-out s
                                 # 5.93 -> 4.68 s per candidate on an H100, 2026-12-06)
 SMOKE = False                   # tiny budget on CPU
 # -----------------------------------------------------------------------------
-# settings that cannot change a stored job result (candidates/<job>.json); every other setting is part
-# of the key stored with each result, and a result with another key is an error, not a silent reuse
+# settings that cannot change a stored job result (candidates/<job>.json); every other setting, and every
+# result-changing setting of the --init run (INIT.<NAME>), is part of the key stored with each result, and a
+# result with another key is an error, not a silent reuse
 # (COMPILE: compiled layers change only float rounding, as in distill.py; GRAPHS replays the same kernels)
 _UNCHANGING = ("RUN_DIR", "METHODS", "PRIMARY", "CANDIDATES", "KS", "FRACTION", "SET_TOKENS", "LOG_EVERY", "SMOKE",
                "COMPILE", "GRAPHS", "RETRIEVAL_PROMPTS", "RETRIEVAL_LEN", "RETRIEVAL_KEEP")
@@ -393,7 +394,7 @@ def setup(cfg: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 val=val, h_val=teacher_targets(teacher, val, device), eval_tokens=len(val) * MICRO_BATCH * SEQ_LEN,
                 accum=grad_accum_steps(TOTAL_BATCH_TOKENS, MICRO_BATCH, SEQ_LEN, 1), steps_full=steps_full,
                 early_step=max(1, round(EARLY_FRAC * steps_full)), cand_dir=os.path.join(RUN_DIR, "candidates"),
-                key=result_settings(cfg, _UNCHANGING),
+                key={**result_settings(cfg, _UNCHANGING), **init_key(ckpt)},  # the --init's own settings too
                 init_run_dir=INIT if os.path.isdir(INIT) else os.path.dirname(os.path.dirname(os.path.abspath(INIT))),
                 target=art.target)
 

@@ -19,6 +19,8 @@
 # committed), reused instead of trained again, so a selection longer than one lease spans two (their stage 1s are
 # separate runs of the same seed and data: bit-identical between two 2026-12-06 leases with the compile caches
 # carried, within 0.21% per layer in a lease without them; docs/results.md, "GA-S2 at 4M tokens per candidate").
+# Jobs are reused only if stored with the same key, which includes the stage-1 run's settings (docs/selection.md):
+# the jobs committed before that (docs/runs/select_4m_2026-12-06*) are refused.
 # SEL_ARGS="--val_repeats=0.5": more select_layers.py settings for that selection (there: GA-S2 scored on val rows
 # with long-range repeats, where the teacher copies; ARMS="ga_s2" then trains its top K).
 # S1_STEPS=256: a 4x stage-1 budget, the lever the arms cannot vary (they share one stage 1): compare its arms

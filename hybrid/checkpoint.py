@@ -226,6 +226,13 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict, what: str = "mo
 
 
 # ----------------------------------------------------------------------------- which run a result belongs to
+# distill.py's settings that cannot change what a run computes: a checkpoint written with any other setting
+# different is refused on resume (resume_point), and results computed from it are keyed by the rest (init_key)
+# (fsdp and ddp write the same checkpoints: switching modes resumes; a time limit only says where a run ends)
+DISTILL_UNCHANGING = ("RUN_DIR", "RESUME", "LOG_EVERY", "SAVE_EVERY", "KEEP_CHECKPOINTS", "EVAL_EVERY", "PROFILE",
+                      "COMPILE", "PARALLEL", "SHARD_TEACHER", "TIME_LIMIT_S")
+
+
 def result_settings(cfg: dict, unchanging: tuple[str, ...]) -> dict:
     """A script's settings less those listed as unable to change a result (paths of outputs, log
     cadence, ...): a setting added later counts, unless someone argues it onto the list."""
@@ -244,6 +251,13 @@ def checkpoint_settings(ckpt: dict) -> dict:
     cfg = ckpt.get("config") or {}
     old_train = {k: v for k, v in cfg.items() if k.isupper() or k in ("world_size", "grad_accum")}
     return cfg.get("settings") or cfg.get("resolved") or old_train
+
+
+def init_key(ckpt: dict) -> dict:
+    """The settings a checkpoint's run was trained with, as "INIT.<NAME>" entries for the key of a result computed
+    from it: redo that run with other settings in the same place and the stored results are refused, not reused."""
+    settings = result_settings(checkpoint_settings(ckpt), DISTILL_UNCHANGING)
+    return json.loads(json.dumps({f"INIT.{k}": v for k, v in settings.items()}, default=str))  # as stored
 
 
 def resume_point(run_dir: str, resume: str, settings: dict, unchanging: tuple[str, ...]) -> tuple[str | None, dict | None]:

@@ -245,6 +245,32 @@ def test_rerun_skips_finished_candidates(selected, planted, tmp_path, monkeypatc
         select_layers.main()
 
 
+def test_init_run_redone_with_other_settings_refuses_stored_results(planted, tmp_path, monkeypatch):
+    """The --init run's own settings key the stored results: its checkpoint rewritten in place by a run with another
+    learning rate makes the next selection in the same run dir an error naming that setting; the same settings
+    under another RUN_DIR of the --init (a copy of the run elsewhere) reuse them."""
+    init, run = tmp_path / "s1", tmp_path / "select"
+    shutil.copytree(planted["init"], init)
+    final = init / "ckpt" / "final.pt"
+    ckpt = torch.load(final, weights_only=False)
+    ckpt["config"]["resolved"] = {"TARGET": "layer", "LR": 1e-3, "RUN_DIR": "runs/a/stage1"}
+    torch.save(ckpt, final)
+    quick = dict(METHODS="zero_shot", PRIMARY="zero_shot", SEQ_LEN=128, TOTAL_BATCH_TOKENS=256, CANDIDATE_TOKENS=256)
+    configure(monkeypatch, planted, run, INIT=str(init), **quick)
+    first = select_layers.main()["methods"]["zero_shot"]["scores"]
+    stored = json.loads(next((run / "candidates").glob("kl_*.json")).read_text())["key"]
+    assert stored["INIT.LR"] == 1e-3 and stored["INIT.TARGET"] == "layer" and "INIT.RUN_DIR" not in stored
+    ckpt["config"]["resolved"]["RUN_DIR"] = "runs/b/stage1"  # a setting that changes no result: reused
+    torch.save(ckpt, final)
+    written = {p.name: p.stat().st_mtime_ns for p in (run / "candidates").glob("kl_*.json")}
+    assert select_layers.main()["methods"]["zero_shot"]["scores"] == first
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "candidates").glob("kl_*.json")} == written  # not rewritten
+    ckpt["config"]["resolved"]["LR"] = 3e-3
+    torch.save(ckpt, final)
+    with pytest.raises(ValueError, match=r"other settings \(\['INIT.LR'\]\)"):
+        select_layers.main()
+
+
 def stage1_switcher(planted):
     """The planted teacher, its stage-1 checkpoint and a SpecSwitcher over the checkpoint's all-gdn student."""
     teacher, _ = load_teacher(planted["teacher"])
