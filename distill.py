@@ -113,10 +113,8 @@ COMPILE = True                  # torch.compile each decoder layer of student an
 PROFILE = False                 # stage 2: profile 5 steps after a 3-step warm-up, print + save the top ops
 SMOKE = False                   # tiny budget on CPU: a few steps per stage, small batches
 # -----------------------------------------------------------------------------
-# settings that cannot change what a run computes: a checkpoint written with any other setting
-# different is refused on resume; the list is hybrid.checkpoint.DISTILL_UNCHANGING (select_layers.py keys its results
-# by the rest of its --init's settings)
-_UNCHANGING = DISTILL_UNCHANGING
+# the settings that cannot change what a run computes are hybrid.checkpoint.DISTILL_UNCHANGING: a checkpoint written
+# with any other setting different is refused on resume (select_layers.py keys its results by the rest of its --init's)
 
 
 def smoke_settings(g: dict) -> None:
@@ -388,7 +386,7 @@ def main() -> dict:
         smoke_settings(globals())
     options = check_settings()
     cfg = config_dict(globals())
-    resume, ckpt = resume_point(RUN_DIR, RESUME, cfg, _UNCHANGING)
+    resume, ckpt = resume_point(RUN_DIR, RESUME, cfg, DISTILL_UNCHANGING)
     if resume is not None and os.path.abspath(resume) == os.path.abspath(final_path(RUN_DIR)):
         summary_path = os.path.join(RUN_DIR, "summary.json")  # written just before final.pt
         print0(f"{RUN_DIR} is a finished run with these settings ({resume}); nothing to do, {summary_path} keeps "
